@@ -1,0 +1,1 @@
+"""ferrum-jax: a JAX/XLA executor for decoder-only LLMs."""

@@ -1,0 +1,1 @@
+"""Checkpoint loaders and savers: HF safetensors, GGUF, orbax; tokenizers."""

@@ -1,0 +1,117 @@
+"""Pure, jittable sampling: greedy, temperature, top-k, top-p, min-p with per-row parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ferrum_jax.errors import FerrumError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-row sampling parameters; all arrays `[batch]`, so changing them never recompiles."""
+
+    temperature: jax.Array
+    """float32; 0 means greedy (argmax)."""
+    top_k: jax.Array
+    """int32; keep the k most likely tokens, 0 keeps all."""
+    top_p: jax.Array
+    """float32; keep the smallest set of tokens whose mass reaches p, 1 keeps all."""
+    min_p: jax.Array
+    """float32; drop tokens less likely than `min_p` times the most likely one, 0 keeps all."""
+
+    @classmethod
+    def make(
+        cls,
+        batch: int,
+        *,
+        temperature: float | np.ndarray = 0.0,
+        top_k: int | np.ndarray = 0,
+        top_p: float | np.ndarray = 1.0,
+        min_p: float | np.ndarray = 0.0,
+    ) -> SamplingParams:
+        """Broadcasts scalars or `[batch]` sequences; validates ranges on the host."""
+        t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
+        k = np.broadcast_to(np.asarray(top_k), (batch,))
+        p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
+        m = np.broadcast_to(np.asarray(min_p, np.float32), (batch,))
+        if not np.all(np.isfinite(t)) or np.any(t < 0):
+            raise FerrumError.invalid_parameter(f"temperature must be finite and >= 0, got {t}")
+        if np.any(k < 0) or not np.all(k == np.round(k)):
+            raise FerrumError.invalid_parameter(f"top_k must be an integer >= 0, got {k}")
+        if np.any(~(p > 0)) or np.any(p > 1):
+            raise FerrumError.invalid_parameter(f"top_p must be in (0, 1], got {p}")
+        if np.any(~(m >= 0)) or np.any(m > 1):
+            raise FerrumError.invalid_parameter(f"min_p must be in [0, 1], got {m}")
+        return cls(
+            temperature=jnp.asarray(t),
+            top_k=jnp.asarray(k, jnp.int32),
+            top_p=jnp.asarray(p),
+            min_p=jnp.asarray(m),
+        )
+
+    @classmethod
+    def greedy(cls, batch: int) -> SamplingParams:
+        return cls.make(batch)
+
+
+def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
+    """Draws one token per row: `logits: [batch, vocab]`, `keys: [batch]` -> `[batch]` int32.
+
+    Filters apply in HF's order: temperature, top-k, top-p, min-p. Rows with temperature 0
+    take the argmax. The vocab sort runs only when some sampled row uses top-k or top-p.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled_rows = params.temperature > 0
+
+    def draw() -> jax.Array:
+        scaled = logits / jnp.where(sampled_rows, params.temperature, 1.0)[:, None]
+        needs_sort = jnp.any(sampled_rows & ((params.top_k > 0) | (params.top_p < 1)))
+        scaled = jax.lax.cond(needs_sort, _top_k_top_p, lambda x, _: x, scaled, params)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        too_small = probs < params.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+        scaled = jnp.where(too_small, -jnp.inf, scaled)
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(sampled_rows), draw, lambda: greedy)
+    return jnp.where(sampled_rows, drawn, greedy)
+
+
+def _top_k_top_p(scaled: jax.Array, params: SamplingParams) -> jax.Array:
+    vocab = scaled.shape[-1]
+    descending = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
+    descending = jnp.where(descending < kth, -jnp.inf, descending)
+    probs = jax.nn.softmax(descending, axis=-1)
+    # Keep a token while the mass before it is below top_p: the smallest nucleus reaching p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < params.top_p[:, None]) | (params.top_p[:, None] >= 1)
+    keep = keep.at[:, 0].set(True)
+    last_kept = jnp.sum(keep, axis=-1) - 1
+    cutoff = jnp.take_along_axis(descending, last_kept[:, None], axis=-1)
+    return jnp.where(scaled < jnp.maximum(kth, cutoff), -jnp.inf, scaled)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Log-probability of `tokens: [batch]` under the model's `logits: [batch, vocab]`."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def row_keys(seeds: int | np.ndarray, batch: int) -> jax.Array:
+    """One PRNG key per row: from one seed (split) or from `[batch]` seeds."""
+    seeds = np.asarray(seeds)
+    if seeds.ndim == 0:
+        return jax.random.split(jax.random.key(int(seeds)), batch)
+    if seeds.shape != (batch,):
+        raise FerrumError.invalid_parameter(
+            f"seeds must be a scalar or [{batch}], got {seeds.shape}"
+        )
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))

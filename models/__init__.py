@@ -1,0 +1,1 @@
+"""Llama-family decoder models and their configs."""

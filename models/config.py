@@ -1,0 +1,285 @@
+"""`ModelConfig`: the Llama-family architecture, parsed from an HF `config.json` dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ferrum_jax.errors import FerrumError
+
+# HF architecture name -> (model_type, q/k/v bias default, o bias follows attention_bias).
+_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_MODEL_TYPES = frozenset(_ARCHITECTURES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling (HF `rope_scaling` / `rope_parameters`)."""
+
+    kind: str
+    """`"linear"` or `"llama3"`."""
+    factor: float
+    """Scaling factor of the long-context extension."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below `original_max_position_embeddings / high_freq_factor` are kept."""
+    original_max_position_embeddings: int = 8192
+    """llama3: context length the model was pretrained with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder of the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM)."""
+
+    architecture: str
+    """HF architecture name, e.g. `"LlamaForCausalLM"`."""
+    model_type: str
+    """`"llama"`, `"mistral"`, `"qwen2"` or `"qwen3"`."""
+    vocab_size: int
+    """Rows of the token embedding and of the LM head."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the SwiGLU MLP."""
+    num_layers: int
+    """Decoder blocks."""
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads (GQA groups); 1 is MQA, `num_heads` is MHA."""
+    head_dim: int
+    """Width of one head; may differ from `hidden_size // num_heads` (Qwen3, Mistral-Nemo)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    rope_scaling: RopeScaling | None = None
+    """Long-context frequency scaling, or None."""
+    qkv_bias: bool = False
+    """q/k/v projections carry a bias (Qwen2, or Llama `attention_bias`)."""
+    o_bias: bool = False
+    """The output projection carries a bias (Llama `attention_bias`)."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim of queries and keys before rotary (Qwen3)."""
+    tie_word_embeddings: bool = False
+    """The LM head reuses the token embedding."""
+    sliding_window: int | None = None
+    """Tokens a sliding-window layer attends to (itself included), or None."""
+    layer_types: tuple[str, ...] = ()
+    """Per layer `"full_attention"` or `"sliding_attention"`; empty means all full."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the model was trained for."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence token, if the model has one."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Tokens that end generation."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+            if getattr(self, name) <= 0:
+                raise FerrumError.config(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.head_dim <= 0:
+            raise FerrumError.config("num_heads, num_kv_heads and head_dim must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise FerrumError.config(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise FerrumError.config(f"head_dim must be even for rotary, got {self.head_dim}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise FerrumError.config(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of `layer`, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        e, h, kv, d, f = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        )
+        attn = e * (h + 2 * kv) * d + h * d * e
+        attn += (h + 2 * kv) * d * self.qkv_bias + e * self.o_bias + 2 * d * self.qk_norm
+        layer = attn + 3 * e * f + 2 * e
+        head = 0 if self.tie_word_embeddings else self.vocab_size * e
+        return self.vocab_size * e + self.num_layers * layer + e + head
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
+        """Parses an HF `config.json` dict (transformers 4.x or 5.x keys)."""
+        architecture = _architecture(hf)
+        model_type = _ARCHITECTURES[architecture]
+        if hf.get("model_type", model_type) not in _MODEL_TYPES:
+            raise FerrumError.unsupported(f"model_type {hf['model_type']!r} is not supported")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise FerrumError.unsupported(f"hidden_act {act!r} is not supported (only 'silu')")
+        if hf.get("mlp_bias", False):
+            raise FerrumError.unsupported("mlp_bias=true is not supported")
+
+        hidden = _required_int(hf, "hidden_size")
+        heads = _required_int(hf, "num_attention_heads")
+        head_dim = hf.get("head_dim") or hidden // heads
+        attention_bias = bool(hf.get("attention_bias", False))
+        theta, scaling = _rope(hf)
+        window, layer_types = _sliding_window(hf, model_type)
+        eos = hf.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        return cls(
+            architecture=architecture,
+            model_type=model_type,
+            vocab_size=_required_int(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_required_int(hf, "intermediate_size"),
+            num_layers=_required_int(hf, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            layer_types=layer_types,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict (transformers 4.x keys) that parses back to this config."""
+        hf: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "attention_bias": self.o_bias or (self.qkv_bias and self.model_type != "qwen2"),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "sliding_window": self.sliding_window,
+        }
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = {
+                "rope_type": self.rope_scaling.kind,
+                "factor": self.rope_scaling.factor,
+            }
+            if self.rope_scaling.kind == "llama3":
+                hf["rope_scaling"].update(
+                    low_freq_factor=self.rope_scaling.low_freq_factor,
+                    high_freq_factor=self.rope_scaling.high_freq_factor,
+                    original_max_position_embeddings=(
+                        self.rope_scaling.original_max_position_embeddings
+                    ),
+                )
+        if self.model_type in ("qwen2", "qwen3"):
+            hf["use_sliding_window"] = self.sliding_window is not None
+        if self.layer_types:
+            hf["layer_types"] = list(self.layer_types)
+        return hf
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+    archs = hf.get("architectures")
+    if not archs:
+        by_type = {v: k for k, v in _ARCHITECTURES.items()}
+        if hf.get("model_type") in by_type:
+            return by_type[hf["model_type"]]
+        raise FerrumError.config("config has neither 'architectures' nor a known 'model_type'")
+    for arch in archs:
+        if arch in _ARCHITECTURES:
+            return arch
+    raise FerrumError.unsupported(
+        f"architectures {archs} is not supported; supported: {sorted(_ARCHITECTURES)}"
+    )
+
+
+def _required_int(hf: Mapping[str, Any], key: str) -> int:
+    if key not in hf or hf[key] is None:
+        raise FerrumError.config(f"config is missing required key {key!r}")
+    value = hf[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FerrumError.config(f"config key {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers 5.x moves theta and scaling into one `rope_parameters` dict.
+    params = hf.get("rope_parameters")
+    key = "rope_parameters"
+    if params is None:
+        params = hf.get("rope_scaling")
+        key = "rope_scaling"
+        theta = float(hf.get("rope_theta", 10000.0))
+    else:
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if not params:
+        return theta, None
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            kind="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise FerrumError.unsupported(
+        f"{key}.rope_type {kind!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def _sliding_window(hf: Mapping[str, Any], model_type: str) -> tuple[int | None, tuple[str, ...]]:
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    layer_types = tuple(hf.get("layer_types") or ())
+    if window is None:
+        return None, ()
+    for kind in layer_types:
+        if kind not in ("full_attention", "sliding_attention"):
+            raise FerrumError.unsupported(f"layer_types entry {kind!r} is not supported")
+    if not layer_types and model_type in ("qwen2", "qwen3"):
+        # Qwen: only layers from max_window_layers on use the window.
+        first = int(hf.get("max_window_layers", 0))
+        layers = int(hf["num_hidden_layers"])
+        layer_types = tuple(
+            "sliding_attention" if i >= first else "full_attention" for i in range(layers)
+        )
+    return int(window), layer_types

@@ -1,0 +1,196 @@
+"""Building blocks of the Llama family: RMSNorm, rotary embeddings, attention, SwiGLU MLP.
+
+Every weight is an `nnx.Param` whose `out_sharding` metadata holds its logical axis names
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`); `ferrum_jax.sharding` maps them
+to mesh axes. Matmuls run in the compute dtype; norms, softmax and logits in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ferrum_jax.models.config import ModelConfig, RopeScaling
+
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: jnp.dtype, init: str
+) -> nnx.Param:
+    """A weight with logical axis names; `init` is "normal", "zeros" or "ones"."""
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = jnp.ones(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed in float32 like HF's `LlamaRMSNorm`."""
+
+    def __init__(self, dim: int, axis_name: str, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), (axis_name,), param_dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse rotary frequencies `[head_dim // 2]` (float32, HF's formulas)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates `x: [batch, seq, heads, head_dim]` by `positions: [batch, seq]` (half-split)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, s, d/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    """Where a step writes its keys/values in the cache and what it attends to."""
+
+    slots: jax.Array | None
+    """`[batch]` cache rows of the batch rows; None means row i is cache row i (no gather)."""
+    write_pos: jax.Array
+    """`[batch, seq]` cache positions to write; `max_len` drops the write (padding, idle row)."""
+    attend_cache: bool
+    """Attend over the whole cache row (decode, extend) or only this step's keys (prefill)."""
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v/o biases and q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
+        e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype, "normal")
+        self.k_proj = param(
+            rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal"
+        )
+        self.v_proj = param(
+            rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal"
+        )
+        self.o_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype, "normal")
+        if config.qkv_bias:
+            self.q_bias = param(rngs, (h, d), ("heads", "head_dim"), param_dtype, "zeros")
+            self.k_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), param_dtype, "zeros")
+            self.v_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), param_dtype, "zeros")
+        if config.o_bias:
+            self.o_bias = param(rngs, (e,), ("embed",), param_dtype, "zeros")
+        if config.qk_norm:
+            self.q_norm = RMSNorm(
+                d, "head_dim", config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+            )
+            self.k_norm = RMSNorm(
+                d, "head_dim", config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+            )
+        self.config = config
+        self.layer = layer
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        plan: KVPlan,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`x: [b, s, embed]`, caches `[slots, kv_heads, max_len, head_dim]` -> (y, k, v)."""
+        config, dtype = self.config, x.dtype
+        q = jnp.einsum("bse,ehd->bshd", x, self.q_proj.value.astype(dtype))
+        k = jnp.einsum("bse,ekd->bskd", x, self.k_proj.value.astype(dtype))
+        v = jnp.einsum("bse,ekd->bskd", x, self.v_proj.value.astype(dtype))
+        if config.qkv_bias:
+            q = q + self.q_bias.value.astype(dtype)
+            k = k + self.k_bias.value.astype(dtype)
+            v = v + self.v_bias.value.astype(dtype)
+        if config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        batch = x.shape[0]
+        rows = jnp.arange(batch) if plan.slots is None else plan.slots
+        index = (rows[:, None], slice(None), plan.write_pos)
+        cache_k = cache_k.at[index].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[index].set(v.astype(cache_v.dtype), mode="drop")
+
+        if plan.attend_cache:
+            if plan.slots is None:
+                keys, values = cache_k, cache_v  # [b, kv, t, d]
+            else:
+                keys, values = cache_k[plan.slots], cache_v[plan.slots]
+            key_pos = jnp.arange(keys.shape[2])[None, :]
+        else:
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            key_pos = positions
+        keys, values = keys.astype(dtype), values.astype(dtype)
+
+        b, s, h, d = q.shape
+        kv = config.num_kv_heads
+        q = q.reshape(b, s, kv, h // kv, d) * jnp.asarray(d**-0.5, dtype)
+        with jax.named_scope("attention"):
+            scores = jnp.einsum("bskgd,bktd->bkgst", q, keys, preferred_element_type=jnp.float32)
+            q_pos = positions[:, None, None, :, None]
+            k_pos = key_pos[:, None, None, None, :]
+            allowed = k_pos <= q_pos
+            window = config.layer_window(self.layer)
+            if window is not None:
+                allowed &= k_pos > q_pos - window
+            scores = jnp.where(allowed, scores, _MASKED)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            out = jnp.einsum("bkgst,bktd->bskgd", probs, values).reshape(b, s, h, d)
+        y = jnp.einsum("bshd,hde->bse", out, self.o_proj.value.astype(dtype))
+        if config.o_bias:
+            y = y + self.o_bias.value.astype(dtype)
+        return y, cache_k, cache_v
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        e, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
+        self.up_proj = param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
+        self.down_proj = param(rngs, (f, e), ("mlp", "embed"), param_dtype, "normal")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        gate = jnp.einsum("bse,ef->bsf", x, self.gate_proj.value.astype(dtype))
+        up = jnp.einsum("bse,ef->bsf", x, self.up_proj.value.astype(dtype))
+        return jnp.einsum("bsf,fe->bse", jax.nn.silu(gate) * up, self.down_proj.value.astype(dtype))
