@@ -1,0 +1,72 @@
+"""Shared test helpers: HF reference models (torch CPU fp32) copied into our params."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import params_from_checkpoint
+
+
+def require_reference():
+    """Imports torch + transformers; under CI=true their absence fails instead of skipping."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # pragma: no cover - exercised only on broken installs
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"reference tests need torch and transformers under CI: {e}")
+        pytest.skip(f"torch/transformers not installed: {e}")
+    return torch, transformers
+
+
+def params_from_hf(hf_model, *, param_dtype=np.float32, dtype=None):
+    """`(config, graphdef, params)` holding the weights of an HF `*ForCausalLM`."""
+    config = ModelConfig.from_hf(hf_model.config.to_dict())
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    graphdef, params = params_from_checkpoint(
+        config, lambda t: state[t.name], param_dtype=param_dtype, dtype=dtype
+    )
+    return config, graphdef, params
+
+
+def tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random HF model; weights spread wide enough that greedy argmax is unambiguous."""
+    torch, transformers = require_reference()
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    base.update(overrides)
+    cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    model = cls[1](cls[0](**base)).eval()
+    if arch == "qwen2" or base.get("attention_bias"):
+        with torch.no_grad():  # HF zero-initialises biases; make them matter.
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    if arch == "qwen3":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "q_norm" in name or "k_norm" in name:
+                    p.uniform_(0.5, 1.5)
+    return model
