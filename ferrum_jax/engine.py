@@ -67,6 +67,11 @@ def _prefill_body(model, cache: KVCache, tokens, lengths, slots, all_logits: boo
     )
     logits_at = None if all_logits else lengths - 1
     logits, keys, values = model(tokens, positions, cache.keys, cache.values, plan, logits_at)
+    if all_logits:
+        # Padding positions repeat the row's last real logits, so "the last position" is
+        # each row's next-token distribution whatever its length.
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+        logits = jnp.where(real[:, :, None], logits, last)
     new_lengths = cache.lengths.at[slots].set(lengths, mode="drop")
     return logits, KVCache(keys, values, new_lengths)
 
@@ -205,7 +210,7 @@ def compile_counts() -> dict[str, int]:
 
 
 def _vocab_size(params: nnx.State) -> int:
-    return params["embed"].value.shape[0]
+    return params["embed"][...].shape[0]
 
 
 def _token_ids(tokens: ArrayLike, vocab: int, ndim: int) -> jax.Array | np.ndarray:
@@ -276,8 +281,9 @@ def prefill(
 ) -> tuple[jax.Array, KVCache]:
     """Writes right-padded prompts `tokens: [b, s]` into cache rows `slots: [b]` from position 0.
 
-    Returns logits `[b, s, vocab]` (`all_logits`) or `[b, vocab]` at each row's last real
-    token, and the updated cache (the argument cache is consumed).
+    Returns logits `[b, s, vocab]` (`all_logits`; padding positions repeat the row's last
+    real logits) or `[b, vocab]` at each row's last real token, and the updated cache (the
+    argument cache is consumed).
     """
     tokens = _token_ids(tokens, _vocab_size(params), 2)
     b, s = tokens.shape

@@ -43,7 +43,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -130,13 +130,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`x: [b, s, embed]`, caches `[slots, kv_heads, max_len, head_dim]` -> (y, k, v)."""
         config, dtype = self.config, x.dtype
-        q = jnp.einsum("bse,ehd->bshd", x, self.q_proj.value.astype(dtype))
-        k = jnp.einsum("bse,ekd->bskd", x, self.k_proj.value.astype(dtype))
-        v = jnp.einsum("bse,ekd->bskd", x, self.v_proj.value.astype(dtype))
+        q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bse,ekd->bskd", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bse,ekd->bskd", x, self.v_proj[...].astype(dtype))
         if config.qkv_bias:
-            q = q + self.q_bias.value.astype(dtype)
-            k = k + self.k_bias.value.astype(dtype)
-            v = v + self.v_bias.value.astype(dtype)
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
         if config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -174,9 +174,9 @@ class Attention(nnx.Module):
             scores = jnp.where(allowed, scores, _MASKED)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             out = jnp.einsum("bkgst,bktd->bskgd", probs, values).reshape(b, s, h, d)
-        y = jnp.einsum("bshd,hde->bse", out, self.o_proj.value.astype(dtype))
+        y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dtype))
         if config.o_bias:
-            y = y + self.o_bias.value.astype(dtype)
+            y = y + self.o_bias[...].astype(dtype)
         return y, cache_k, cache_v
 
 
@@ -191,6 +191,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = jnp.einsum("bse,ef->bsf", x, self.gate_proj.value.astype(dtype))
-        up = jnp.einsum("bse,ef->bsf", x, self.up_proj.value.astype(dtype))
-        return jnp.einsum("bsf,fe->bse", jax.nn.silu(gate) * up, self.down_proj.value.astype(dtype))
+        gate = jnp.einsum("bse,ef->bsf", x, self.gate_proj[...].astype(dtype))
+        up = jnp.einsum("bse,ef->bsf", x, self.up_proj[...].astype(dtype))
+        return jnp.einsum("bsf,fe->bse", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))

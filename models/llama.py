@@ -74,7 +74,7 @@ class Llama(nnx.Module):
         Returns the updated per-layer caches `[slots, kv_heads, max_len, head_dim]`.
         """
         dtype = jnp.dtype(self.dtype)
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
@@ -89,14 +89,14 @@ class Llama(nnx.Module):
                 logits = jnp.einsum(
                     "bse,ve->bsv",
                     x,
-                    self.embed.value.astype(dtype),
+                    self.embed[...].astype(dtype),
                     preferred_element_type=jnp.float32,
                 )
             else:
                 logits = jnp.einsum(
                     "bse,ev->bsv",
                     x,
-                    self.lm_head.value.astype(dtype),
+                    self.lm_head[...].astype(dtype),
                     preferred_element_type=jnp.float32,
                 )
         if logits_at is not None:
@@ -245,5 +245,5 @@ def params_from_checkpoint(
     target = np.dtype(param_dtype)
     for tensor in checkpoint_layout(config):
         array = tensor.to_param(read(tensor))
-        flat[tensor.path].value = place(tensor.path, array.astype(target, copy=False))
+        flat[tensor.path].set_value(place(tensor.path, array.astype(target, copy=False)))
     return graphdef, nnx.from_flat_state(flat)

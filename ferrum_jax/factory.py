@@ -1,0 +1,169 @@
+"""`JaxExecutorFactory` and `JaxExecutorRegistry`: Ferrum's factory and registry contracts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jax
+
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.executor import JaxModelExecutor
+from ferrum_jax.interfaces import (
+    AttentionType,
+    DataType,
+    DeviceKind,
+    ExecutorConfig,
+    ExecutorMetrics,
+    ExecutorRegistry,
+    ExecutorType,
+    ModelExecutor,
+    ModelExecutorFactory,
+)
+
+_DTYPES = {DataType.FP32: "float32", DataType.BF16: "bfloat16"}
+_PLATFORMS = {DeviceKind.CUDA: "gpu", DeviceKind.ROCM: "gpu", DeviceKind.TPU: "tpu"}
+_OPTIONS = frozenset({"model_path", "mesh"})
+
+
+class JaxExecutorFactory(ModelExecutorFactory):
+    """Builds `JaxModelExecutor`s from an `ExecutorConfig`.
+
+    `executor_options` may hold `model_path` (HF directory, `.gguf` file or orbax directory;
+    absent: the embedded SmolLM2) and `mesh` (`"data=D,model=M"`).
+    """
+
+    async def create_executor(self, config: ExecutorConfig) -> JaxModelExecutor:
+        self.validate_config(config)
+        options = config.executor_options
+        mesh = None
+        if options.get("mesh"):
+            from ferrum_jax import sharding
+
+            data, model = sharding.parse_mesh(options["mesh"])
+            mesh = sharding.make_mesh(data=data, model=model)
+        return await asyncio.to_thread(
+            JaxModelExecutor.from_pretrained,
+            options.get("model_path"),
+            max_batch_size=config.max_batch_size,
+            max_sequence_length=config.max_sequence_length,
+            dtype=_DTYPES[config.dtype],
+            mesh=mesh,
+        )
+
+    async def create_batch_executor(self, config: ExecutorConfig) -> JaxModelExecutor:
+        return await self.create_executor(config)
+
+    def supported_types(self) -> list[ExecutorType]:
+        return [
+            ExecutorType.SEQUENTIAL,
+            ExecutorType.BATCH,
+            ExecutorType.CONTINUOUS_BATCH,
+            ExecutorType.SPECULATIVE,
+            ExecutorType.TENSOR_PARALLEL,
+        ]
+
+    def validate_config(self, config: ExecutorConfig) -> None:
+        """Raises a `FerrumError` naming the first setting this executor cannot honour."""
+        if config.dtype not in _DTYPES:
+            raise FerrumError.unsupported(
+                f"dtype {config.dtype.value} is not supported; use FP32 or BF16"
+            )
+        kind = config.device.kind
+        if kind is DeviceKind.METAL:
+            raise FerrumError.device("Metal is not supported by JAX; use CPU, CUDA, ROCm or TPU")
+        if kind in _PLATFORMS:
+            platform = _PLATFORMS[kind]
+            try:
+                available = jax.devices(platform)
+            except RuntimeError:
+                available = []
+            if config.device.index is None or config.device.index >= len(available):
+                raise FerrumError.device(
+                    f"device {config.device} is not available: JAX sees "
+                    f"{len(available)} {platform} device(s)"
+                )
+        if config.max_batch_size < 1:
+            raise FerrumError.config(f"max_batch_size must be >= 1, got {config.max_batch_size}")
+        if config.max_sequence_length < 1:
+            raise FerrumError.config(
+                f"max_sequence_length must be >= 1, got {config.max_sequence_length}"
+            )
+        model_max = config.model_info.max_sequence_length
+        if config.max_sequence_length > model_max:
+            raise FerrumError.config(
+                f"max_sequence_length {config.max_sequence_length} exceeds the model's {model_max}"
+            )
+        attention = config.attention_config
+        if attention.enable_paged_attention and attention.block_size is None:
+            raise FerrumError.config("paged attention is enabled but block_size is not set")
+        if attention.block_size is not None and attention.block_size < 1:
+            raise FerrumError.config(f"block_size must be >= 1, got {attention.block_size}")
+        if attention.attention_type is AttentionType.SLIDING_WINDOW and (
+            attention.sliding_window_size is None
+        ):
+            raise FerrumError.config("sliding window attention needs sliding_window_size")
+        if not 0 < config.memory_config.max_memory_usage <= 100:
+            raise FerrumError.config(
+                f"max_memory_usage must be in (0, 100], got {config.memory_config.max_memory_usage}"
+            )
+        if not 0 <= config.optimization_config.optimization_level <= 3:
+            raise FerrumError.config(
+                "optimization_level must be 0-3, got "
+                f"{config.optimization_config.optimization_level}"
+            )
+        unknown = sorted(set(config.executor_options) - _OPTIONS)
+        if unknown:
+            raise FerrumError.config(
+                f"unknown executor_options {unknown}; supported: {sorted(_OPTIONS)}"
+            )
+        if config.executor_options.get("mesh"):
+            from ferrum_jax import sharding
+
+            sharding.parse_mesh(config.executor_options["mesh"])
+
+
+class JaxExecutorRegistry(ExecutorRegistry):
+    """Executors by name, with their live metrics."""
+
+    def __init__(self) -> None:
+        self._executors: dict[str, ModelExecutor] = {}
+
+    def register(self, name: str, executor: ModelExecutor) -> None:
+        if not name:
+            raise FerrumError.invalid_parameter("executor name must not be empty")
+        if name in self._executors:
+            raise FerrumError.already_exists(f"an executor named {name!r} is registered")
+        self._executors[name] = executor
+
+    def get(self, name: str) -> ModelExecutor | None:
+        return self._executors.get(name)
+
+    def remove(self, name: str) -> ModelExecutor | None:
+        return self._executors.pop(name, None)
+
+    def list_names(self) -> list[str]:
+        return sorted(self._executors)
+
+    def get_metrics(self, name: str) -> ExecutorMetrics | None:
+        """Live metrics of `name`; executors without `metrics()` report their status."""
+        executor = self._executors.get(name)
+        if executor is None:
+            return None
+        if isinstance(executor, JaxModelExecutor):
+            return executor.metrics()
+        status = executor.status()
+        usage = status.memory_usage
+        return ExecutorMetrics(
+            total_operations=status.prefill_operations + status.decode_operations,
+            prefill_operations=status.prefill_operations,
+            decode_operations=status.decode_operations,
+            avg_prefill_latency=status.avg_prefill_time_ms,
+            avg_decode_latency=status.avg_decode_time_ms,
+            p95_prefill_latency=status.avg_prefill_time_ms,
+            p95_decode_latency=status.avg_decode_time_ms,
+            throughput_tps=0.0,
+            memory_efficiency=usage.used_bytes / usage.allocated_bytes
+            if usage.allocated_bytes
+            else 0.0,
+            batch_utilization=0.0,
+        )
