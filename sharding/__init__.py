@@ -1,1 +1,66 @@
-"""Device meshes and logical-axis sharding rules."""
+"""Device meshes and logical-axis sharding rules.
+
+Typical use (one process, or each process of a multi-host job after `initialize`)::
+
+    mesh = make_mesh(*parse_mesh("data=2,model=4"))
+    config, graphdef, params = load_for_mesh(config, read, mesh)   # or prepare_for_mesh
+    cache = shard_cache(init_cache(config, slots, max_len), mesh)
+    logits, cache = engine.prefill(graphdef, params, cache, tokens)  # runs SPMD
+    host_logits = to_host(logits)
+"""
+
+from ferrum_jax.sharding.heads import (
+    HeadLayout,
+    adapt_heads,
+    exact_model_sizes,
+    head_layout,
+    load_for_mesh,
+    mesh_config,
+    prepare_for_mesh,
+)
+from ferrum_jax.sharding.mesh import (
+    AXES,
+    DATA,
+    MODEL,
+    initialize,
+    is_primary,
+    make_mesh,
+    mesh_shape,
+    parse_mesh,
+)
+from ferrum_jax.sharding.rules import (
+    LOGICAL_RULES,
+    cache_shardings,
+    logical_to_spec,
+    param_shardings,
+    placer,
+    shard_cache,
+    shard_params,
+    to_host,
+)
+
+__all__ = [
+    "AXES",
+    "DATA",
+    "LOGICAL_RULES",
+    "MODEL",
+    "HeadLayout",
+    "adapt_heads",
+    "cache_shardings",
+    "exact_model_sizes",
+    "head_layout",
+    "initialize",
+    "is_primary",
+    "load_for_mesh",
+    "logical_to_spec",
+    "make_mesh",
+    "mesh_config",
+    "mesh_shape",
+    "param_shardings",
+    "parse_mesh",
+    "placer",
+    "prepare_for_mesh",
+    "shard_cache",
+    "shard_params",
+    "to_host",
+]

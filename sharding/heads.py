@@ -1,0 +1,249 @@
+"""Make attention heads divisible by the `model` mesh axis, exactly.
+
+Tensor parallelism shards query heads and KV heads on `model`; `head_dim` is never split.
+When `model` does not divide `num_kv_heads` (SmolLM2-135M: 9 query heads, 3 KV heads),
+`HeadLayout` rewrites the attention weights so that it does, without changing a logit:
+
+1. **KV heads are replicated** `kv_repeat = lcm(kv, model) / kv` times (the smallest
+   multiple of `kv` that `model` divides). Copy `c` of KV head `k` becomes KV head
+   `k * kv_repeat + c`; k/v projections and biases are copied.
+2. **Each original GQA group** (the `group = heads / kv` query heads of KV head `k`) is dealt
+   out to the copies of `k`: copy `c` gets original query heads
+   `k * group + c * group' ... + group' - 1` where `group' = ceil(group / kv_repeat)`.
+   New query head `j` therefore attends to new KV head `j // group'`, a copy of original KV
+   head `source(j) // group` — the same KV head as before.
+3. **Missing query heads are padded**: when `kv_repeat` does not divide `group`, the last
+   copies get zero query heads (zero q weights and bias, zero `o_proj` rows). Their
+   attention output is multiplied by zero rows of `o_proj`, so they add exactly 0.
+
+The new config has `num_heads = kv * kv_repeat * group'` and `num_kv_heads = kv * kv_repeat`
+(`head_dim` unchanged); the KV cache must be built from it (it holds the replicated heads,
+sharded on `model` like the heads that write it). Report the original config to users.
+Examples (heads/kv -> heads'/kv'): 9/3 at model=2 -> 12/6, model=4 -> 12/12,
+model=8 -> 24/24; 8/4 at model=8 -> 8/8 (no padding); 9/3 at model=3 -> unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import CheckpointTensor, abstract_model, params_from_checkpoint
+from ferrum_jax.sharding.mesh import mesh_shape
+from ferrum_jax.sharding.rules import placer, shard_params
+
+# Leaf name -> (axis of the head dim, indexed by query heads (True) or KV heads (False)).
+_HEAD_AXES: dict[str, tuple[int, bool]] = {
+    "q_proj": (1, True),
+    "q_bias": (0, True),
+    "o_proj": (0, True),
+    "k_proj": (1, False),
+    "v_proj": (1, False),
+    "k_bias": (0, False),
+    "v_bias": (0, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """How the attention heads of a config are rearranged for a `model` axis size."""
+
+    num_heads: int
+    """Original query heads."""
+    num_kv_heads: int
+    """Original KV heads."""
+    kv_repeat: int
+    """Copies of each KV head."""
+    group: int
+    """Query heads per KV head after the change."""
+
+    @property
+    def heads(self) -> int:
+        """Query heads after the change (padding included)."""
+        return self.kv_heads * self.group
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads after the change."""
+        return self.num_kv_heads * self.kv_repeat
+
+    @property
+    def padding(self) -> int:
+        """Zero query heads added."""
+        return self.heads - self.num_heads
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kv_repeat == 1 and self.heads == self.num_heads
+
+    def q_source(self) -> np.ndarray:
+        """`[heads]`: the original query head of each new one, -1 for a zero pad head."""
+        old_group = self.num_heads // self.num_kv_heads
+        j = np.arange(self.heads)
+        kv_new, slot = j // self.group, j % self.group
+        kv_old, copy = kv_new // self.kv_repeat, kv_new % self.kv_repeat
+        within = copy * self.group + slot
+        return np.where(within < old_group, kv_old * old_group + within, -1)
+
+    def kv_source(self) -> np.ndarray:
+        """`[kv_heads]`: the original KV head of each new one."""
+        return np.arange(self.kv_heads) // self.kv_repeat
+
+    def adapt_config(self, config: ModelConfig) -> ModelConfig:
+        """`config` with the new head counts (head_dim and everything else unchanged)."""
+        if (config.num_heads, config.num_kv_heads) != (self.num_heads, self.num_kv_heads):
+            raise FerrumError.invalid_parameter(
+                f"head layout is for {self.num_heads}/{self.num_kv_heads} heads, config has "
+                f"{config.num_heads}/{config.num_kv_heads}"
+            )
+        return dataclasses.replace(config, num_heads=self.heads, num_kv_heads=self.kv_heads)
+
+    def adapt(self, path: tuple[str | int, ...], array):
+        """One param (numpy or jax) at nnx `path` in the new layout; non-head params as is."""
+        if self.is_identity or not path or path[-1] not in _HEAD_AXES:
+            return array
+        axis, by_query = _HEAD_AXES[path[-1]]
+        source = self.q_source() if by_query else self.kv_source()
+        expect = self.num_heads if by_query else self.num_kv_heads
+        if array.shape[axis] != expect:
+            raise FerrumError.invalid_format(
+                f"{'.'.join(map(str, path))}: axis {axis} has {array.shape[axis]} heads, "
+                f"expected {expect}"
+            )
+        xp = np if isinstance(array, np.ndarray) else jnp
+        out = xp.take(array, np.maximum(source, 0), axis=axis)
+        if (source < 0).any():
+            keep = (source >= 0).reshape([-1 if i == axis else 1 for i in range(out.ndim)])
+            out = xp.where(keep, out, xp.zeros((), out.dtype))
+        return out
+
+
+def head_layout(config: ModelConfig, model: int) -> HeadLayout:
+    """The smallest exact head layout for a `model` axis of this size (see module doc)."""
+    if model < 1:
+        raise FerrumError.invalid_parameter(f"model axis size must be >= 1, got {model}")
+    h, kv = config.num_heads, config.num_kv_heads
+    repeat = math.lcm(kv, model) // kv
+    group = -(-(h // kv) // repeat)
+    return HeadLayout(num_heads=h, num_kv_heads=kv, kv_repeat=repeat, group=group)
+
+
+def exact_model_sizes(config: ModelConfig, limit: int = 64) -> list[int]:
+    """`model` axis sizes up to `limit` that need no zero-padded query heads."""
+    return [m for m in range(1, limit + 1) if head_layout(config, m).padding == 0]
+
+
+def mesh_config(config: ModelConfig, mesh: Mesh, *, pad_heads: bool = True) -> ModelConfig:
+    """The config `prepare_for_mesh` / `load_for_mesh` produce for `mesh` (for `init_cache`)."""
+    return _layout(config, mesh, pad_heads).adapt_config(config)
+
+
+def _layout(config: ModelConfig, mesh: Mesh, pad_heads: bool) -> HeadLayout:
+    model = mesh_shape(mesh)[1]
+    layout = head_layout(config, model)
+    if layout.padding and not pad_heads:
+        raise FerrumError.invalid_parameter(
+            f"{config.num_heads} query heads / {config.num_kv_heads} KV heads do not split over "
+            f"model={model} without padding; model sizes that work: "
+            f"{exact_model_sizes(config, max(model, 16))} (or pass pad_heads=True)"
+        )
+    return layout
+
+
+def _names(path) -> tuple[str | int, ...]:
+    """nnx state path (`('layers', 0, 'attn', 'q_proj')`) of a `jax.tree_util` key path."""
+    names: list[str | int] = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            names.append(key.key)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            names.append(key.idx)
+    return tuple(names)
+
+
+def _compute_dtype(graphdef: nnx.GraphDef, params: nnx.State) -> str:
+    return nnx.merge(graphdef, params).dtype
+
+
+def adapt_heads(
+    config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, model: int
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """`(config', graphdef', params')` with heads laid out for a `model` axis of this size.
+
+    No placement: numpy leaves stay numpy, JAX arrays are rearranged by JAX ops. Same logits
+    as the original model; see `HeadLayout`.
+    """
+    attn = params["layers"][0]["attn"]
+    got = (attn["q_proj"].get_value().shape[1], attn["k_proj"].get_value().shape[1])
+    if got != (config.num_heads, config.num_kv_heads):
+        raise FerrumError.invalid_parameter(
+            f"params have {got[0]}/{got[1]} query/KV heads, config says "
+            f"{config.num_heads}/{config.num_kv_heads}"
+        )
+    layout = head_layout(config, model)
+    if layout.is_identity:
+        return config, graphdef, params
+    dtype = _compute_dtype(graphdef, params)
+    params = jax.tree_util.tree_map_with_path(lambda path, x: layout.adapt(_names(path), x), params)
+    config = layout.adapt_config(config)
+    graphdef, _ = abstract_model(config, dtype=dtype)
+    return config, graphdef, params
+
+
+def prepare_for_mesh(
+    config: ModelConfig,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    mesh: Mesh,
+    *,
+    pad_heads: bool = True,
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """`(config', graphdef', params')` ready for `mesh`: heads adapted, params sharded.
+
+    KV heads are replicated and query heads zero-padded as needed (see `HeadLayout`); the
+    model computes the same logits. `pad_heads=False` refuses (FerrumError listing the
+    model sizes that work) instead of adding zero query heads. Build the KV cache from
+    `config'` and shard it with `shard_cache`. Multi-process: every process passes the
+    same params (same seed or checkpoint); prefer `load_for_mesh` for checkpoints.
+    """
+    _layout(config, mesh, pad_heads)
+    config, graphdef, params = adapt_heads(config, graphdef, params, mesh_shape(mesh)[1])
+    return config, graphdef, shard_params(params, mesh)
+
+
+def load_for_mesh(
+    config: ModelConfig,
+    read: Callable[[CheckpointTensor], np.ndarray],
+    mesh: Mesh,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
+    pad_heads: bool = True,
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """`models.llama.params_from_checkpoint` straight onto `mesh`: `(config', graphdef', params')`.
+
+    Each tensor is read, head-adapted on the host and placed with `placer` before the next
+    is read: a process transfers only its own devices' slices, and no device ever holds an
+    unsharded copy of a sharded weight. Use it in every process of a multi-host job.
+    """
+    layout = _layout(config, mesh, pad_heads)
+    new_config = layout.adapt_config(config)
+    place = placer(mesh, new_config)
+    _, params = params_from_checkpoint(
+        config,
+        read,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        place=lambda path, array: place(path, layout.adapt(path, array)),
+    )
+    graphdef, _ = abstract_model(new_config, param_dtype=param_dtype, dtype=dtype)
+    return new_config, graphdef, params
