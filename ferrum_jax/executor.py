@@ -228,6 +228,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         self.config = config
+        self.model_config = config
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
@@ -276,14 +277,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
     def _apply_mesh(self, mesh: jax.sharding.Mesh) -> None:
         from ferrum_jax import sharding
 
+        # Heads may be replicated/padded to fit the mesh; `model_config` keeps the original.
         self.config, self._graphdef, self._params = sharding.prepare_for_mesh(
             self.config, self._graphdef, self._params, mesh
         )
-        self._params = sharding.shard_params(self._params, mesh)
-        self._cache = init_cache(
+        cache = init_cache(
             self.config, self.max_batch_size, self.max_sequence_length, self._cache.dtype
         )
-        self._cache = sharding.shard_cache(self._cache, mesh)
+        self._cache = sharding.shard_cache(cache, mesh)
 
     # -----------------------------------------------------------------------------------------
     # Construction
@@ -710,7 +711,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return 1 <= batch_size <= self.max_batch_size
 
     def capabilities(self) -> ExecutorCapabilities:
-        c = self.config
+        c = self.model_config
         if c.num_kv_heads == 1 and c.num_heads > 1:
             attention = [AttentionType.MULTI_QUERY]
         elif c.num_kv_heads < c.num_heads:
@@ -737,7 +738,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 parameter_memory=self._param_bytes,
                 activation_memory_per_token=4
                 * (2 * c.hidden_size + c.intermediate_size * 2 + c.vocab_size),
-                kv_cache_memory_per_token=self.kv_bytes_per_token // c.num_layers,
+                kv_cache_memory_per_token=self.kv_bytes_per_token // self.config.num_layers,
                 overhead_memory=self._cache.lengths.nbytes,
             ),
         )

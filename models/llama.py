@@ -138,6 +138,8 @@ class CheckpointTensor:
     """Shape in the checkpoint (HF layout: linear weights are `[out, in]`)."""
     to_param: Callable[[np.ndarray], np.ndarray]
     """HF layout -> our layout."""
+    from_param: Callable[[np.ndarray], np.ndarray]
+    """Our layout -> HF layout."""
 
 
 def checkpoint_layout(config: ModelConfig) -> list[CheckpointTensor]:
@@ -145,85 +147,67 @@ def checkpoint_layout(config: ModelConfig) -> list[CheckpointTensor]:
     e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     f, v = config.intermediate_size, config.vocab_size
 
-    def heads_in(n: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda w: w.T.reshape(e, n, d)  # [n*d, e] -> [e, n, d]
+    def tensor(name, path, shape, kind: str) -> CheckpointTensor:
+        if kind == "same":
+            to, back = (lambda w: w), (lambda w: w)
+        elif kind == "transpose":
+            to, back = np.transpose, np.transpose
+        elif kind == "heads_in":  # [n*d, e] <-> [e, n, d]
+            n = shape[0] // d
+            to, back = (lambda w: w.T.reshape(e, n, d)), (lambda w: w.reshape(e, n * d).T)
+        elif kind == "heads_out":  # [e, h*d] <-> [h, d, e]
+            to, back = (lambda w: w.T.reshape(h, d, e)), (lambda w: w.reshape(h * d, e).T)
+        else:  # "head_bias": [n*d] <-> [n, d]
+            n = shape[0] // d
+            to, back = (lambda b: b.reshape(n, d)), (lambda b: b.reshape(n * d))
+        return CheckpointTensor(name, path, shape, to, back)
 
-    same = lambda w: w
-    out = [CheckpointTensor("model.embed_tokens.weight", ("embed",), (v, e), same)]
+    out = [tensor("model.embed_tokens.weight", ("embed",), (v, e), "same")]
     for i in range(config.num_layers):
         p, layer = f"model.layers.{i}.", ("layers", i)
         attn = (*layer, "attn")
         out += [
-            CheckpointTensor(
-                p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (e,), same
-            ),
-            CheckpointTensor(
-                p + "self_attn.q_proj.weight", (*attn, "q_proj"), (h * d, e), heads_in(h)
-            ),
-            CheckpointTensor(
-                p + "self_attn.k_proj.weight", (*attn, "k_proj"), (kv * d, e), heads_in(kv)
-            ),
-            CheckpointTensor(
-                p + "self_attn.v_proj.weight", (*attn, "v_proj"), (kv * d, e), heads_in(kv)
-            ),
-            CheckpointTensor(
-                p + "self_attn.o_proj.weight",
-                (*attn, "o_proj"),
-                (e, h * d),
-                lambda w: w.T.reshape(h, d, e),
-            ),
-            CheckpointTensor(
+            tensor(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (e,), "same"),
+            tensor(p + "self_attn.q_proj.weight", (*attn, "q_proj"), (h * d, e), "heads_in"),
+            tensor(p + "self_attn.k_proj.weight", (*attn, "k_proj"), (kv * d, e), "heads_in"),
+            tensor(p + "self_attn.v_proj.weight", (*attn, "v_proj"), (kv * d, e), "heads_in"),
+            tensor(p + "self_attn.o_proj.weight", (*attn, "o_proj"), (e, h * d), "heads_out"),
+            tensor(
                 p + "post_attention_layernorm.weight",
                 (*layer, "post_attn_norm", "scale"),
                 (e,),
-                same,
+                "same",
             ),
-            CheckpointTensor(
-                p + "mlp.gate_proj.weight", (*layer, "mlp", "gate_proj"), (f, e), np.transpose
-            ),
-            CheckpointTensor(
-                p + "mlp.up_proj.weight", (*layer, "mlp", "up_proj"), (f, e), np.transpose
-            ),
-            CheckpointTensor(
-                p + "mlp.down_proj.weight", (*layer, "mlp", "down_proj"), (e, f), np.transpose
-            ),
+            tensor(p + "mlp.gate_proj.weight", (*layer, "mlp", "gate_proj"), (f, e), "transpose"),
+            tensor(p + "mlp.up_proj.weight", (*layer, "mlp", "up_proj"), (f, e), "transpose"),
+            tensor(p + "mlp.down_proj.weight", (*layer, "mlp", "down_proj"), (e, f), "transpose"),
         ]
         if config.qkv_bias:
             out += [
-                CheckpointTensor(
-                    p + "self_attn.q_proj.bias",
-                    (*attn, "q_bias"),
-                    (h * d,),
-                    lambda b: b.reshape(h, d),
-                ),
-                CheckpointTensor(
-                    p + "self_attn.k_proj.bias",
-                    (*attn, "k_bias"),
-                    (kv * d,),
-                    lambda b: b.reshape(kv, d),
-                ),
-                CheckpointTensor(
-                    p + "self_attn.v_proj.bias",
-                    (*attn, "v_bias"),
-                    (kv * d,),
-                    lambda b: b.reshape(kv, d),
-                ),
+                tensor(p + "self_attn.q_proj.bias", (*attn, "q_bias"), (h * d,), "head_bias"),
+                tensor(p + "self_attn.k_proj.bias", (*attn, "k_bias"), (kv * d,), "head_bias"),
+                tensor(p + "self_attn.v_proj.bias", (*attn, "v_bias"), (kv * d,), "head_bias"),
             ]
         if config.o_bias:
-            out.append(CheckpointTensor(p + "self_attn.o_proj.bias", (*attn, "o_bias"), (e,), same))
+            out.append(tensor(p + "self_attn.o_proj.bias", (*attn, "o_bias"), (e,), "same"))
         if config.qk_norm:
             out += [
-                CheckpointTensor(
-                    p + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (d,), same
-                ),
-                CheckpointTensor(
-                    p + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (d,), same
-                ),
+                tensor(p + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (d,), "same"),
+                tensor(p + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (d,), "same"),
             ]
-    out.append(CheckpointTensor("model.norm.weight", ("final_norm", "scale"), (e,), same))
+    out.append(tensor("model.norm.weight", ("final_norm", "scale"), (e,), "same"))
     if not config.tie_word_embeddings:
-        out.append(CheckpointTensor("lm_head.weight", ("lm_head",), (v, e), np.transpose))
+        out.append(tensor("lm_head.weight", ("lm_head",), (v, e), "transpose"))
     return out
+
+
+def hf_state_dict(config: ModelConfig, params: nnx.State) -> dict[str, np.ndarray]:
+    """Our params as HF-named host arrays in HF layout (float32), e.g. for a torch reference."""
+    flat = dict(nnx.to_flat_state(params))
+    return {
+        t.name: np.ascontiguousarray(t.from_param(np.asarray(flat[t.path][...], np.float32)))
+        for t in checkpoint_layout(config)
+    }
 
 
 def params_from_checkpoint(

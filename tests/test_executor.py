@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -25,6 +28,8 @@ from ferrum_jax.interfaces import (
 from ferrum_jax.tensor import JaxTensor
 
 POOL, MAX_LEN = 4, 64
+MESH = os.environ.get("FERRUM_TEST_MESH")
+"""`data,model`: run the executor on that mesh (set by `test_continuous_batching_on_mesh`)."""
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +40,11 @@ def model():
 def make_executor(model, **kwargs) -> JaxModelExecutor:
     config, graphdef, params = model
     kwargs = {"max_batch_size": POOL, "max_sequence_length": MAX_LEN, **kwargs}
+    if MESH:
+        from ferrum_jax.sharding import make_mesh
+
+        data, model_axis = (int(x) for x in MESH.split(","))
+        kwargs["mesh"] = make_mesh(data=data, model=model_axis)
     return JaxModelExecutor(config, graphdef, params, **kwargs)
 
 
@@ -106,11 +116,33 @@ def test_continuous_batching_matches_isolated_runs(model, isolated):
         return done
 
     done = run(serve())
+    if MESH:
+        assert len(executor._cache.keys[0].sharding.device_set) == 8
+        assert len(executor._params["embed"][...].sharding.device_set) == 8
     for r, prompt in enumerate(requests):
         assert done[r][: budgets[r]] == isolated(prompt, budgets[r])[: budgets[r]], r
     status = executor.status()
     assert status.current_batch_size == 0
     assert status.prefill_operations == len(requests)
+
+
+def test_continuous_batching_on_mesh():
+    """The same equivalence test, unchanged, with the executor on a (2, 4) mesh of 8 devices."""
+    env = {
+        **os.environ,
+        "FERRUM_TEST_MESH": "2,4",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    test = f"{__file__}::test_continuous_batching_matches_isolated_runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout
 
 
 def test_batch_prefill_is_one_forward_and_matches_single(model):
