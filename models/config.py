@@ -138,12 +138,16 @@ class ModelConfig:
 
         hidden = _required_int(hf, "hidden_size")
         heads = _required_int(hf, "num_attention_heads")
-        head_dim = hf.get("head_dim") or hidden // heads
+        if heads <= 0:
+            raise FerrumError.config(f"num_attention_heads must be positive, got {heads}")
+        head_dim = _optional_int(hf, "head_dim") or hidden // heads
         attention_bias = bool(hf.get("attention_bias", False))
         theta, scaling = _rope(hf)
         window, layer_types = _sliding_window(hf, model_type)
         eos = hf.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        eos_ids = tuple(_token_id(hf, "eos_token_id", t) for t in eos_list)
+        bos = hf.get("bos_token_id")
         return cls(
             architecture=architecture,
             model_type=model_type,
@@ -152,9 +156,9 @@ class ModelConfig:
             intermediate_size=_required_int(hf, "intermediate_size"),
             num_layers=_required_int(hf, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_optional_int(hf, "num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6, "config"),
             rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=attention_bias or model_type == "qwen2",
@@ -163,8 +167,8 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_window=window,
             layer_types=layer_types,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            bos_token_id=hf.get("bos_token_id"),
+            max_position_embeddings=_optional_int(hf, "max_position_embeddings") or 2048,
+            bos_token_id=None if bos is None else _token_id(hf, "bos_token_id", bos),
             eos_token_ids=eos_ids,
         )
 
@@ -229,10 +233,29 @@ def _architecture(hf: Mapping[str, Any]) -> str:
 def _required_int(hf: Mapping[str, Any], key: str) -> int:
     if key not in hf or hf[key] is None:
         raise FerrumError.config(f"config is missing required key {key!r}")
-    value = hf[key]
-    if not isinstance(value, int) or isinstance(value, bool):
+    return _optional_int(hf, key)
+
+
+def _optional_int(hf: Mapping[str, Any], key: str) -> int | None:
+    value = hf.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
         raise FerrumError.config(f"config key {key!r} must be an integer, got {value!r}")
     return value
+
+
+def _token_id(hf: Mapping[str, Any], key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FerrumError.config(f"config key {key!r} must hold token ids, got {hf[key]!r}")
+    return value
+
+
+def _number(params: Mapping[str, Any], key: str, default: float | None, where: str) -> float:
+    value = params.get(key, default)
+    if value is None:
+        raise FerrumError.config(f"{where} is missing required key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FerrumError.config(f"{where} key {key!r} must be a number, got {value!r}")
+    return float(value)
 
 
 def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -242,23 +265,29 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     if params is None:
         params = hf.get("rope_scaling")
         key = "rope_scaling"
-        theta = float(hf.get("rope_theta", 10000.0))
-    else:
-        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        theta = _number(hf, "rope_theta", 10000.0, "config")
+    elif isinstance(params, Mapping):
+        theta = _number(params, "rope_theta", hf.get("rope_theta", 10000.0), key)
+    if params is not None and not isinstance(params, Mapping):
+        raise FerrumError.config(f"{key} must be a dict, got {params!r}")
     if not params:
         return theta, None
-    kind = params.get("rope_type", params.get("type", "default"))
+    kind = params.get("rope_type", params.get("type"))
+    if kind is None:
+        raise FerrumError.config(f"{key} has no 'rope_type' (or 'type')")
     if kind == "default":
         return theta, None
     if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+        return theta, RopeScaling(kind="linear", factor=_number(params, "factor", None, key))
     if kind == "llama3":
         return theta, RopeScaling(
             kind="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            factor=_number(params, "factor", None, key),
+            low_freq_factor=_number(params, "low_freq_factor", None, key),
+            high_freq_factor=_number(params, "high_freq_factor", None, key),
+            original_max_position_embeddings=int(
+                _number(params, "original_max_position_embeddings", None, key)
+            ),
         )
     raise FerrumError.unsupported(
         f"{key}.rope_type {kind!r} is not supported (supported: default, linear, llama3)"

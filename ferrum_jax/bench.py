@@ -1,0 +1,457 @@
+"""`ferrum-jax bench`: throughput, latency and compile cost vs HF transformers and the roofline.
+
+Everything is measured in one process run: a bandwidth/FLOP probe, then for each batch size
+ours and (with `--compare hf`) HF transformers interleaved A/B per repeat, then the probe
+again; medians of the repeats are reported. Compile time is measured separately with
+ahead-of-time compilation, so no timed run includes a compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ferrum_jax import engine
+from ferrum_jax.cache import init_cache
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.sampling import SamplingParams, row_keys
+
+_NOISE_TOLERANCE = 0.15
+"""Relative change of the calibration probe, before vs after, that flags a noisy machine."""
+_PROBE_BYTES = 512 * 2**20
+"""Size of the bandwidth probe's array: far larger than any cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """Machine limits measured in this run."""
+
+    bandwidth_gbs: float
+    """Streaming read bandwidth (GB/s): an XLA reduction over a 512 MiB array."""
+    matmul_gflops: float
+    """fp32 matmul throughput (GFLOP/s) at 2048^3."""
+
+
+def _best_time(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def probe_machine(repeat: int = 5) -> Probe:
+    """Measures streaming bandwidth and matmul peak on the default device."""
+    stream = jnp.ones((_PROBE_BYTES // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    read_s = _best_time(lambda: total(stream), repeat)
+    square = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    mm_s = _best_time(lambda: matmul(square), repeat)
+    stream.delete()
+    return Probe(bandwidth_gbs=_PROBE_BYTES / read_s / 1e9, matmul_gflops=2 * 2048**3 / mm_s / 1e9)
+
+
+@dataclasses.dataclass
+class Timings:
+    """Median timings of one implementation at one batch size."""
+
+    prefill_s: float
+    ttft_s: float
+    e2e_s: float
+
+    def rates(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+        decode_s = max(self.e2e_s - self.ttft_s, 1e-9)
+        return {
+            "prefill_tok_s": batch * prompt_len / self.prefill_s,
+            "ttft_s": self.ttft_s,
+            "decode_tok_s": batch * (new_tokens - 1) / decode_s,
+            "e2e_tok_s": batch * new_tokens / self.e2e_s,
+            "decode_step_s": decode_s / (new_tokens - 1),
+        }
+
+
+class _Ours:
+    """ferrum-jax: AOT-compiled prefill (last logits) and the one-jit generate loop."""
+
+    def __init__(self, graphdef, params, config, batch: int, prompt_len: int, new_tokens: int):
+        self.config, self.params = config, params
+        self.dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
+        self.batch, self.bucket = batch, engine.bucket_length(prompt_len, 1 << 30)
+        self.cache_len = self.bucket + new_tokens
+        self.tokens = jnp.zeros((batch, self.bucket), jnp.int32)
+        self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
+        self.slots = jnp.arange(batch, dtype=jnp.int32)
+        self.sampling = SamplingParams.greedy(batch)
+        self.keys = row_keys(0, batch)
+        self.stop = jnp.full((batch, 1), -1, jnp.int32)  # never stops early
+        self.row_max = jnp.full((batch,), new_tokens, jnp.int32)
+        self.compile_s: dict[str, float] = {}
+        cache = self.fresh_cache()
+        self._prefill = self._compile(
+            "prefill",
+            engine._prefill,
+            graphdef,
+            params,
+            cache,
+            self.tokens,
+            self.lengths,
+            self.slots,
+            False,
+        )
+        self._compile(
+            "decode",
+            engine._decode,
+            graphdef,
+            params,
+            cache,
+            self.lengths,
+            None,
+            jnp.ones((batch,), bool),
+        )
+        self._generate = self._compile(
+            "generate",
+            engine._generate,
+            graphdef,
+            params,
+            self.tokens,
+            self.lengths,
+            self.row_max,
+            self.stop,
+            self.sampling,
+            self.keys,
+            max_new_tokens=new_tokens,
+            cache_len=self.cache_len,
+        )
+
+    def _compile(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        compiled = fn.lower(*args, **kwargs).compile()
+        self.compile_s[name] = time.perf_counter() - start
+        return compiled
+
+    def fresh_cache(self):
+        return init_cache(self.config, self.batch, self.cache_len, self.dtype)
+
+    def set_prompts(self, prompts: np.ndarray) -> None:
+        padded = np.zeros((self.batch, self.bucket), np.int32)
+        padded[:, : prompts.shape[1]] = prompts
+        self.tokens = jnp.asarray(padded)
+
+    def prefill(self) -> float:
+        cache = jax.block_until_ready(self.fresh_cache())
+        start = time.perf_counter()
+        logits, _ = self._prefill(self.params, cache, self.tokens, self.lengths, self.slots)
+        jax.block_until_ready(logits)
+        return time.perf_counter() - start
+
+    def ttft(self) -> float:
+        cache = jax.block_until_ready(self.fresh_cache())
+        start = time.perf_counter()
+        logits, _ = self._prefill(self.params, cache, self.tokens, self.lengths, self.slots)
+        np.asarray(jnp.argmax(logits, axis=-1))
+        return time.perf_counter() - start
+
+    def e2e(self) -> tuple[float, np.ndarray]:
+        start = time.perf_counter()
+        out = self._generate(
+            self.params,
+            self.tokens,
+            self.lengths,
+            self.row_max,
+            self.stop,
+            self.sampling,
+            self.keys,
+        )
+        tokens = np.asarray(out.tokens)
+        return time.perf_counter() - start, tokens
+
+
+class _HF:
+    """HF transformers (torch, sdpa, inference_mode), greedy, same weights and prompts."""
+
+    def __init__(self, model, torch, new_tokens: int):
+        self.model, self.torch, self.new_tokens = model, torch, new_tokens
+
+    def set_prompts(self, prompts: np.ndarray) -> None:
+        self.ids = self.torch.tensor(prompts, dtype=self.torch.long)
+        self.mask = self.torch.ones_like(self.ids)
+
+    def prefill(self) -> float:
+        with self.torch.inference_mode():
+            start = time.perf_counter()
+            self.model(self.ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
+
+    def _generate(self, n: int):
+        return self.model.generate(
+            self.ids,
+            attention_mask=self.mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+
+    def ttft(self) -> float:
+        with self.torch.inference_mode():
+            start = time.perf_counter()
+            self._generate(1)
+            return time.perf_counter() - start
+
+    def e2e(self) -> tuple[float, np.ndarray]:
+        with self.torch.inference_mode():
+            start = time.perf_counter()
+            out = self._generate(self.new_tokens)
+            elapsed = time.perf_counter() - start
+        return elapsed, out[:, self.ids.shape[1] :].numpy()
+
+
+def _measure(impl, results: dict[str, list[float]]) -> np.ndarray:
+    results["prefill"].append(impl.prefill())
+    results["ttft"].append(impl.ttft())
+    e2e, tokens = impl.e2e()
+    results["e2e"].append(e2e)
+    return tokens
+
+
+def _median(results: dict[str, list[float]]) -> Timings:
+    return Timings(
+        prefill_s=statistics.median(results["prefill"]),
+        ttft_s=statistics.median(results["ttft"]),
+        e2e_s=statistics.median(results["e2e"]),
+    )
+
+
+def _hf_model(loaded, dtype: str):
+    """The HF torch model holding exactly our weights (dequantised GGUF / HF / orbax)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise FerrumError.unsupported(
+            "--compare hf needs torch and transformers: pip install 'ferrum-jax[dev]'"
+        ) from e
+    from ferrum_jax.models.llama import hf_state_dict
+
+    config = loaded.config
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+    hf_config._attn_implementation = "sdpa"
+    model = getattr(transformers, config.architecture)(hf_config).eval()
+    state = {k: torch.from_numpy(v) for k, v in hf_state_dict(config, loaded.params).items()}
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    return model.to(torch_dtype), torch
+
+
+def _bytes_per_decode_step(config, params, batch: int, context: float, kv_itemsize: int) -> float:
+    """Bytes a decode step must read: every weight once (the tied LM head reads the whole
+    embedding) plus each row's cached keys/values."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_itemsize
+    return weights + batch * context * kv
+
+
+def _prefill_flops(config, batch: int, prompt_len: int) -> float:
+    e, f, h, kv, d = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+    )
+    per_token_layer = 2 * (e * (h + 2 * kv) * d + h * d * e + 3 * e * f)
+    attention = 2 * 2 * h * d * prompt_len / 2  # causal: half the scores, QK^T and PV
+    lm_head = 2 * e * config.vocab_size / prompt_len  # logits of the last token only
+    return batch * prompt_len * (config.num_layers * (per_token_layer + attention) + lm_head)
+
+
+def _peak_memory() -> dict[str, float]:
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    device = None
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        device = stats["peak_bytes_in_use"] / 2**20
+    return {"host_peak_mib": host, "device_peak_mib": device}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The `bench` subcommand: prints a table and writes `--json` / `--plot`."""
+    from ferrum_jax.checkpoint import load_model
+
+    batches = _parse_batches(args.batch)
+    if args.prompt_len < 1 or args.new_tokens < 2 or args.repeat < 1:
+        raise FerrumError.invalid_parameter(
+            "--prompt-len must be >= 1, --new-tokens >= 2 and --repeat >= 1"
+        )
+    loaded = load_model(args.model, dtype=args.dtype)
+    config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
+    if getattr(args, "mesh", None):
+        from ferrum_jax import sharding
+
+        data, model_axis = sharding.parse_mesh(args.mesh)
+        mesh = sharding.make_mesh(data=data, model=model_axis)
+        config, graphdef, params = sharding.prepare_for_mesh(config, graphdef, params, mesh)
+    hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
+    before = probe_machine()
+    _log(f"probe: {before.bandwidth_gbs:.1f} GB/s, {before.matmul_gflops:.0f} GFLOP/s fp32")
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        prompts = rng.integers(10, config.vocab_size, (batch, args.prompt_len), dtype=np.int32)
+        ours = _Ours(graphdef, params, config, batch, args.prompt_len, args.new_tokens)
+        ours.set_prompts(prompts)
+        ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
+        hf_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
+        theirs = None
+        if hf is not None:
+            theirs = _HF(hf[0], hf[1], args.new_tokens)
+            theirs.set_prompts(prompts)
+            theirs.e2e()  # warm torch's kernels / allocator
+        ours.e2e()
+        agree = None
+        for _ in range(args.repeat):
+            # Interleaved A/B: a slow patch of the machine hits both sides alike.
+            our_tokens = _measure(ours, ours_results)
+            if theirs is not None:
+                their_tokens = _measure(theirs, hf_results)
+                agree = float(np.mean(our_tokens == their_tokens))
+        mine = _median(ours_results).rates(batch, args.prompt_len, args.new_tokens)
+        context = args.prompt_len + args.new_tokens / 2
+        itemsize = jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
+        step_bytes = _bytes_per_decode_step(config, params, batch, context, itemsize)
+        row: dict[str, Any] = {
+            "batch": batch,
+            "prefill_tok_s": mine["prefill_tok_s"],
+            "ttft_s": mine["ttft_s"],
+            "decode_tok_s": mine["decode_tok_s"],
+            "e2e_tok_s": mine["e2e_tok_s"],
+            "compile_s": ours.compile_s,
+            "roofline_fraction": step_bytes / mine["decode_step_s"] / (before.bandwidth_gbs * 1e9),
+            "prefill_roofline_fraction": _prefill_flops(config, batch, args.prompt_len)
+            / (mine["prefill_tok_s"] and batch * args.prompt_len / mine["prefill_tok_s"])
+            / (before.matmul_gflops * 1e9),
+            "decode_step_ms": mine["decode_step_s"] * 1e3,
+            "hf_prefill_tok_s": None,
+            "hf_decode_tok_s": None,
+            "hf_ttft_s": None,
+            "hf_e2e_tok_s": None,
+            "decode_ratio_vs_hf": None,
+            "prefill_ratio_vs_hf": None,
+            "greedy_token_agreement_vs_hf": agree,
+        }
+        if theirs is not None:
+            rates = _median(hf_results).rates(batch, args.prompt_len, args.new_tokens)
+            row.update(
+                hf_prefill_tok_s=rates["prefill_tok_s"],
+                hf_decode_tok_s=rates["decode_tok_s"],
+                hf_ttft_s=rates["ttft_s"],
+                hf_e2e_tok_s=rates["e2e_tok_s"],
+                decode_ratio_vs_hf=mine["decode_tok_s"] / rates["decode_tok_s"],
+                prefill_ratio_vs_hf=mine["prefill_tok_s"] / rates["prefill_tok_s"],
+            )
+        row.update(_peak_memory())
+        rows.append(row)
+        _log(_format_row(row))
+    after = probe_machine()
+    drift = abs(after.bandwidth_gbs - before.bandwidth_gbs) / before.bandwidth_gbs
+    drift = max(drift, abs(after.matmul_gflops - before.matmul_gflops) / before.matmul_gflops)
+    report = {
+        "model": loaded.source,
+        "dtype": args.dtype,
+        "device": str(jax.devices()[0].device_kind),
+        "bandwidth_gbs": before.bandwidth_gbs,
+        "matmul_gflops": before.matmul_gflops,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeat": args.repeat,
+        "results": rows,
+        "noisy": drift > _NOISE_TOLERANCE,
+        "probe_after": dataclasses.asdict(after),
+    }
+    if report["noisy"]:
+        _log(f"warning: the machine was noisy (probe drifted {drift:.0%}); rerun for figures")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps(report) if not sys.stdout.isatty() else _table(report))
+    return 0
+
+
+def _parse_batches(spec: str) -> list[int]:
+    try:
+        batches = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise FerrumError.invalid_parameter(f"--batch must be like 1,8, got {spec!r}") from e
+    if not batches or min(batches) < 1:
+        raise FerrumError.invalid_parameter(f"--batch sizes must be >= 1, got {spec!r}")
+    return batches
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    text = (
+        f"batch {row['batch']}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+        f"ttft {row['ttft_s'] * 1e3:.1f} ms, decode {row['decode_tok_s']:.1f} tok/s "
+        f"({row['decode_step_ms']:.1f} ms/step, {row['roofline_fraction']:.0%} of roofline)"
+    )
+    if row["hf_decode_tok_s"] is not None:
+        text += (
+            f" | HF prefill {row['hf_prefill_tok_s']:.0f} tok/s, ttft "
+            f"{row['hf_ttft_s'] * 1e3:.1f} ms, decode {row['hf_decode_tok_s']:.1f} tok/s"
+            f" | x{row['decode_ratio_vs_hf']:.2f} decode, x{row['prefill_ratio_vs_hf']:.2f} prefill"
+        )
+    return text
+
+
+def _table(report: dict[str, Any]) -> str:
+    return "\n".join(_format_row(row) for row in report["results"])
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Decode tokens/s vs batch for ours, HF and the bandwidth roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(batches, [r["decode_tok_s"] for r in rows], "o-", label="ferrum-jax")
+    if rows[0]["hf_decode_tok_s"] is not None:
+        ax.plot(batches, [r["hf_decode_tok_s"] for r in rows], "s-", label="HF transformers")
+    roofline = [
+        r["decode_tok_s"] / r["roofline_fraction"] if r["roofline_fraction"] else 0 for r in rows
+    ]
+    ax.plot(batches, roofline, "k--", label=f"roofline ({report['bandwidth_gbs']:.0f} GB/s)")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{report['dtype']} decode, {report['device']}")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,79 @@
+"""Token-by-token generation for streaming: one jitted decode + sample per token."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ferrum_jax import engine
+from ferrum_jax.cache import init_cache
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedToken:
+    """One generated token."""
+
+    token_id: int
+    """The sampled token."""
+    logprob: float
+    """Its log-probability under the model."""
+    stop: bool
+    """It is a stop token (generation ends after it)."""
+
+
+@jax.jit
+def _pick(logits: jax.Array, sampling: SamplingParams, keys: jax.Array, step: jax.Array):
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    token = sample(logits, sampling, step_keys)
+    return token, token_logprobs(logits, token)
+
+
+def stream_tokens(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+    timings: dict[str, float] | None = None,
+) -> Iterator[StreamedToken]:
+    """Yields tokens as they are generated, with the same per-step keys as `engine.generate`.
+
+    `timings`, if given, receives `prefill_s` (time to first token) and `decode_s`.
+    """
+    if not prompt:
+        raise FerrumError.request_validation("empty prompt")
+    if max_new_tokens < 1:
+        raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dtype = jnp.dtype(nnx.merge(graphdef, params).dtype)
+    config = nnx.merge(graphdef, params).config
+    cache_len = engine.bucket_length(len(prompt), 1 << 30) + max_new_tokens
+    cache = init_cache(config, 1, cache_len, dtype)
+    sampling = sampling or SamplingParams.greedy(1)
+    keys = row_keys(seed, 1)
+    stops = set(stop_tokens)
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
+    logits, cache = engine.prefill(graphdef, params, cache, np.asarray([prompt], np.int32))
+    for step in range(max_new_tokens):
+        token, logprob = _pick(logits, sampling, keys, jnp.int32(step))
+        token_id = int(token[0])
+        if step == 0:
+            timings["prefill_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+        stop = token_id in stops
+        yield StreamedToken(token_id, float(logprob[0]), stop)
+        if stop or step == max_new_tokens - 1:
+            break
+        logits, cache = engine.decode(graphdef, params, cache, token)
+    timings["decode_s"] = time.perf_counter() - start

@@ -1,0 +1,338 @@
+"""Numerical parity with HF transformers (torch CPU float32) on tiny random models.
+
+Every case is one architecture feature (GQA, MQA, head_dim != hidden/heads, tied
+embeddings, llama3 / linear rope scaling, Qwen2 biases, Qwen3 q/k norm, Mistral sliding
+window). Each HF model is built once per module (`_CASES`); our programs compile once per
+case and are reused by every test of that case (same cache shape, same bucket).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import params_from_hf, require_reference, tiny_hf_model
+
+from ferrum_jax import engine
+from ferrum_jax.cache import init_cache
+from ferrum_jax.models.layers import rope_frequencies
+
+TOL = 1e-4
+PROMPT_LENS = (5, 11, 8)  # padded to 11, bucket 16
+SLOTS = (3, 0, 2)  # rows of a 4-row cache the prompts go to
+CACHE_ROWS, CACHE_LEN = 4, 64
+DECODE_STEPS = 16
+NEW_TOKENS = 32
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+CASES = {
+    "gqa": ("llama", {}),  # 4 heads / 2 KV heads, untied
+    "mqa": ("llama", {"num_key_value_heads": 1}),
+    "head_dim32": ("llama", {"head_dim": 32}),  # hidden 64, 4 heads: 4 * 32 != 64
+    "tied": ("llama", {"tie_word_embeddings": True}),
+    "llama3_rope": ("llama", {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 512}),
+    "linear_rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "qwen2_bias": ("qwen2", {}),
+    "qwen3_qk_norm": ("qwen3", {"head_dim": 32}),
+    # HF's default (sdpa) attention applies the window: checked in test_sliding_window_matters.
+    "mistral_window4": ("mistral", {"sliding_window": 4}),
+}
+
+# `extend` shares its attention path with decode (checked on every case); these cases cover
+# what extend adds: several queries over cached keys at per-row offsets, under plain rope,
+# scaled rope, q/k norm and the sliding window.
+EXTEND_CASES = ["gqa", "llama3_rope", "qwen3_qk_norm", "mistral_window4"]
+
+# Max abs diffs measured per (test, case), printed by the last test of the module (pytest -s).
+MEASURED: dict[str, float] = {}
+
+
+class Case:
+    """One HF model and its weights in our layout."""
+
+    def __init__(self, name: str):
+        arch, overrides = CASES[name]
+        self.name = name
+        self.hf = tiny_hf_model(arch, **overrides)
+        self.hf.generation_config.eos_token_id = None
+        self.config, self.graphdef, self.params = params_from_hf(self.hf)
+        rng = np.random.default_rng(sum(map(ord, name)))
+        self.prompts = [rng.integers(3, self.config.vocab_size, n) for n in PROMPT_LENS]
+        self.tokens, self.lengths = pad(self.prompts)
+
+    def hf_logits(self, seq) -> np.ndarray:
+        """HF full forward of one unpadded sequence: `[len, vocab]`."""
+        torch, _ = require_reference()
+        with torch.no_grad():
+            return self.hf(torch.tensor(np.asarray(seq)[None], dtype=torch.long)).logits[0].numpy()
+
+    def hf_generate(self, prompt, eos: int | None = None) -> np.ndarray:
+        """HF greedy continuation of one prompt (new tokens only)."""
+        torch, _ = require_reference()
+        ids = torch.tensor(np.asarray(prompt)[None], dtype=torch.long)
+        with torch.no_grad():
+            out = self.hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+        return out[0, ids.shape[1] :].numpy()
+
+    def prefill(self):
+        """Prompts into rows SLOTS of a fresh 4-row cache: (all logits, cache)."""
+        cache = init_cache(self.config, CACHE_ROWS, CACHE_LEN)
+        return engine.prefill(
+            self.graphdef,
+            self.params,
+            cache,
+            self.tokens,
+            self.lengths,
+            slots=np.array(SLOTS),
+            all_logits=True,
+        )
+
+
+def pad(seqs) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded `[b, max_len]` int32 and lengths."""
+    lengths = np.array([len(s) for s in seqs], np.int32)
+    tokens = np.zeros((len(seqs), lengths.max()), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+    return tokens, lengths
+
+
+@functools.cache
+def case(name: str) -> Case:
+    return Case(name)
+
+
+def record(test: str, name: str, diff: float) -> None:
+    MEASURED[f"{test}[{name}]"] = max(diff, MEASURED.get(f"{test}[{name}]", 0.0))
+    assert diff <= TOL, (test, name, diff)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    # The HF references are tiny: torch's thread pool only fights XLA for the cores.
+    torch, _ = require_reference()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if MEASURED:
+        print("\nmax abs logits diff vs HF:")
+        for key, value in sorted(MEASURED.items()):
+            print(f"  {key}: {value:.2e}")
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_prefill_logits(name):
+    """(a) Right-padded batch of 3 prompts, all logits, vs HF on each unpadded prompt."""
+    c = case(name)
+    logits, _ = c.prefill()
+    logits = np.asarray(logits)
+    assert logits.shape == (3, max(PROMPT_LENS), c.config.vocab_size)
+    diff = 0.0
+    for i, prompt in enumerate(c.prompts):
+        diff = max(diff, np.abs(logits[i, : len(prompt)] - c.hf_logits(prompt)).max())
+    record("prefill", name, diff)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decode_logits(name):
+    """(b) Prefill then 16 greedy decode steps; logits vs HF's full forward at those positions."""
+    c = case(name)
+    logits, cache = c.prefill()
+    last = np.asarray(logits)[np.arange(3), c.lengths - 1]
+    steps = [last]
+    fed = []
+    for _ in range(DECODE_STEPS):
+        token = steps[-1].argmax(-1).astype(np.int32)
+        fed.append(token)
+        step_logits, cache = engine.decode(
+            c.graphdef, c.params, cache, token, slots=np.array(SLOTS)
+        )
+        steps.append(np.asarray(step_logits))
+    assert np.array_equal(np.asarray(cache.lengths)[list(SLOTS)], c.lengths + DECODE_STEPS)
+    ours = np.stack(steps, axis=1)  # [3, 17, vocab]: positions L-1 .. L+15
+    fed = np.stack(fed, axis=1)
+    diff = 0.0
+    for i, prompt in enumerate(c.prompts):
+        seq = np.concatenate([prompt, fed[i]])
+        ref = c.hf_logits(seq)[len(prompt) - 1 :]
+        diff = max(diff, np.abs(ours[i] - ref).max())
+    record("decode", name, diff)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_generate_greedy(name):
+    """(c) One batched `generate` equals HF `generate` run on each prompt alone."""
+    c = case(name)
+    out = engine.generate(
+        c.graphdef, c.params, c.tokens, c.lengths, max_new_tokens=NEW_TOKENS, stop_tokens=[]
+    )
+    tokens = np.asarray(out.tokens)
+    assert np.array_equal(np.asarray(out.lengths), [NEW_TOKENS] * 3)
+    assert not np.asarray(out.stopped).any()
+    for i, prompt in enumerate(c.prompts):
+        ref = c.hf_generate(prompt)
+        assert len(ref) == NEW_TOKENS
+        assert np.array_equal(tokens[i], ref), (i, tokens[i], ref)
+
+
+def test_generate_stop_token():
+    """A real stop token: lengths include it, `stopped` is set, tokens past it are -1."""
+    c = case("gqa")
+    free = np.asarray(
+        engine.generate(
+            c.graphdef, c.params, c.tokens, c.lengths, max_new_tokens=NEW_TOKENS, stop_tokens=[]
+        ).tokens
+    )
+    # A token row 1 first emits mid-way; other rows may emit it earlier, later or never.
+    stop = int(next(t for j, t in enumerate(free[1]) if j >= 5 and t not in free[1][:j]))
+    out = engine.generate(
+        c.graphdef, c.params, c.tokens, c.lengths, max_new_tokens=NEW_TOKENS, stop_tokens=[stop]
+    )
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    stopped = np.asarray(out.stopped)
+    for i, prompt in enumerate(c.prompts):
+        ref = c.hf_generate(prompt, eos=stop)
+        hits = np.flatnonzero(free[i] == stop)
+        want = int(hits[0]) + 1 if hits.size else NEW_TOKENS
+        assert len(ref) == want and lengths[i] == want, (i, len(ref), lengths[i], want)
+        assert np.array_equal(tokens[i, :want], ref)
+        assert (tokens[i, want:] == -1).all()
+        assert stopped[i] == bool(hits.size)
+    assert lengths[1] < NEW_TOKENS and stopped[1]
+
+
+@pytest.mark.parametrize("name", EXTEND_CASES)
+def test_extend_and_rollback(name):
+    """`extend` at a different offset per row (slots of a bigger cache) vs HF; `set_lengths`
+    rollback then extend equals never having written the rolled-back tokens."""
+    c = case(name)
+    rng = np.random.default_rng(7)
+    vocab = c.config.vocab_size
+    slots = np.array(SLOTS)
+
+    _, cache = c.prefill()
+    ext = rng.integers(3, vocab, (3, 6)).astype(np.int32)
+    ext_len = np.array([6, 2, 4], np.int32)
+    logits, cache = engine.extend(c.graphdef, c.params, cache, ext, ext_len, slots=slots)
+    logits = np.asarray(logits)
+    assert np.array_equal(np.asarray(cache.lengths)[slots], c.lengths + ext_len)
+    diff = 0.0
+    for i, prompt in enumerate(c.prompts):
+        ref = c.hf_logits(np.concatenate([prompt, ext[i, : ext_len[i]]]))[len(prompt) :]
+        diff = max(diff, np.abs(logits[i, : ext_len[i]] - ref).max())
+    record("extend", name, diff)
+
+    # Roll back to prompt + `keep` tokens, then extend with other tokens.
+    keep = np.array([1, 0, 2], np.int32)
+    cache = engine.set_lengths(cache, slots, c.lengths + keep)
+    new = rng.integers(3, vocab, (3, 6)).astype(np.int32)
+    new_len = np.array([5, 6, 3], np.int32)
+    rolled, cache = engine.extend(c.graphdef, c.params, cache, new, new_len, slots=slots)
+    rolled = np.asarray(rolled)
+    assert np.array_equal(np.asarray(cache.lengths)[slots], c.lengths + keep + new_len)
+
+    # The same without the rolled-back tokens ever written: prefill prompt + kept tokens.
+    kept = [np.concatenate([p, ext[i, : keep[i]]]) for i, p in enumerate(c.prompts)]
+    kept_tokens, kept_lengths = pad(kept)
+    fresh = init_cache(c.config, CACHE_ROWS, CACHE_LEN)
+    _, fresh = engine.prefill(
+        c.graphdef, c.params, fresh, kept_tokens, kept_lengths, slots=slots, all_logits=True
+    )
+    clean, _ = engine.extend(c.graphdef, c.params, fresh, new, new_len, slots=slots)
+    clean = np.asarray(clean)
+    diff = 0.0
+    for i, seq in enumerate(kept):
+        n = new_len[i]
+        ref = c.hf_logits(np.concatenate([seq, new[i, :n]]))[len(seq) :]
+        diff = max(diff, np.abs(rolled[i, :n] - ref).max())
+        np.testing.assert_allclose(rolled[i, :n], clean[i, :n], rtol=0, atol=1e-5)
+    record("rollback_extend", name, diff)
+
+
+# ------------------------------------------------------------------------------------------
+# The features under test really change the model (so parity is not vacuous).
+
+
+def test_sliding_window_matters():
+    """HF's default attention applies Mistral's window: switching it off changes the logits."""
+    c = case("mistral_window4")
+    assert c.config.sliding_window == 4
+    seq = c.prompts[1]  # 11 tokens > window
+    windowed = c.hf_logits(seq)
+    c.hf.config.sliding_window = None
+    try:
+        full = c.hf_logits(seq)
+    finally:
+        c.hf.config.sliding_window = 4
+    assert np.abs(windowed - full).max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "linear_rope"])
+def test_rope_scaling_frequencies_match_hf(name):
+    """Our scaled inverse frequencies equal HF's and differ from the unscaled ones."""
+    require_reference()
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    c = case(name)
+    kind = c.config.rope_scaling.kind
+    ref, _ = ROPE_INIT_FUNCTIONS[kind](c.hf.config, "cpu")
+    ours = rope_frequencies(c.config.head_dim, c.config.rope_theta, c.config.rope_scaling)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
+    plain = rope_frequencies(c.config.head_dim, c.config.rope_theta, None)
+    assert np.abs(ours - plain).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# bfloat16.
+
+
+def test_bfloat16_agrees_with_float32():
+    """bf16 params + compute, teacher-forced on the fp32 greedy sequence of 64 tokens."""
+    c = case("gqa")
+    _, graphdef16, params16 = params_from_hf(c.hf, param_dtype=jnp.bfloat16)
+    assert params16["embed"].value.dtype == jnp.bfloat16
+    prompt = c.prompts[1]
+    torch, _ = require_reference()
+    ids = torch.tensor(prompt[None], dtype=torch.long)
+    with torch.no_grad():
+        seq = c.hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=64,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0].numpy()
+    assert len(seq) == len(prompt) + 64
+    at = slice(len(prompt) - 1, len(seq) - 1)  # the 64 positions that predict new tokens
+    l32 = np.asarray(engine.forward(c.graphdef, c.params, seq[None]))[0, at]
+    l16 = np.asarray(engine.forward(graphdef16, params16, seq[None]))[0, at]
+    assert l16.dtype == np.float32
+    assert np.array_equal(l32.argmax(-1), seq[len(prompt) :])  # fp32 reproduces HF greedy
+    agree = float(np.mean(l16.argmax(-1) == l32.argmax(-1)))
+    diff = float(np.abs(l16 - l32).max())
+    scale = float(np.abs(l32).max())
+    print(f"\nbf16 vs fp32: argmax agreement {agree:.1%}, max abs diff {diff:.3f}, ", end="")
+    print(f"max |logit| {scale:.2f}, relative {diff / scale:.3f}")
+    assert agree >= 0.9
+    assert diff / scale < 0.05  # measured 0.013 (max abs 0.04 on logits up to 3)
