@@ -1,1 +1,146 @@
-"""ferrum-jax: a JAX/XLA executor for decoder-only LLMs."""
+"""ferrum-jax: a JAX/XLA executor for decoder-only LLMs (Llama, Mistral, Qwen2/3, SmolLM).
+
+Two layers of public API:
+
+- the pure-functional core: `init_model` / `load_model` give `(graphdef, params)`;
+  `init_cache`, `prefill`, `extend`, `decode`, `generate`, `forward` are jitted steps over a
+  static KV cache; `SamplingParams` / `sample` are pure sampling;
+- the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
+  `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
+"""
+
+from ferrum_jax.cache import KVCache, init_cache
+from ferrum_jax.checkpoint import (
+    LoadedModel,
+    default_model_path,
+    load_gguf,
+    load_hf,
+    load_model,
+    load_orbax,
+    save_orbax,
+)
+from ferrum_jax.engine import (
+    GenerateOutput,
+    bucket_length,
+    compile_counts,
+    decode,
+    extend,
+    forward,
+    generate,
+    prefill,
+    set_lengths,
+)
+from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.executor import JaxKvCacheHandle, JaxModelExecutor
+from ferrum_jax.factory import JaxExecutorFactory, JaxExecutorRegistry
+from ferrum_jax.interfaces import (
+    AttentionType,
+    BatchModelExecutor,
+    BlockTable,
+    CacheHandleStats,
+    DataType,
+    DecodeInput,
+    DecodeOutput,
+    Device,
+    ExecutorAttentionConfig,
+    ExecutorCapabilities,
+    ExecutorConfig,
+    ExecutorMemoryConfig,
+    ExecutorMemoryUsage,
+    ExecutorMetrics,
+    ExecutorRegistry,
+    ExecutorState,
+    ExecutorStatus,
+    ExecutorType,
+    KvCacheHandle,
+    MemoryRequirements,
+    ModelExecutor,
+    ModelExecutorFactory,
+    ModelInfo,
+    ModelType,
+    OptimizationConfig,
+    PrefillInput,
+    PrefillOutput,
+    SpeculativeDecodeOutput,
+    SpeculativeExecutor,
+    TensorLike,
+    TensorRef,
+)
+from ferrum_jax.models.config import ModelConfig, RopeScaling
+from ferrum_jax.models.llama import Llama, abstract_model, init_model, params_from_checkpoint
+from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.streaming import StreamedToken, stream_tokens
+from ferrum_jax.tensor import JaxTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionType",
+    "BatchModelExecutor",
+    "BlockTable",
+    "CacheHandleStats",
+    "DataType",
+    "DecodeInput",
+    "DecodeOutput",
+    "Device",
+    "ErrorKind",
+    "ExecutorAttentionConfig",
+    "ExecutorCapabilities",
+    "ExecutorConfig",
+    "ExecutorMemoryConfig",
+    "ExecutorMemoryUsage",
+    "ExecutorMetrics",
+    "ExecutorRegistry",
+    "ExecutorState",
+    "ExecutorStatus",
+    "ExecutorType",
+    "FerrumError",
+    "GenerateOutput",
+    "JaxExecutorFactory",
+    "JaxExecutorRegistry",
+    "JaxKvCacheHandle",
+    "JaxModelExecutor",
+    "JaxTensor",
+    "KVCache",
+    "KvCacheHandle",
+    "Llama",
+    "LoadedModel",
+    "MemoryRequirements",
+    "ModelConfig",
+    "ModelExecutor",
+    "ModelExecutorFactory",
+    "ModelInfo",
+    "ModelType",
+    "OptimizationConfig",
+    "PrefillInput",
+    "PrefillOutput",
+    "RopeScaling",
+    "SamplingParams",
+    "SpeculativeDecodeOutput",
+    "SpeculativeExecutor",
+    "StreamedToken",
+    "TensorLike",
+    "TensorRef",
+    "abstract_model",
+    "bucket_length",
+    "compile_counts",
+    "decode",
+    "default_model_path",
+    "extend",
+    "forward",
+    "generate",
+    "init_cache",
+    "init_model",
+    "load_gguf",
+    "load_hf",
+    "load_model",
+    "load_orbax",
+    "params_from_checkpoint",
+    "prefill",
+    "row_keys",
+    "sample",
+    "save_orbax",
+    "set_lengths",
+    "stream_tokens",
+    "token_logprobs",
+]

@@ -205,7 +205,7 @@ def hf_state_dict(config: ModelConfig, params: nnx.State) -> dict[str, np.ndarra
     """Our params as HF-named host arrays in HF layout (float32), e.g. for a torch reference."""
     flat = dict(nnx.to_flat_state(params))
     return {
-        t.name: np.ascontiguousarray(t.from_param(np.asarray(flat[t.path][...], np.float32)))
+        t.name: np.array(t.from_param(np.asarray(flat[t.path][...], np.float32)), order="C")
         for t in checkpoint_layout(config)
     }
 
