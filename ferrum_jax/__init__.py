@@ -9,6 +9,7 @@ Two layers of public API:
   `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
 """
 
+from ferrum_jax import sharding
 from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.checkpoint import (
     LoadedModel,
@@ -141,6 +142,7 @@ __all__ = [
     "sample",
     "save_orbax",
     "set_lengths",
+    "sharding",
     "stream_tokens",
     "token_logprobs",
 ]

@@ -103,7 +103,7 @@ class _Ours:
         cache = self.fresh_cache()
         self._prefill = self._compile(
             "prefill",
-            engine._prefill,
+            engine.prefill_step,
             graphdef,
             params,
             cache,
@@ -114,7 +114,7 @@ class _Ours:
         )
         self._compile(
             "decode",
-            engine._decode,
+            engine.decode_step,
             graphdef,
             params,
             cache,
@@ -124,7 +124,7 @@ class _Ours:
         )
         self._generate = self._compile(
             "generate",
-            engine._generate,
+            engine.generate_step,
             graphdef,
             params,
             self.tokens,

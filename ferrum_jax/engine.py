@@ -111,26 +111,28 @@ def _decode_body(model, cache: KVCache, tokens, slots, active):
 
 
 # ---------------------------------------------------------------------------------------------
-# Jitted entry points.
+# The jitted programs. No validation: token ids in range, prompts padded to a bucket, slots
+# in range (a slot equal to the cache's batch marks a padding row whose writes are dropped).
+# The executor and the bench call these directly; everyone else wants the wrappers below.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames="cache")
-def _prefill(graphdef, params, cache, tokens, lengths, slots, all_logits):
+def prefill_step(graphdef, params, cache, tokens, lengths, slots, all_logits):
     return _prefill_body(nnx.merge(graphdef, params), cache, tokens, lengths, slots, all_logits)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
-def _extend(graphdef, params, cache, tokens, lengths, slots):
+def extend_step(graphdef, params, cache, tokens, lengths, slots):
     return _extend_body(nnx.merge(graphdef, params), cache, tokens, lengths, slots)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
-def _decode(graphdef, params, cache, tokens, slots, active):
+def decode_step(graphdef, params, cache, tokens, slots, active):
     return _decode_body(nnx.merge(graphdef, params), cache, tokens, slots, active)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def _forward(graphdef, params, tokens, lengths):
+def forward_step(graphdef, params, tokens, lengths):
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, tokens.shape[0], tokens.shape[1], jnp.dtype(model.dtype))
     slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
@@ -138,7 +140,7 @@ def _forward(graphdef, params, tokens, lengths):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len"))
-def _generate(
+def generate_step(
     graphdef,
     params,
     tokens,
@@ -196,11 +198,11 @@ def _generate(
 def compile_counts() -> dict[str, int]:
     """Programs compiled so far per entry point (for tests and `warmup` reports)."""
     fns = {
-        "prefill": _prefill,
-        "extend": _extend,
-        "decode": _decode,
-        "forward": _forward,
-        "generate": _generate,
+        "prefill": prefill_step,
+        "extend": extend_step,
+        "decode": decode_step,
+        "forward": forward_step,
+        "generate": generate_step,
     }
     return {name: fn._cache_size() for name, fn in fns.items()}
 
@@ -294,7 +296,7 @@ def prefill(
     lengths = _lengths(lengths, b, s)
     slots = _slots(slots, b, cache)
     padded = _pad_to(tokens, bucket_length(s, cache.max_len))
-    logits, cache = _prefill(graphdef, params, cache, padded, lengths, slots, all_logits)
+    logits, cache = prefill_step(graphdef, params, cache, padded, lengths, slots, all_logits)
     return (logits[:, :s] if all_logits else logits), cache
 
 
@@ -317,7 +319,7 @@ def extend(
     lengths = _lengths(lengths, b, k)
     slots = _slots(slots, b, cache)
     padded = _pad_to(tokens, bucket_length(k, cache.max_len))
-    logits, cache = _extend(graphdef, params, cache, padded, lengths, slots)
+    logits, cache = extend_step(graphdef, params, cache, padded, lengths, slots)
     return logits[:, :k], cache
 
 
@@ -344,7 +346,7 @@ def decode(
     else:
         slots = _slots(slots, b, cache)
     active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
-    return _decode(graphdef, params, cache, tokens, slots, active)
+    return decode_step(graphdef, params, cache, tokens, slots, active)
 
 
 def set_lengths(cache: KVCache, slots: ArrayLike, lengths: ArrayLike) -> KVCache:
@@ -361,7 +363,7 @@ def forward(
     b, s = tokens.shape
     lengths = _lengths(lengths, b, s)
     padded = _pad_to(tokens, max(bucket_length(s, 1 << 30), s))
-    return _forward(graphdef, params, padded, lengths)[:, :s]
+    return forward_step(graphdef, params, padded, lengths)[:, :s]
 
 
 def generate(
@@ -407,7 +409,7 @@ def generate(
         stop = jnp.full((b, 1), -1, jnp.int32)  # -1 never matches a token
     sampling = SamplingParams.greedy(b) if sampling is None else sampling
     keys = row_keys(seed, b) if keys is None else keys
-    return _generate(
+    return generate_step(
         graphdef,
         params,
         _pad_to(tokens, bucket),

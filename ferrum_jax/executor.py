@@ -472,7 +472,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         # Padding rows point past the pool: their writes are dropped.
         row_slots = np.full((bucket_rows,), self.max_batch_size, np.int32)
         row_slots[:n] = slots
-        logits, self._cache = engine._prefill(
+        logits, self._cache = engine.prefill_step(
             self._graphdef,
             self._params,
             self._cache,
@@ -490,7 +490,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             # The whole pool: slot order, no gather.
             order = np.argsort(slots)
             ordered = np.asarray(tokens)[order]
-            logits, self._cache = engine._decode(
+            logits, self._cache = engine.decode_step(
                 self._graphdef,
                 self._params,
                 self._cache,
@@ -505,7 +505,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         row_slots = np.full((bucket_rows,), self.max_batch_size, np.int32)
         row_slots[:n] = slots
         active = np.arange(bucket_rows) < n
-        logits, self._cache = engine._decode(
+        logits, self._cache = engine.decode_step(
             self._graphdef,
             self._params,
             self._cache,
@@ -652,7 +652,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 bucket = engine.bucket_length(k + 1, self.max_sequence_length)
                 padded = np.zeros((1, bucket), np.int32)
                 padded[0, : k + 1] = step_tokens
-                logits, self._cache = engine._extend(
+                logits, self._cache = engine.extend_step(
                     self._graphdef,
                     self._params,
                     self._cache,
@@ -801,7 +801,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             pad = self.max_batch_size
             for rows in self._row_buckets:
                 for length in self._len_buckets:
-                    _, self._cache = engine._prefill(
+                    _, self._cache = engine.prefill_step(
                         self._graphdef,
                         self._params,
                         self._cache,
@@ -812,7 +812,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     )
                     compiled["prefill"].append((rows, length))
                 if rows < self.max_batch_size:
-                    _, self._cache = engine._decode(
+                    _, self._cache = engine.decode_step(
                         self._graphdef,
                         self._params,
                         self._cache,
@@ -822,7 +822,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     )
                 compiled["decode"].append((rows, 1))
             # The whole-pool decode (no gather) runs on real slots with every row inactive.
-            _, self._cache = engine._decode(
+            _, self._cache = engine.decode_step(
                 self._graphdef,
                 self._params,
                 self._cache,

@@ -212,7 +212,7 @@ def _mesh_checks() -> dict:
             weight_shapes |= {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
             token = jnp.zeros((PROMPT_SLOTS,), jnp.int32)
             hlo = (
-                engine._decode.lower(
+                engine.decode_step.lower(
                     g2, p2, run["cache"], token, None, jnp.ones((PROMPT_SLOTS,), bool)
                 )
                 .compile()
