@@ -790,15 +790,26 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         )
 
     async def warmup(self) -> dict[str, list[tuple[int, int]]]:
-        """Compiles every (row bucket, prompt bucket) prefill and every decode row bucket.
+        """Compiles every (row bucket, prompt bucket) prefill, every decode row bucket and the
+        speculative step for up to `MIN_BUCKET - 1` drafts.
 
         Each program runs once on padding rows that point past the pool, so nothing is
-        written. Returns what was compiled: `{"prefill": [(rows, length)], "decode": [(rows, 1)]}`.
+        written. Returns what was compiled as `(rows, tokens)` per program kind.
         """
 
         def work() -> dict[str, list[tuple[int, int]]]:
-            compiled: dict[str, list[tuple[int, int]]] = {"prefill": [], "decode": []}
+            compiled: dict[str, list[tuple[int, int]]] = {"prefill": [], "decode": [], "extend": []}
             pad = self.max_batch_size
+            draft_bucket = self._len_buckets[0]
+            _, self._cache = engine.extend_step(
+                self._graphdef,
+                self._params,
+                self._cache,
+                jnp.zeros((1, draft_bucket), jnp.int32),
+                jnp.ones((1,), jnp.int32),
+                jnp.full((1,), pad, jnp.int32),
+            )
+            compiled["extend"].append((1, draft_bucket))
             for rows in self._row_buckets:
                 for length in self._len_buckets:
                     _, self._cache = engine.prefill_step(

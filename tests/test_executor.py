@@ -459,14 +459,18 @@ def test_warmup_compiles_every_bucket_then_serving_compiles_nothing(model):
     report = run(executor.warmup())
     assert report["prefill"] == [(r, n) for r in (1, 2, 3) for n in (16, 32)]
     assert report["decode"] == [(1, 1), (2, 1), (3, 1)]
+    assert report["extend"] == [(1, 16)]
     counts = engine.compile_counts()
     handles = [_start(executor, [5] * n) for n in (3, 20)]
     run(executor.batch_decode([DecodeInput(np.asarray([[t]]), h) for h, t in handles]))
     h3, t3 = _start(executor, [6, 7])
     run(executor.batch_decode([DecodeInput(np.asarray([[t]]), h) for h, t in [*handles, (h3, t3)]]))
-    run(executor.decode(DecodeInput(np.asarray([[t3]]), h3)))
+    out = run(executor.decode(DecodeInput(np.asarray([[t3]]), h3)))
+    token = next_token(out.logits)[0]
+    run(executor.speculative_decode(DecodeInput(np.asarray([[token]]), h3), [5, 6, 7], 1.0))
     after = engine.compile_counts()
-    assert after["prefill"] == counts["prefill"] and after["decode"] == counts["decode"]
+    for kind in ("prefill", "decode", "extend"):
+        assert after[kind] == counts[kind], kind
 
 
 def test_capabilities_reflect_the_model(model):
