@@ -300,14 +300,14 @@ def run_bench(args: argparse.Namespace) -> int:
         raise FerrumError.invalid_parameter(
             "--prompt-len must be >= 1, --new-tokens >= 2 and --repeat >= 1"
         )
-    loaded = load_model(args.model, dtype=args.dtype)
-    config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
+    mesh = None
     if getattr(args, "mesh", None):
         from ferrum_jax import sharding
 
         data, model_axis = sharding.parse_mesh(args.mesh)
         mesh = sharding.make_mesh(data=data, model=model_axis)
-        config, graphdef, params = sharding.prepare_for_mesh(config, graphdef, params, mesh)
+    loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
+    config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
     before = probe_machine()
     _log(f"probe: {before.bandwidth_gbs:.1f} GB/s, {before.matmul_gflops:.0f} GFLOP/s fp32")

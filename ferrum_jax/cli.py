@@ -83,15 +83,7 @@ def _mesh(spec: str | None):
 def _load(args: argparse.Namespace, mesh=None):
     from ferrum_jax.checkpoint import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype)
-    if mesh is None:
-        return loaded.config, loaded.graphdef, loaded.params, loaded
-    from ferrum_jax import sharding
-
-    config, graphdef, params = sharding.prepare_for_mesh(
-        loaded.config, loaded.graphdef, loaded.params, mesh
-    )
-    return config, graphdef, params, loaded
+    return load_model(args.model, dtype=args.dtype, mesh=mesh)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -106,7 +98,8 @@ def _generate(args: argparse.Namespace) -> int:
         min_p=args.min_p,
     )
     mesh = _mesh(args.mesh)
-    config, graphdef, params, loaded = _load(args, mesh)
+    loaded = _load(args, mesh)
+    config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise FerrumError.tokenizer(f"{loaded.source} ships no tokenizer; cannot encode a prompt")
@@ -186,9 +179,9 @@ def _convert(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import jax
 
-    _, _, params, loaded = _load(args)
+    loaded = _load(args)
     config = loaded.config
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
     report: dict[str, Any] = {
         "source": loaded.source,
         "format": loaded.format,

@@ -216,6 +216,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         block_size: int = 16,
         mesh: jax.sharding.Mesh | None = None,
         tokenizer: Any = None,
+        model_config: ModelConfig | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise FerrumError.config(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -228,7 +229,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         self.config = config
-        self.model_config = config
+        # The checkpoint's own config, for ModelInfo: `config` may have mesh-adapted heads.
+        self.model_config = model_config or config
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
@@ -306,11 +308,12 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             raise FerrumError.invalid_parameter(
                 f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}"
             )
-        loaded = load_model(model, dtype=dtype)
-        if max_sequence_length > loaded.config.max_position_embeddings:
+        loaded = load_model(model, dtype=dtype, mesh=mesh)
+        model_config = loaded.model_config
+        if max_sequence_length > model_config.max_position_embeddings:
             raise FerrumError.config(
                 f"max_sequence_length {max_sequence_length} exceeds the model's "
-                f"max_position_embeddings {loaded.config.max_position_embeddings}"
+                f"max_position_embeddings {model_config.max_position_embeddings}"
             )
         return cls(
             loaded.config,
@@ -321,6 +324,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             model_id=str(loaded.source),
             mesh=mesh,
             tokenizer=loaded.tokenizer,
+            model_config=model_config,
         )
 
     # -----------------------------------------------------------------------------------------

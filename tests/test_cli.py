@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,8 @@ def test_info_reports_the_model(capsys):
         ["generate"],
         ["info", "--model", "/nonexistent.gguf"],
         ["convert", "/nonexistent", "/tmp/out"],
+        ["generate", "--prompt", "x", "--mesh", "data=2,model=8"],
+        ["generate", "--prompt", "x", "--mesh", "model=two"],
     ],
 )
 def test_bad_input_is_one_line_error(capsys, argv):
@@ -130,3 +133,20 @@ def test_convert_then_generate_from_orbax(capsys, tmp_path):
     info = json.loads(run_cli(capsys, "info", "--model", str(dst), "--json")[1])
     assert info["format"] == "orbax"
     np.testing.assert_equal(info["parameters"], 134515008)
+
+
+def test_generate_on_a_mesh_matches_one_device(capsys):
+    """`--mesh model=2` on 2 virtual devices: SmolLM2's 9/3 heads padded/replicated, loaded
+    straight into shards; greedy tokens equal the single-device run."""
+    argv = ["generate", "--prompt", "The three primary colors are", "--max-new-tokens", "16"]
+    single = json.loads(run_cli(capsys, *argv, "--json")[1])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ferrum_jax.cli", *argv, "--json", "--mesh", "data=1,model=2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["token_ids"] == single["token_ids"]

@@ -22,13 +22,20 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import gguf
+import jax
 import numpy as np
 
-from ferrum_jax.checkpoint.loaded import LoadedModel, Place, param_dtype, parse_config
+from ferrum_jax.checkpoint.loaded import (
+    LoadedModel,
+    Place,
+    build_params,
+    param_dtype,
+    parse_config,
+)
 from ferrum_jax.checkpoint.progress import Progress
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout, params_from_checkpoint
+from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout
 
 if TYPE_CHECKING:
     from ferrum_jax.checkpoint.tokenizer import Tokenizer
@@ -432,7 +439,11 @@ def _dequantized(f: BinaryIO, info: GGUFTensorInfo) -> np.ndarray:
 
 
 def load_gguf(
-    path: str | os.PathLike, *, dtype: str = "float32", place: Place | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    place: Place | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> LoadedModel:
     """Loads a `.gguf` file: config from metadata, dequantised weights, tokenizer."""
     target = param_dtype(dtype)
@@ -455,14 +466,13 @@ def load_gguf(
             progress.advance()
             return w
 
-        graphdef, params = params_from_checkpoint(
-            config, read, param_dtype=target, dtype=target, place=place
-        )
+        runtime_config, graphdef, params = build_params(config, read, target, place, mesh)
     return LoadedModel(
-        config=config,
+        config=runtime_config,
         graphdef=graphdef,
         params=params,
         tokenizer=tokenizer,
         source=str(path),
         format="gguf",
+        checkpoint_config=None if mesh is None else config,
     )

@@ -16,6 +16,7 @@ from flax import nnx
 
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import CheckpointTensor, params_from_checkpoint
 
 if TYPE_CHECKING:
     from ferrum_jax.checkpoint.tokenizer import Tokenizer
@@ -51,6 +52,35 @@ class LoadedModel:
     """Path it was loaded from."""
     format: str
     """`"hf"`, `"gguf"` or `"orbax"`."""
+    checkpoint_config: ModelConfig | None = None
+    """The checkpoint's own config when `config` has heads adapted to a mesh, else None."""
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The checkpoint's architecture (what users and `ModelInfo` should see)."""
+        return self.checkpoint_config or self.config
+
+
+def build_params(
+    config: ModelConfig,
+    read: Callable[[CheckpointTensor], np.ndarray],
+    dtype: jnp.dtype,
+    place: Place | None,
+    mesh: jax.sharding.Mesh | None,
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """`(runtime config, graphdef, params)` read tensor by tensor, onto `mesh` if given.
+
+    On a mesh each tensor is head-adapted and placed straight into its shards as it is
+    read (`sharding.load_for_mesh`): a process transfers only its own devices' slices.
+    """
+    if mesh is None:
+        graphdef, params = params_from_checkpoint(
+            config, read, param_dtype=dtype, dtype=dtype, place=place
+        )
+        return config, graphdef, params
+    from ferrum_jax import sharding
+
+    return sharding.load_for_mesh(config, read, mesh, param_dtype=dtype, dtype=dtype)
 
 
 def param_dtype(dtype: str) -> jnp.dtype:
@@ -104,13 +134,19 @@ def default_model_path() -> pathlib.Path:
 
 
 def load_model(
-    path: str | os.PathLike | None = None, *, dtype: str = "float32", place: Place | None = None
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    place: Place | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> LoadedModel:
     """Loads an HF directory, a `.gguf` file or an orbax directory (default: SmolLM2-135M).
 
     `place(path, array)` puts each param on its device(s) as it is read (see
-    `params_from_checkpoint`). Orbax restores whole, then places each param; pass
-    `shardings` to `load_orbax` to restore straight into the shards instead.
+    `params_from_checkpoint`). `mesh` loads HF and GGUF weights straight into their shards,
+    with heads adapted to the mesh (`config` then differs from `model_config`). Orbax
+    restores whole, then places each param; pass `shardings` to `load_orbax` to restore
+    straight into the shards instead.
     """
     # Imported here: the loaders import `LoadedModel` from this module.
     from ferrum_jax.checkpoint.gguf import load_gguf
@@ -124,15 +160,17 @@ def load_model(
     if source.is_dir():
         if (source / ORBAX_MARKER).is_file():
             loaded = load_orbax(source, dtype=dtype)
+            if mesh is not None:
+                return _on_mesh(loaded, mesh)
             return loaded if place is None else _placed(loaded, place)
         if not (source / "config.json").is_file():
             raise FerrumError.not_found(
                 f"{source}: not a model directory (no config.json for HF, no {ORBAX_MARKER} "
                 "for orbax)"
             )
-        return load_hf(source, dtype=dtype, place=place)
+        return load_hf(source, dtype=dtype, place=place, mesh=mesh)
     if source.suffix.lower() == ".gguf":
-        return load_gguf(source, dtype=dtype, place=place)
+        return load_gguf(source, dtype=dtype, place=place, mesh=mesh)
     raise FerrumError.unsupported(
         f"{source}: expected an HF directory (config.json + safetensors), an orbax directory "
         f"({ORBAX_MARKER}) or a .gguf file"
@@ -144,3 +182,14 @@ def _placed(loaded: LoadedModel, place: Place) -> LoadedModel:
     for path, variable in flat:
         variable.set_value(place(path, np.asarray(variable.get_value())))
     return dataclasses.replace(loaded, params=nnx.from_flat_state(flat))
+
+
+def _on_mesh(loaded: LoadedModel, mesh: jax.sharding.Mesh) -> LoadedModel:
+    from ferrum_jax import sharding
+
+    config, graphdef, params = sharding.prepare_for_mesh(
+        loaded.config, loaded.graphdef, loaded.params, mesh
+    )
+    return dataclasses.replace(
+        loaded, config=config, graphdef=graphdef, params=params, checkpoint_config=loaded.config
+    )

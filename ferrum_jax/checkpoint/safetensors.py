@@ -21,12 +21,14 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from ferrum_jax.checkpoint.loaded import (
     LoadedModel,
     Place,
+    build_params,
     param_dtype,
     parse_config,
     tokenizer_from_dir,
@@ -34,7 +36,7 @@ from ferrum_jax.checkpoint.loaded import (
 from ferrum_jax.checkpoint.progress import Progress
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout, params_from_checkpoint
+from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -232,7 +234,11 @@ def _read(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
 
 
 def load_hf(
-    path: str | os.PathLike, *, dtype: str = "float32", place: Place | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    place: Place | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> LoadedModel:
     """Loads an HF directory (`config.json` + safetensors, optional tokenizer files)."""
     target = param_dtype(dtype)
@@ -256,14 +262,13 @@ def load_hf(
             progress.advance()
             return array
 
-        graphdef, params = params_from_checkpoint(
-            config, read, param_dtype=target, dtype=target, place=place
-        )
+        runtime_config, graphdef, params = build_params(config, read, target, place, mesh)
     return LoadedModel(
-        config=config,
+        config=runtime_config,
         graphdef=graphdef,
         params=params,
         tokenizer=tokenizer,
         source=str(root),
         format="hf",
+        checkpoint_config=None if mesh is None else config,
     )
