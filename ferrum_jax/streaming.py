@@ -16,6 +16,8 @@ from ferrum_jax.cache import init_cache
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
 
+_MIN_CACHE = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class StreamedToken:
@@ -57,7 +59,10 @@ def stream_tokens(
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     dtype = jnp.dtype(nnx.merge(graphdef, params).dtype)
     config = nnx.merge(graphdef, params).config
-    cache_len = engine.bucket_length(len(prompt), 1 << 30) + max_new_tokens
+    # Power-of-two cache lengths (>= 256): prompts and token budgets of different sizes
+    # share one decode program instead of compiling one per length.
+    needed = engine.bucket_length(len(prompt), 1 << 30) + max_new_tokens
+    cache_len = max(_MIN_CACHE, 1 << (needed - 1).bit_length())
     cache = init_cache(config, 1, cache_len, dtype)
     sampling = sampling or SamplingParams.greedy(1)
     keys = row_keys(seed, 1)
