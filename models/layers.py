@@ -164,17 +164,32 @@ class Attention(nnx.Module):
         kv = config.num_kv_heads
         q = q.reshape(b, s, kv, h // kv, d) * jnp.asarray(d**-0.5, dtype)
         with jax.named_scope("attention"):
-            scores = jnp.einsum("bskgd,bktd->bkgst", q, keys, preferred_element_type=jnp.float32)
             q_pos = positions[:, None, None, :, None]
             k_pos = key_pos[:, None, None, None, :]
             allowed = k_pos <= q_pos
             window = config.layer_window(self.layer)
             if window is not None:
                 allowed &= k_pos > q_pos - window
+            if s == 1:
+                # Decode: multiply-reduce instead of dots. XLA CPU fuses it into one pass over
+                # the cache row; as dots it copied the whole cache around every step.
+                q32 = q[:, 0, :, :, None, :].astype(jnp.float32)  # [b, kv, g, 1, d]
+                scores = jnp.sum(q32 * keys[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]
+            else:
+                scores = jnp.einsum(
+                    "bskgd,bktd->bkgst", q, keys, preferred_element_type=jnp.float32
+                )
             scores = jnp.where(allowed, scores, _MASKED)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("bkgst,bktd->bskgd", probs, values).reshape(b, s, h, d)
-        y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...].astype(dtype))
+            probs = jax.nn.softmax(scores, axis=-1)  # [b, kv, g, s, t]
+            if s == 1:
+                out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)
+                out = out[:, :, :, None].astype(dtype)  # [b, kv, g, 1, d]
+            else:
+                out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(dtype), values)
+        # One 2-D matmul against o_proj's row-major [heads * head_dim, embed] view: with the
+        # einsum "bshd,hde->bse", XLA CPU transposed (copied) o_proj on every step.
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b * s, h * d)
+        y = (out @ self.o_proj[...].astype(dtype).reshape(h * d, -1)).reshape(b, s, -1)
         if config.o_bias:
             y = y + self.o_bias[...].astype(dtype)
         return y, cache_k, cache_v
