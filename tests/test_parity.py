@@ -310,7 +310,7 @@ def test_bfloat16_agrees_with_float32():
     """bf16 params + compute, teacher-forced on the fp32 greedy sequence of 64 tokens."""
     c = case("gqa")
     _, graphdef16, params16 = params_from_hf(c.hf, param_dtype=jnp.bfloat16)
-    assert params16["embed"].value.dtype == jnp.bfloat16
+    assert params16["embed"][...].dtype == jnp.bfloat16
     prompt = c.prompts[1]
     torch, _ = require_reference()
     ids = torch.tensor(prompt[None], dtype=torch.long)
