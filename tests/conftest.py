@@ -23,6 +23,16 @@ def require_reference():
     return torch, transformers
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The HF references are tiny: torch's thread pool would only fight XLA for the cores."""
+    torch, _ = require_reference()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def params_from_hf(hf_model, *, param_dtype=np.float32, dtype=None):
     """`(config, graphdef, params)` holding the weights of an HF `*ForCausalLM`."""
     config = ModelConfig.from_hf(hf_model.config.to_dict())

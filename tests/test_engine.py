@@ -28,14 +28,7 @@ SLOTS = np.array([3, 0, 2])
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # The HF references are tiny: torch's thread pool only fights XLA for the 2 cores.
-    torch, _ = require_reference()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

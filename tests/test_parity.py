@@ -124,13 +124,8 @@ def record(test: str, name: str, diff: float) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report():
-    # The HF references are tiny: torch's thread pool only fights XLA for the cores.
-    torch, _ = require_reference()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _report(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
     if MEASURED:
         print("\nmax abs logits diff vs HF:")
         for key, value in sorted(MEASURED.items()):
