@@ -9,11 +9,11 @@ import jax.numpy as jnp
 
 from ferrum_jax.models.config import ModelConfig
 
-# Layout [slots, kv_heads, max_len, head_dim], one array per layer. Heads before length
-# puts the batch dims of the attention dots (slot, kv head) in front and keeps each head's
-# keys contiguous, so XLA CPU reads the cache in place; with [slots, max_len, kv_heads,
-# head_dim] it transposed the whole cache row before every attention dot (see
-# benchmarks/cache_layout.py for the measurement).
+# Layout [slots, kv_heads, max_len, head_dim], one array per layer. Heads before length keeps
+# each head's keys contiguous, so a decode step reads every cache row in one pass. Measured
+# (benchmarks/cache_layout.py, one layer's write + attention, 2-core CPU): batch 1 x 256
+# tokens 145 vs 171 us, batch 8 x 256 420 vs 807 us, batch 8 x 2048 4.1 vs 10.8 ms for this
+# layout vs [slots, max_len, kv_heads, head_dim], which has to be transposed per step.
 KV_AXES = ("batch", "kv_heads", "length", "head_dim")
 LENGTHS_AXES = ("batch",)
 
