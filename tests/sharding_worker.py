@@ -4,7 +4,7 @@
 the pytest process has already imported it with one device, so the tests run this script:
 
     python tests/sharding_worker.py mesh                      # 8 devices, every mesh shape
-    python tests/sharding_worker.py host PID PORT             # 1 of 2 processes, 4 devices each
+    python tests/sharding_worker.py host PID PORT CKPT_DIR    # 1 of 2 processes, 4 devices each
 
 Each prints one JSON line prefixed with `RESULT ` that the test parses. Importing this module
 (as the test does, for the configs) sets nothing up.
@@ -76,6 +76,22 @@ def read_tensor(tensor) -> np.ndarray:
     rng = np.random.default_rng(zlib.crc32(tensor.name.encode()))
     w = rng.normal(0.0, 0.1, tensor.shape).astype(np.float32)
     return 1.0 + w if tensor.name.endswith("norm.weight") else w
+
+
+def save_checkpoint(path) -> None:
+    """Writes the "smol" config with `read_tensor` weights as an HF safetensors directory."""
+    import json
+    import pathlib
+
+    from safetensors.numpy import save_file
+
+    from ferrum_jax.models.llama import checkpoint_layout
+
+    config = configs()["smol"]
+    root = pathlib.Path(path)
+    (root / "config.json").write_text(json.dumps(config.to_hf()))
+    tensors = {t.name: read_tensor(t) for t in checkpoint_layout(config)}
+    save_file(tensors, str(root / "model.safetensors"))
 
 
 def prompts(vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,24 +291,21 @@ def _mesh_checks() -> dict:
     return result
 
 
-def _host_checks(process_id: int, port: int) -> dict:
+def _host_checks(process_id: int, port: int, checkpoint: str) -> dict:
     import jax
 
     from ferrum_jax import engine
     from ferrum_jax.cache import init_cache
-    from ferrum_jax.sharding import (
-        initialize,
-        is_primary,
-        load_for_mesh,
-        make_mesh,
-        shard_cache,
-        to_host,
-    )
+    from ferrum_jax.checkpoint import load_model
+    from ferrum_jax.sharding import initialize, is_primary, make_mesh, shard_cache, to_host
 
     initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     mesh = make_mesh(2, 4)
     config = configs()["smol"]
-    cfg2, g2, p2 = load_for_mesh(config, read_tensor, mesh)
+    # Every process reads the same checkpoint straight into its own shards.
+    loaded = load_model(checkpoint, mesh=mesh)
+    assert loaded.model_config == config
+    cfg2, g2, p2 = loaded.config, loaded.graphdef, loaded.params
     tokens, lengths = prompts(config.vocab_size)
     cache = shard_cache(init_cache(cfg2, PROMPT_SLOTS, MAX_LEN), mesh)
     logits, cache = engine.prefill(g2, p2, cache, tokens, lengths)
@@ -317,7 +330,7 @@ def main(argv: list[str]) -> int:
         _emit(_mesh_checks())
     elif argv[:1] == ["host"]:
         _setup(4)
-        _emit(_host_checks(int(argv[1]), int(argv[2])))
+        _emit(_host_checks(int(argv[1]), int(argv[2]), argv[3]))
     else:
         print(__doc__, file=sys.stderr)
         return 2

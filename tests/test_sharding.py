@@ -296,13 +296,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(mesh_results):
-    """2 processes x 4 CPU devices, one global (2, 4) mesh, gloo collectives: same greedy
-    tokens and prefill logits as the single-device run."""
+def test_two_processes_match_one(mesh_results, tmp_path):
+    """2 processes x 4 CPU devices, one global (2, 4) mesh, gloo collectives, both loading the
+    same safetensors checkpoint into their shards: same greedy tokens and prefill logits as
+    the single-device run."""
+    worker.save_checkpoint(tmp_path)
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "host", str(i), str(port)],
+            [sys.executable, str(WORKER), "host", str(i), str(port), str(tmp_path)],
             cwd=ROOT,
             env=_env(),
             stdout=subprocess.PIPE,
