@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -219,10 +221,24 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _enable_compilation_cache() -> None:
+    """Keeps compiled programs on disk, so a second run starts without compiling.
+
+    `JAX_COMPILATION_CACHE_DIR` overrides the location; an empty value disables it.
+    """
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") is not None:
+        return  # JAX reads it itself
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(cache / "ferrum-jax" / "xla"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ferrum-jax` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _enable_compilation_cache()
     try:
         args = _parser().parse_args(argv)
         handler = {
