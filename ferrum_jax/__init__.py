@@ -69,7 +69,7 @@ from ferrum_jax.interfaces import (
 )
 from ferrum_jax.models.config import ModelConfig, RopeScaling
 from ferrum_jax.models.llama import Llama, abstract_model, init_model, params_from_checkpoint
-from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.sampling import SamplingParams, row_keys, sample, sample_step, token_logprobs
 from ferrum_jax.streaming import StreamedToken, stream_tokens
 from ferrum_jax.tensor import JaxTensor
 
@@ -140,6 +140,7 @@ __all__ = [
     "prefill",
     "row_keys",
     "sample",
+    "sample_step",
     "save_orbax",
     "set_lengths",
     "sharding",

@@ -23,7 +23,7 @@ from flax import nnx
 from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.layers import KVPlan
-from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.sampling import SamplingParams, row_keys, sample_step
 
 MIN_BUCKET = 16
 """Smallest prompt bucket: short prompts of different lengths share one program."""
@@ -158,14 +158,9 @@ def generate_step(
     rows = jnp.arange(batch, dtype=jnp.int32)
     logits, cache = _prefill_body(model, cache, tokens, lengths, rows, all_logits=False)
 
-    def pick(logits, step):
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        token = sample(logits, sampling, step_keys)
-        return token, token_logprobs(logits, token)
-
     def emit(state, logits, step):
         cache, last, done, out, logps, count = state
-        token, logp = pick(logits, step)
+        token, logp = sample_step(logits, sampling, keys, step)
         write = ~done
         out = out.at[:, step].set(jnp.where(write, token, -1))
         logps = logps.at[:, step].set(jnp.where(write, logp, 0.0))

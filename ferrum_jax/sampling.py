@@ -83,6 +83,19 @@ def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Ar
     return jnp.where(sampled_rows, drawn, greedy)
 
 
+def sample_step(
+    logits: jax.Array, params: SamplingParams, keys: jax.Array, step: jax.Array | int
+) -> tuple[jax.Array, jax.Array]:
+    """Token `[batch]` and its log-prob for generation step `step`.
+
+    Row `i` draws with `fold_in(keys[i], step)`: its tokens depend only on its own key and
+    position, never on the other rows of the batch.
+    """
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    token = sample(logits, params, step_keys)
+    return token, token_logprobs(logits, token)
+
+
 def _top_k_top_p(scaled: jax.Array, params: SamplingParams) -> jax.Array:
     vocab = scaled.shape[-1]
     descending = -jnp.sort(-scaled, axis=-1)

@@ -14,7 +14,7 @@ from flax import nnx
 from ferrum_jax import engine
 from ferrum_jax.cache import init_cache
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.sampling import SamplingParams, row_keys, sample_step
 
 _MIN_CACHE = 256
 
@@ -31,11 +31,7 @@ class StreamedToken:
     """It is a stop token (generation ends after it)."""
 
 
-@jax.jit
-def _pick(logits: jax.Array, sampling: SamplingParams, keys: jax.Array, step: jax.Array):
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    token = sample(logits, sampling, step_keys)
-    return token, token_logprobs(logits, token)
+_pick = jax.jit(sample_step)
 
 
 def stream_tokens(
