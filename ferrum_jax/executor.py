@@ -826,15 +826,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                         True,
                     )
                     compiled["prefill"].append((rows, length))
-                if rows < self.max_batch_size:
-                    _, self._cache = engine.decode_step(
-                        self._graphdef,
-                        self._params,
-                        self._cache,
-                        jnp.zeros((rows,), jnp.int32),
-                        jnp.full((rows,), pad, jnp.int32),
-                        jnp.zeros((rows,), bool),
-                    )
+                _, self._cache = engine.decode_step(
+                    self._graphdef,
+                    self._params,
+                    self._cache,
+                    jnp.zeros((rows,), jnp.int32),
+                    jnp.full((rows,), pad, jnp.int32),
+                    jnp.zeros((rows,), bool),
+                )
                 compiled["decode"].append((rows, 1))
             # The whole-pool decode (no gather) runs on real slots with every row inactive.
             _, self._cache = engine.decode_step(

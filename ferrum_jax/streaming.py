@@ -42,12 +42,13 @@ def stream_tokens(
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
     seed: int = 0,
-    stop_tokens: Sequence[int] = (),
+    stop_tokens: Sequence[int] | None = None,
     timings: dict[str, float] | None = None,
 ) -> Iterator[StreamedToken]:
     """Yields tokens as they are generated, with the same per-step keys as `engine.generate`.
 
-    `timings`, if given, receives `prefill_s` (time to first token) and `decode_s`.
+    `stop_tokens` default to the model's EOS ids, as in `engine.generate`. `timings`, if
+    given, receives `prefill_s` (time to first token) and `decode_s`.
     """
     if not prompt:
         raise FerrumError.request_validation("empty prompt")
@@ -62,7 +63,7 @@ def stream_tokens(
     cache = init_cache(config, 1, cache_len, dtype)
     sampling = sampling or SamplingParams.greedy(1)
     keys = row_keys(seed, 1)
-    stops = set(stop_tokens)
+    stops = set(config.eos_token_ids if stop_tokens is None else stop_tokens)
     timings = {} if timings is None else timings
     start = time.perf_counter()
     logits, cache = engine.prefill(graphdef, params, cache, np.asarray([prompt], np.int32))

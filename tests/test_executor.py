@@ -455,16 +455,22 @@ def test_forward_matches_functional_and_leaves_pool_alone(model):
 
 
 def test_warmup_compiles_every_bucket_then_serving_compiles_nothing(model):
-    executor = make_executor(model, max_batch_size=3, max_sequence_length=32)
+    executor = make_executor(model, max_batch_size=4, max_sequence_length=32)
     report = run(executor.warmup())
-    assert report["prefill"] == [(r, n) for r in (1, 2, 3) for n in (16, 32)]
-    assert report["decode"] == [(1, 1), (2, 1), (3, 1)]
+    assert report["prefill"] == [(r, n) for r in (1, 2, 4) for n in (16, 32)]
+    assert report["decode"] == [(1, 1), (2, 1), (4, 1)]
     assert report["extend"] == [(1, 16)]
     counts = engine.compile_counts()
     handles = [_start(executor, [5] * n) for n in (3, 20)]
     run(executor.batch_decode([DecodeInput(np.asarray([[t]]), h) for h, t in handles]))
-    h3, t3 = _start(executor, [6, 7])
+    h3, t3 = _start(executor, [6, 7])  # 3 of 4 rows: the 4-row bucket with a slot gather
     run(executor.batch_decode([DecodeInput(np.asarray([[t]]), h) for h, t in [*handles, (h3, t3)]]))
+    h4, t4 = _start(executor, [8])  # the whole pool: the no-gather program
+    run(
+        executor.batch_decode(
+            [DecodeInput(np.asarray([[t]]), h) for h, t in [*handles, (h3, t3), (h4, t4)]]
+        )
+    )
     out = run(executor.decode(DecodeInput(np.asarray([[t3]]), h3)))
     token = next_token(out.logits)[0]
     run(executor.speculative_decode(DecodeInput(np.asarray([[token]]), h3), [5, 6, 7], 1.0))
