@@ -69,11 +69,22 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates `x: [batch, seq, heads, head_dim]` by `positions: [batch, seq]` (half-split)."""
+def rope_angles(
+    positions: jax.Array, config: ModelConfig, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """`(cos, sin)`, each `[batch, seq, 1, head_dim]`, for `positions: [batch, seq]`.
+
+    Computed once per step and shared by every layer (one set of ops, not one per layer).
+    """
+    inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, s, d/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates `x: [batch, seq, heads, head_dim]` by `rope_angles` (half-split pairs)."""
+    cos, sin = rope
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -124,11 +135,15 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
         cache_k: jax.Array,
         cache_v: jax.Array,
         plan: KVPlan,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """`x: [b, s, embed]`, caches `[slots, kv_heads, max_len, head_dim]` -> (y, k, v)."""
+        """`x: [b, s, embed]`, caches `[slots, kv_heads, max_len, head_dim]` -> (y, k, v).
+
+        `rope` is `rope_angles(positions)`, shared by all layers.
+        """
         config, dtype = self.config, x.dtype
         q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("bse,ekd->bskd", x, self.k_proj[...].astype(dtype))
@@ -139,9 +154,7 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dtype)
         if config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         batch = x.shape[0]
         rows = jnp.arange(batch) if plan.slots is None else plan.slots

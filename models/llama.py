@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.layers import MLP, Attention, KVPlan, RMSNorm, param
+from ferrum_jax.models.layers import MLP, Attention, KVPlan, RMSNorm, param, rope_angles
 
 
 class DecoderLayer(nnx.Module):
@@ -25,8 +25,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(e, "embed", eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache_k, cache_v, plan: KVPlan):
-        y, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v, plan)
+    def __call__(self, x, positions, rope, cache_k, cache_v, plan: KVPlan):
+        y, cache_k, cache_v = self.attn(self.input_norm(x), positions, rope, cache_k, cache_v, plan)
         x = x + y
         return x + self.mlp(self.post_attn_norm(x)), cache_k, cache_v
 
@@ -75,10 +75,11 @@ class Llama(nnx.Module):
         """
         dtype = jnp.dtype(self.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        rope = rope_angles(positions, self.config, dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = layer(x, positions, cache_k[i], cache_v[i], plan)
+                x, k, v = layer(x, positions, rope, cache_k[i], cache_v[i], plan)
             new_k.append(k)
             new_v.append(v)
         if logits_at is not None:
