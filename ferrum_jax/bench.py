@@ -76,6 +76,7 @@ class Timings:
     def rates(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
         decode_s = max(self.e2e_s - self.ttft_s, 1e-9)
         return {
+            "prefill_s": self.prefill_s,
             "prefill_tok_s": batch * prompt_len / self.prefill_s,
             "ttft_s": self.ttft_s,
             "decode_tok_s": batch * (new_tokens - 1) / decode_s,
@@ -345,7 +346,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "compile_s": ours.compile_s,
             "roofline_fraction": step_bytes / mine["decode_step_s"] / (before.bandwidth_gbs * 1e9),
             "prefill_roofline_fraction": _prefill_flops(config, batch, args.prompt_len)
-            / (mine["prefill_tok_s"] and batch * args.prompt_len / mine["prefill_tok_s"])
+            / mine["prefill_s"]
             / (before.matmul_gflops * 1e9),
             "decode_step_ms": mine["decode_step_s"] * 1e3,
             "hf_prefill_tok_s": None,
