@@ -228,25 +228,28 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._lock = threading.RLock()
         self._id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
-        self.config = config
-        # The checkpoint's own config, for ModelInfo: `config` may have mesh-adapted heads.
+        # The checkpoint's own config, for ModelInfo: `config` may get mesh-adapted heads.
         self.model_config = model_config or config
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.block_size = block_size
         self.mesh = mesh
+        if mesh is not None:
+            from ferrum_jax import sharding
+
+            # Heads may be replicated/padded to fit the mesh; `model_config` keeps the original.
+            config, graphdef, params = sharding.prepare_for_mesh(config, graphdef, params, mesh)
+        self.config = config
         self._graphdef, self._params = graphdef, params
         leaves = jax.tree.leaves(params)
         self._param_bytes = sum(x.nbytes for x in leaves)
         self.dtype = leaves[0].dtype
         cache_dtype = jnp.dtype(nnx.merge(graphdef, params).dtype)
-        self._cache = init_cache(config, max_batch_size, max_sequence_length, cache_dtype)
-        self._cache_sharding: Any = None
-        if mesh is not None:
-            self._apply_mesh(mesh)
+        cache = init_cache(config, max_batch_size, max_sequence_length, cache_dtype)
+        self._cache = cache if mesh is None else sharding.shard_cache(cache, mesh)
         self.kv_bytes_per_token = (
-            2 * config.num_layers * self.config.num_kv_heads * config.head_dim
+            2 * config.num_layers * config.num_kv_heads * config.head_dim
         ) * jnp.dtype(cache_dtype).itemsize
         self._free = list(range(max_batch_size))
         self._live: dict[str, _Sequence] = {}
@@ -254,39 +257,24 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._last_operation: float | None = None
         self._row_buckets = _pow2_buckets(max_batch_size)
         self._len_buckets = sorted(
-            {
-                engine.bucket_length(n, max_sequence_length)
-                for n in range(1, max_sequence_length + 1)
-            }
+            {engine.bucket_length(1 << i, max_sequence_length) for i in range(32)}
         )
-        device = jax.devices()[0]
+        shown = self.model_config
         self._info = ModelInfo(
             model_id=model_id,
-            model_type=_MODEL_TYPES[config.model_type],
-            num_parameters=config.num_params,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            vocab_size=config.vocab_size,
+            model_type=_MODEL_TYPES[shown.model_type],
+            num_parameters=shown.num_params,
+            hidden_size=shown.hidden_size,
+            num_layers=shown.num_layers,
+            num_heads=shown.num_heads,
+            num_kv_heads=shown.num_kv_heads,
+            vocab_size=shown.vocab_size,
             max_sequence_length=max_sequence_length,
             dtype=datatype_of(self.dtype),
-            device=JaxTensor(jnp.zeros((), device=device)).device,
-            metadata={"architecture": config.architecture, "executor": "ferrum-jax"},
+            device=JaxTensor(jnp.zeros((), device=jax.devices()[0])).device,
+            metadata={"architecture": shown.architecture, "executor": "ferrum-jax"},
         )
         self._state = ExecutorState.READY
-
-    def _apply_mesh(self, mesh: jax.sharding.Mesh) -> None:
-        from ferrum_jax import sharding
-
-        # Heads may be replicated/padded to fit the mesh; `model_config` keeps the original.
-        self.config, self._graphdef, self._params = sharding.prepare_for_mesh(
-            self.config, self._graphdef, self._params, mesh
-        )
-        cache = init_cache(
-            self.config, self.max_batch_size, self.max_sequence_length, self._cache.dtype
-        )
-        self._cache = sharding.shard_cache(cache, mesh)
 
     # -----------------------------------------------------------------------------------------
     # Construction
