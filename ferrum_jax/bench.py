@@ -265,8 +265,7 @@ def _bytes_per_decode_step(config, params, batch: int, context: float, kv_itemsi
     """Bytes a decode step must read: every weight once (the tied LM head reads the whole
     embedding) plus each row's cached keys/values."""
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_itemsize
-    return weights + batch * context * kv
+    return weights + batch * context * config.kv_bytes_per_token(kv_itemsize)
 
 
 def _prefill_flops(config, batch: int, prompt_len: int) -> float:
@@ -305,8 +304,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "mesh", None):
         from ferrum_jax import sharding
 
-        data, model_axis = sharding.parse_mesh(args.mesh)
-        mesh = sharding.make_mesh(data=data, model=model_axis)
+        mesh = sharding.mesh_from_spec(args.mesh)
     loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
     config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None

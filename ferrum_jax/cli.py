@@ -73,18 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mesh(spec: str | None):
-    if not spec:
-        return None
-    from ferrum_jax import sharding
-
-    data, model = sharding.parse_mesh(spec)
-    return sharding.make_mesh(data=data, model=model)
-
-
-def _load(args: argparse.Namespace, mesh=None):
+def _load(args: argparse.Namespace, mesh_spec: str | None = None):
     from ferrum_jax.checkpoint import load_model
 
+    mesh = None
+    if mesh_spec:
+        from ferrum_jax import sharding
+
+        mesh = sharding.mesh_from_spec(mesh_spec)
     return load_model(args.model, dtype=args.dtype, mesh=mesh)
 
 
@@ -99,8 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         min_p=args.min_p,
     )
-    mesh = _mesh(args.mesh)
-    loaded = _load(args, mesh)
+    loaded = _load(args, args.mesh)
     config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
     tokenizer = loaded.tokenizer
     if tokenizer is None:
@@ -191,11 +186,7 @@ def _info(args: argparse.Namespace) -> int:
         "parameters": config.num_params,
         "dtype": args.dtype,
         "parameter_bytes": param_bytes,
-        "kv_bytes_per_token": 2
-        * config.num_layers
-        * config.num_kv_heads
-        * config.head_dim
-        * jax.numpy.dtype(args.dtype).itemsize,
+        "kv_bytes_per_token": config.kv_bytes_per_token(jax.numpy.dtype(args.dtype).itemsize),
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "heads": config.num_heads,

@@ -248,9 +248,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         cache_dtype = jnp.dtype(nnx.merge(graphdef, params).dtype)
         cache = init_cache(config, max_batch_size, max_sequence_length, cache_dtype)
         self._cache = cache if mesh is None else sharding.shard_cache(cache, mesh)
-        self.kv_bytes_per_token = (
-            2 * config.num_layers * config.num_kv_heads * config.head_dim
-        ) * jnp.dtype(cache_dtype).itemsize
+        self.kv_bytes_per_token = config.kv_bytes_per_token(jnp.dtype(cache_dtype).itemsize)
         self._free = list(range(max_batch_size))
         self._live: dict[str, _Sequence] = {}
         self._stats = _Stats()

@@ -39,8 +39,7 @@ class JaxExecutorFactory(ModelExecutorFactory):
         if options.get("mesh"):
             from ferrum_jax import sharding
 
-            data, model = sharding.parse_mesh(options["mesh"])
-            mesh = sharding.make_mesh(data=data, model=model)
+            mesh = sharding.mesh_from_spec(options["mesh"])
         return await asyncio.to_thread(
             JaxModelExecutor.from_pretrained,
             options.get("model_path"),

@@ -54,8 +54,8 @@ def stream_tokens(
         raise FerrumError.request_validation("empty prompt")
     if max_new_tokens < 1:
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    dtype = jnp.dtype(nnx.merge(graphdef, params).dtype)
-    config = nnx.merge(graphdef, params).config
+    model = nnx.merge(graphdef, params)
+    dtype, config = jnp.dtype(model.dtype), model.config
     # Power-of-two cache lengths (>= 256): prompts and token budgets of different sizes
     # share one decode program instead of compiling one per length.
     needed = engine.bucket_length(len(prompt), 1 << 30) + max_new_tokens

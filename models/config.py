@@ -107,6 +107,10 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes one token's keys and values take in the cache, all layers together."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
     @property
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""

@@ -25,6 +25,7 @@ from ferrum_jax.sharding.mesh import (
     initialize,
     is_primary,
     make_mesh,
+    mesh_from_spec,
     mesh_shape,
     parse_mesh,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "mesh_config",
+    "mesh_from_spec",
     "mesh_shape",
     "param_shardings",
     "parse_mesh",

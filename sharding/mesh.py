@@ -89,6 +89,12 @@ def parse_mesh(spec: str) -> tuple[int, int]:
     return sizes[DATA], sizes[MODEL]
 
 
+def mesh_from_spec(spec: str) -> Mesh:
+    """The mesh a `--mesh data=D,model=M` flag describes (`parse_mesh` + `make_mesh`)."""
+    data, model = parse_mesh(spec)
+    return make_mesh(data=data, model=model)
+
+
 def mesh_shape(mesh: Mesh) -> tuple[int, int]:
     """`(data, model)` sizes of a mesh (a missing axis counts as 1)."""
     return int(mesh.shape.get(DATA, 1)), int(mesh.shape.get(MODEL, 1))
