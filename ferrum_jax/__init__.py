@@ -2,7 +2,8 @@
 
 Two layers of public API:
 
-- the pure-functional core: `init_model` / `load_model` give `(graphdef, params)`;
+- the pure-functional core: `load_model` gives a `Model` (configs, graphdef, params,
+  tokenizer), `init_model` a random `(graphdef, params)`;
   `init_cache`, `prefill`, `extend`, `decode`, `generate`, `forward` are jitted steps over a
   static KV cache; `SamplingParams` / `sample` are pure sampling;
 - the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
@@ -12,16 +13,19 @@ Two layers of public API:
 from ferrum_jax import sharding
 from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.checkpoint import (
-    LoadedModel,
+    checkpoint_layout,
     default_model_path,
+    hf_state_dict,
     load_gguf,
     load_hf,
     load_model,
     load_orbax,
+    params_from_checkpoint,
     save_orbax,
 )
 from ferrum_jax.engine import (
     GenerateOutput,
+    bucket,
     bucket_length,
     compile_counts,
     decode,
@@ -67,11 +71,13 @@ from ferrum_jax.interfaces import (
     TensorLike,
     TensorRef,
 )
+from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
-from ferrum_jax.models.llama import Llama, abstract_model, init_model, params_from_checkpoint
+from ferrum_jax.models.llama import Llama, abstract_model, init_model
 from ferrum_jax.sampling import SamplingParams, row_keys, sample, sample_step, token_logprobs
 from ferrum_jax.streaming import StreamedToken, stream_tokens
 from ferrum_jax.tensor import JaxTensor
+from ferrum_jax.text import IncrementalDetokenizer, Tokenizer
 
 __version__ = "0.1.0"
 
@@ -97,6 +103,7 @@ __all__ = [
     "ExecutorType",
     "FerrumError",
     "GenerateOutput",
+    "IncrementalDetokenizer",
     "JaxExecutorFactory",
     "JaxExecutorRegistry",
     "JaxKvCacheHandle",
@@ -107,6 +114,7 @@ __all__ = [
     "Llama",
     "LoadedModel",
     "MemoryRequirements",
+    "Model",
     "ModelConfig",
     "ModelExecutor",
     "ModelExecutorFactory",
@@ -122,14 +130,18 @@ __all__ = [
     "StreamedToken",
     "TensorLike",
     "TensorRef",
+    "Tokenizer",
     "abstract_model",
+    "bucket",
     "bucket_length",
+    "checkpoint_layout",
     "compile_counts",
     "decode",
     "default_model_path",
     "extend",
     "forward",
     "generate",
+    "hf_state_dict",
     "init_cache",
     "init_model",
     "load_gguf",

@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ferrum_jax import engine
+from ferrum_jax import engine, sharding
 from ferrum_jax.cache import init_cache
+from ferrum_jax.checkpoint import hf_state_dict, load_model
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.model import Model
 from ferrum_jax.sampling import SamplingParams, row_keys
 
 _NOISE_TOLERANCE = 0.15
@@ -88,10 +90,10 @@ class Timings:
 class _Ours:
     """ferrum-jax: AOT-compiled prefill (last logits) and the one-jit generate loop."""
 
-    def __init__(self, graphdef, params, config, batch: int, prompt_len: int, new_tokens: int):
-        self.config, self.params = config, params
-        self.dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
-        self.batch, self.bucket = batch, engine.bucket_length(prompt_len, 1 << 30)
+    def __init__(self, model: Model, batch: int, prompt_len: int, new_tokens: int):
+        graphdef, params = model.graphdef, model.params
+        self.config, self.params, self.dtype = model.runtime_config, params, model.dtype
+        self.batch, self.bucket = batch, engine.bucket(prompt_len, minimum=engine.MIN_BUCKET)
         self.cache_len = self.bucket + new_tokens
         self.tokens = jnp.zeros((batch, self.bucket), jnp.int32)
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
@@ -238,7 +240,7 @@ def _median(results: dict[str, list[float]]) -> Timings:
     )
 
 
-def _hf_model(loaded, dtype: str):
+def _hf_model(ours: Model, dtype: str):
     """The HF torch model holding exactly our weights (dequantised GGUF / HF / orbax)."""
     try:
         import torch
@@ -247,13 +249,11 @@ def _hf_model(loaded, dtype: str):
         raise FerrumError.unsupported(
             "--compare hf needs torch and transformers: pip install 'ferrum-jax[dev]'"
         ) from e
-    from ferrum_jax.models.llama import hf_state_dict
-
-    config = loaded.config
+    config = ours.runtime_config
     hf_config = transformers.AutoConfig.for_model(**config.to_hf())
     hf_config._attn_implementation = "sdpa"
     model = getattr(transformers, config.architecture)(hf_config).eval()
-    state = {k: torch.from_numpy(v) for k, v in hf_state_dict(config, loaded.params).items()}
+    state = {k: torch.from_numpy(v) for k, v in hf_state_dict(config, ours.params).items()}
     model.load_state_dict(state, strict=not config.tie_word_embeddings)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -268,20 +268,6 @@ def _bytes_per_decode_step(config, params, batch: int, context: float, kv_itemsi
     return weights + batch * context * config.kv_bytes_per_token(kv_itemsize)
 
 
-def _prefill_flops(config, batch: int, prompt_len: int) -> float:
-    e, f, h, kv, d = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_heads,
-        config.num_kv_heads,
-        config.head_dim,
-    )
-    per_token_layer = 2 * (e * (h + 2 * kv) * d + h * d * e + 3 * e * f)
-    attention = 2 * 2 * h * d * prompt_len / 2  # causal: half the scores, QK^T and PV
-    lm_head = 2 * e * config.vocab_size / prompt_len  # logits of the last token only
-    return batch * prompt_len * (config.num_layers * (per_token_layer + attention) + lm_head)
-
-
 def _peak_memory() -> dict[str, float]:
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     device = None
@@ -293,20 +279,14 @@ def _peak_memory() -> dict[str, float]:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The `bench` subcommand: prints a table and writes `--json` / `--plot`."""
-    from ferrum_jax.checkpoint import load_model
-
     batches = _parse_batches(args.batch)
     if args.prompt_len < 1 or args.new_tokens < 2 or args.repeat < 1:
         raise FerrumError.invalid_parameter(
             "--prompt-len must be >= 1, --new-tokens >= 2 and --repeat >= 1"
         )
-    mesh = None
-    if getattr(args, "mesh", None):
-        from ferrum_jax import sharding
-
-        mesh = sharding.mesh_from_spec(args.mesh)
+    mesh = sharding.mesh_from_spec(args.mesh) if getattr(args, "mesh", None) else None
     loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
-    config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
+    config, params = loaded.runtime_config, loaded.params
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
     before = probe_machine()
     _log(f"probe: {before.bandwidth_gbs:.1f} GB/s, {before.matmul_gflops:.0f} GFLOP/s fp32")
@@ -314,7 +294,7 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = []
     for batch in batches:
         prompts = rng.integers(10, config.vocab_size, (batch, args.prompt_len), dtype=np.int32)
-        ours = _Ours(graphdef, params, config, batch, args.prompt_len, args.new_tokens)
+        ours = _Ours(loaded, batch, args.prompt_len, args.new_tokens)
         ours.set_prompts(prompts)
         ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
         hf_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
@@ -333,8 +313,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 agree = float(np.mean(our_tokens == their_tokens))
         mine = _median(ours_results).rates(batch, args.prompt_len, args.new_tokens)
         context = args.prompt_len + args.new_tokens / 2
-        itemsize = jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
-        step_bytes = _bytes_per_decode_step(config, params, batch, context, itemsize)
+        step_bytes = _bytes_per_decode_step(config, params, batch, context, loaded.dtype.itemsize)
         row: dict[str, Any] = {
             "batch": batch,
             "prefill_tok_s": mine["prefill_tok_s"],
@@ -343,7 +322,9 @@ def run_bench(args: argparse.Namespace) -> int:
             "e2e_tok_s": mine["e2e_tok_s"],
             "compile_s": ours.compile_s,
             "roofline_fraction": step_bytes / mine["decode_step_s"] / (before.bandwidth_gbs * 1e9),
-            "prefill_roofline_fraction": _prefill_flops(config, batch, args.prompt_len)
+            "prefill_roofline_fraction": config.forward_flops(
+                batch * args.prompt_len, args.prompt_len / 2, batch
+            )
             / mine["prefill_s"]
             / (before.matmul_gflops * 1e9),
             "decode_step_ms": mine["decode_step_s"] * 1e3,

@@ -11,9 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ferrum_jax.dtypes import DTYPE_NAMES
 from ferrum_jax.errors import FerrumError
-
-_DTYPES = ("float32", "bfloat16")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -34,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)",
         )
-        p.add_argument("--dtype", choices=_DTYPES, default="float32")
+        p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
         p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
     gen = commands.add_parser("generate", help="generate text, streamed to stdout")
@@ -53,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert an HF or GGUF checkpoint to orbax")
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--dtype", choices=_DTYPES, default="float32")
+    convert.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     convert.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
     info = commands.add_parser("info", help="describe a model and the devices")
@@ -74,13 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, mesh_spec: str | None = None):
+    from ferrum_jax import sharding
     from ferrum_jax.checkpoint import load_model
 
-    mesh = None
-    if mesh_spec:
-        from ferrum_jax import sharding
-
-        mesh = sharding.mesh_from_spec(mesh_spec)
+    mesh = sharding.mesh_from_spec(mesh_spec) if mesh_spec else None
     return load_model(args.model, dtype=args.dtype, mesh=mesh)
 
 
@@ -95,8 +91,9 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         min_p=args.min_p,
     )
+    from ferrum_jax import sharding
+
     loaded = _load(args, args.mesh)
-    config, graphdef, params = loaded.config, loaded.graphdef, loaded.params
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise FerrumError.tokenizer(f"{loaded.source} ships no tokenizer; cannot encode a prompt")
@@ -104,16 +101,15 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    stop_tokens = tokenizer.eos_token_ids or config.eos_token_ids
+    stop_tokens = tokenizer.eos_token_ids or loaded.config.eos_token_ids
     timings: dict[str, float] = {}
     detokenizer = tokenizer.stream_decoder(skip_special_tokens=True)
     token_ids: list[int] = []
     text: list[str] = []
     finish_reason = "length"
-    primary = _is_primary()
+    primary = sharding.is_primary()
     for token in stream_tokens(
-        graphdef,
-        params,
+        loaded,
         prompt_ids,
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
@@ -154,12 +150,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_primary() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
 def _convert(args: argparse.Namespace) -> int:
     from ferrum_jax.checkpoint import load_model, save_orbax
 
@@ -178,15 +168,14 @@ def _info(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     config = loaded.config
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
     report: dict[str, Any] = {
         "source": loaded.source,
         "format": loaded.format,
         "architecture": config.architecture,
         "parameters": config.num_params,
         "dtype": args.dtype,
-        "parameter_bytes": param_bytes,
-        "kv_bytes_per_token": config.kv_bytes_per_token(jax.numpy.dtype(args.dtype).itemsize),
+        "parameter_bytes": loaded.param_bytes,
+        "kv_bytes_per_token": config.kv_bytes_per_token(loaded.dtype.itemsize),
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "heads": config.num_heads,

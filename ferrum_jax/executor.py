@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ferrum_jax import engine
+from ferrum_jax import engine, sharding
 from ferrum_jax.cache import init_cache
+from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.interfaces import (
     AttentionType,
@@ -58,6 +59,7 @@ from ferrum_jax.interfaces import (
     SpeculativeExecutor,
     TensorLike,
 )
+from ferrum_jax.model import Model
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.tensor import JaxTensor, as_numpy, datatype_of
 
@@ -67,17 +69,7 @@ _MODEL_TYPES = {
     "qwen2": ModelType.Qwen,
     "qwen3": ModelType.Qwen,
 }
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _LATENCY_WINDOW = 1000
-
-
-def _pow2_buckets(limit: int) -> list[int]:
-    buckets = [1 << i for i in range(limit.bit_length()) if (1 << i) < limit]
-    return [*buckets, limit]
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    return next(b for b in buckets if b >= n)
 
 
 @dataclasses.dataclass
@@ -136,13 +128,13 @@ class JaxKvCacheHandle(KvCacheHandle):
         return self._executor.info().device
 
     def num_layers(self) -> int:
-        return self._executor.config.num_layers
+        return self._executor.model.runtime_config.num_layers
 
     def num_heads(self) -> int:
-        return self._executor.config.num_kv_heads
+        return self._executor.model.runtime_config.num_kv_heads
 
     def head_dim(self) -> int:
-        return self._executor.config.head_dim
+        return self._executor.model.runtime_config.head_dim
 
     def key_cache(self, layer: int) -> TensorLike | None:
         return self._executor._slot_view(self, layer, keys=True)
@@ -206,18 +198,30 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def __init__(
         self,
-        config: ModelConfig,
-        graphdef: nnx.GraphDef,
-        params: nnx.State,
+        model: Model | ModelConfig,
+        graphdef: nnx.GraphDef | None = None,
+        params: nnx.State | None = None,
         *,
         max_batch_size: int = 8,
         max_sequence_length: int = 2048,
-        model_id: str = "ferrum-jax-model",
+        model_id: str | None = None,
         block_size: int = 16,
         mesh: jax.sharding.Mesh | None = None,
         tokenizer: Any = None,
         model_config: ModelConfig | None = None,
     ) -> None:
+        """Serves `model` (a `Model`; or the older `config, graphdef, params` triple, with
+        `model_config` the checkpoint's own config and `tokenizer`).
+
+        With `mesh`, heads are adapted to it and params sharded (exact logits); a model
+        already adapted to a mesh is used as is.
+        """
+        if not isinstance(model, Model):
+            if graphdef is None or params is None:
+                raise FerrumError.invalid_parameter(
+                    "JaxModelExecutor takes a Model, or config, graphdef and params"
+                )
+            model = Model(model_config or model, graphdef, params, tokenizer=tokenizer)
         if max_batch_size < 1:
             raise FerrumError.config(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_sequence_length < 1:
@@ -228,38 +232,26 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._lock = threading.RLock()
         self._id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
-        # The checkpoint's own config, for ModelInfo: `config` may get mesh-adapted heads.
-        self.model_config = model_config or config
-        self.tokenizer = tokenizer
+        if mesh is not None and model.runtime_config == model.config:
+            model = model.on_mesh(mesh)
+        self.model = model
+        self.tokenizer = model.tokenizer
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.block_size = block_size
         self.mesh = mesh
-        if mesh is not None:
-            from ferrum_jax import sharding
-
-            # Heads may be replicated/padded to fit the mesh; `model_config` keeps the original.
-            config, graphdef, params = sharding.prepare_for_mesh(config, graphdef, params, mesh)
-        self.config = config
-        self._graphdef, self._params = graphdef, params
-        leaves = jax.tree.leaves(params)
-        self._param_bytes = sum(x.nbytes for x in leaves)
-        self.dtype = leaves[0].dtype
-        cache_dtype = jnp.dtype(nnx.merge(graphdef, params).dtype)
-        cache = init_cache(config, max_batch_size, max_sequence_length, cache_dtype)
+        self._graphdef, self._params = model.graphdef, model.params
+        runtime = model.runtime_config
+        cache = init_cache(runtime, max_batch_size, max_sequence_length, model.dtype)
         self._cache = cache if mesh is None else sharding.shard_cache(cache, mesh)
-        self.kv_bytes_per_token = config.kv_bytes_per_token(jnp.dtype(cache_dtype).itemsize)
+        self.kv_bytes_per_token = runtime.kv_bytes_per_token(model.dtype.itemsize)
         self._free = list(range(max_batch_size))
         self._live: dict[str, _Sequence] = {}
         self._stats = _Stats()
         self._last_operation: float | None = None
-        self._row_buckets = _pow2_buckets(max_batch_size)
-        self._len_buckets = sorted(
-            {engine.bucket_length(1 << i, max_sequence_length) for i in range(32)}
-        )
-        shown = self.model_config
+        shown = model.config
         self._info = ModelInfo(
-            model_id=model_id,
+            model_id=model_id or model.source,
             model_type=_MODEL_TYPES[shown.model_type],
             num_parameters=shown.num_params,
             hidden_size=shown.hidden_size,
@@ -268,7 +260,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             num_kv_heads=shown.num_kv_heads,
             vocab_size=shown.vocab_size,
             max_sequence_length=max_sequence_length,
-            dtype=datatype_of(self.dtype),
+            dtype=datatype_of(model.param_dtype),
             device=JaxTensor(jnp.zeros((), device=jax.devices()[0])).device,
             metadata={"architecture": shown.architecture, "executor": "ferrum-jax"},
         )
@@ -290,27 +282,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         """Loads an HF directory, a `.gguf` file or an orbax directory (None: SmolLM2)."""
         from ferrum_jax.checkpoint import load_model
 
-        if dtype not in _DTYPES:
-            raise FerrumError.invalid_parameter(
-                f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}"
-            )
+        model_dtype(dtype)
         loaded = load_model(model, dtype=dtype, mesh=mesh)
-        model_config = loaded.model_config
-        if max_sequence_length > model_config.max_position_embeddings:
+        if max_sequence_length > loaded.config.max_position_embeddings:
             raise FerrumError.config(
                 f"max_sequence_length {max_sequence_length} exceeds the model's "
-                f"max_position_embeddings {model_config.max_position_embeddings}"
+                f"max_position_embeddings {loaded.config.max_position_embeddings}"
             )
         return cls(
-            loaded.config,
-            loaded.graphdef,
-            loaded.params,
+            loaded,
             max_batch_size=max_batch_size,
             max_sequence_length=max_sequence_length,
-            model_id=str(loaded.source),
             mesh=mesh,
-            tokenizer=loaded.tokenizer,
-            model_config=model_config,
         )
 
     # -----------------------------------------------------------------------------------------
@@ -339,17 +322,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return record
 
     def _token_array(self, x: Any, what: str) -> np.ndarray:
-        ids = as_numpy(x)
-        if ids.dtype.kind not in "iu":
-            raise FerrumError.invalid_parameter(
-                f"{what} must hold integer token ids, got {ids.dtype}"
-            )
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise FerrumError.invalid_parameter(
-                f"{what} holds token ids outside [0, {self.config.vocab_size}): "
-                f"min {ids.min()}, max {ids.max()}"
-            )
-        return ids.astype(np.int32)
+        ids = engine.check_token_ids(as_numpy(x), self.model.config.vocab_size, what)
+        return np.asarray(ids, np.int32)
 
     def _prompt_rows(self, input: PrefillInput) -> tuple[np.ndarray, np.ndarray]:
         """`input_ids [b, s]` and per-row lengths from the attention mask (right padding)."""
@@ -446,64 +420,45 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._state = ExecutorState.READY
         return out
 
-    def _prefill_rows(
-        self, ids: list[np.ndarray], lengths: list[int], slots: list[int]
-    ) -> jax.Array:
-        """One jitted prefill of `len(ids)` prompts into `slots`; logits `[rows, s, vocab]`."""
-        n = len(ids)
-        seq = max(len(x) for x in ids)
-        bucket_rows = _bucket(n, self._row_buckets)
-        bucket_len = engine.bucket_length(seq, self.max_sequence_length)
-        tokens = np.zeros((bucket_rows, bucket_len), np.int32)
-        for i, row in enumerate(ids):
-            tokens[i, : len(row)] = row
-        row_lengths = np.ones((bucket_rows,), np.int32)
-        row_lengths[:n] = lengths
-        # Padding rows point past the pool: their writes are dropped.
-        row_slots = np.full((bucket_rows,), self.max_batch_size, np.int32)
-        row_slots[:n] = slots
-        logits, self._cache = engine.prefill_step(
+    def _prefill_rows(self, rows: list[np.ndarray], slots: list[int]) -> jax.Array:
+        """One jitted prefill of `rows` (1-D prompts) into `slots`; logits `[rows, s, vocab]`."""
+        batch = self._pack_rows(rows, slots)
+        return self._run_rows(engine.prefill_step, batch, True)[: batch.rows, : batch.seq]
+
+    def _pack_rows(self, rows: list[np.ndarray], slots: list[int]) -> engine.RowBatch:
+        return engine.pack_rows(
+            rows, slots, pool_rows=self.max_batch_size, max_len=self.max_sequence_length
+        )
+
+    def _run_rows(self, step: Callable, batch: engine.RowBatch, *static: Any) -> jax.Array:
+        """Runs `prefill_step` or `extend_step` on `batch`, updating the pool in place."""
+        logits, self._cache = step(
             self._graphdef,
             self._params,
             self._cache,
-            jnp.asarray(tokens),
-            jnp.asarray(row_lengths),
-            jnp.asarray(row_slots),
-            True,
+            jnp.asarray(batch.tokens),
+            jnp.asarray(batch.lengths),
+            jnp.asarray(batch.slots),
+            *static,
         )
-        return logits[:n, :seq]
+        return logits
 
-    def _decode_slots(self, tokens: np.ndarray, slots: list[int]) -> jax.Array:
-        """One jitted decode step for `slots`; logits `[len(slots), vocab]`."""
-        n = len(slots)
-        if n == self.max_batch_size:
-            # The whole pool: slot order, no gather.
-            order = np.argsort(slots)
-            ordered = np.asarray(tokens)[order]
-            logits, self._cache = engine.decode_step(
-                self._graphdef,
-                self._params,
-                self._cache,
-                jnp.asarray(ordered),
-                None,
-                jnp.ones((n,), bool),
-            )
-            return logits[np.argsort(order)]
-        bucket_rows = _bucket(n, self._row_buckets)
-        row_tokens = np.zeros((bucket_rows,), np.int32)
-        row_tokens[:n] = tokens
-        row_slots = np.full((bucket_rows,), self.max_batch_size, np.int32)
-        row_slots[:n] = slots
-        active = np.arange(bucket_rows) < n
+    def _run_tokens(self, batch: engine.TokenBatch) -> jax.Array:
+        """Runs `decode_step` on `batch`, updating the pool in place."""
         logits, self._cache = engine.decode_step(
             self._graphdef,
             self._params,
             self._cache,
-            jnp.asarray(row_tokens),
-            jnp.asarray(row_slots),
-            jnp.asarray(active),
+            jnp.asarray(batch.tokens),
+            None if batch.slots is None else jnp.asarray(batch.slots),
+            jnp.asarray(batch.active),
         )
-        return logits[:n]
+        return logits
+
+    def _decode_slots(self, tokens: np.ndarray, slots: list[int]) -> jax.Array:
+        """One jitted decode step for `slots`; logits `[len(slots), vocab]`."""
+        batch = engine.pack_tokens(tokens, slots, pool_rows=self.max_batch_size)
+        return self._run_tokens(batch)[batch.order]
 
     # -----------------------------------------------------------------------------------------
     # ModelExecutor
@@ -551,14 +506,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             rows = [
                 row[:n] for ids, lengths in prompts for row, n in zip(ids, lengths, strict=True)
             ]
-            row_lengths = [int(n) for _, lengths in prompts for n in lengths]
             slots = [s for record in records for s in record.slots]
-            tokens = sum(row_lengths)
+            tokens = sum(len(row) for row in rows)
             logits = self._device_step(
-                "prefill",
-                tokens,
-                len(rows),
-                lambda: self._prefill_rows(rows, row_lengths, slots),
+                "prefill", tokens, len(rows), lambda: self._prefill_rows(rows, slots)
             )
             outputs, start = [], 0
             for (ids, _), record in zip(prompts, records, strict=True):
@@ -639,18 +590,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             step_tokens = np.concatenate([ids, drafts]).astype(np.int32)
 
             def step() -> jax.Array:
-                bucket = engine.bucket_length(k + 1, self.max_sequence_length)
-                padded = np.zeros((1, bucket), np.int32)
-                padded[0, : k + 1] = step_tokens
-                logits, self._cache = engine.extend_step(
-                    self._graphdef,
-                    self._params,
-                    self._cache,
-                    jnp.asarray(padded),
-                    jnp.asarray([k + 1], jnp.int32),
-                    jnp.asarray(record.slots, jnp.int32),
-                )
-                return logits[0, : k + 1]
+                batch = self._pack_rows([step_tokens], record.slots)
+                return self._run_rows(engine.extend_step, batch)[0, : k + 1]
 
             logits = self._device_step("decode", k + 1, 1, step)
             probs = np.asarray(jax.nn.softmax(logits[:k], axis=-1))
@@ -701,7 +642,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return 1 <= batch_size <= self.max_batch_size
 
     def capabilities(self) -> ExecutorCapabilities:
-        c = self.model_config
+        c = self.model.config
         if c.num_kv_heads == 1 and c.num_heads > 1:
             attention = [AttentionType.MULTI_QUERY]
         elif c.num_kv_heads < c.num_heads:
@@ -725,10 +666,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             supported_dtypes=[DataType.FP32, DataType.BF16],
             supported_devices=devices,
             memory_requirements=MemoryRequirements(
-                parameter_memory=self._param_bytes,
+                parameter_memory=self.model.param_bytes,
                 activation_memory_per_token=4
                 * (2 * c.hidden_size + c.intermediate_size * 2 + c.vocab_size),
-                kv_cache_memory_per_token=self.kv_bytes_per_token // self.config.num_layers,
+                kv_cache_memory_per_token=self.kv_bytes_per_token // c.num_layers,
                 overhead_memory=self._cache.lengths.nbytes,
             ),
         )
@@ -789,47 +730,20 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
         def work() -> dict[str, list[tuple[int, int]]]:
             compiled: dict[str, list[tuple[int, int]]] = {"prefill": [], "decode": [], "extend": []}
-            pad = self.max_batch_size
-            draft_bucket = self._len_buckets[0]
-            _, self._cache = engine.extend_step(
-                self._graphdef,
-                self._params,
-                self._cache,
-                jnp.zeros((1, draft_bucket), jnp.int32),
-                jnp.ones((1,), jnp.int32),
-                jnp.full((1,), pad, jnp.int32),
-            )
-            compiled["extend"].append((1, draft_bucket))
-            for rows in self._row_buckets:
-                for length in self._len_buckets:
-                    _, self._cache = engine.prefill_step(
-                        self._graphdef,
-                        self._params,
-                        self._cache,
-                        jnp.zeros((rows, length), jnp.int32),
-                        jnp.ones((rows,), jnp.int32),
-                        jnp.full((rows,), pad, jnp.int32),
-                        True,
-                    )
+            pool, max_len = self.max_batch_size, self.max_sequence_length
+            row_buckets = engine.buckets(pool)
+            len_buckets = engine.buckets(max_len, minimum=engine.MIN_BUCKET)
+            drafts = engine.padding_rows(1, len_buckets[0], pool_rows=pool)
+            self._run_rows(engine.extend_step, drafts)
+            compiled["extend"].append((1, len_buckets[0]))
+            for rows in row_buckets:
+                for length in len_buckets:
+                    batch = engine.padding_rows(rows, length, pool_rows=pool)
+                    self._run_rows(engine.prefill_step, batch, True)
                     compiled["prefill"].append((rows, length))
-                _, self._cache = engine.decode_step(
-                    self._graphdef,
-                    self._params,
-                    self._cache,
-                    jnp.zeros((rows,), jnp.int32),
-                    jnp.full((rows,), pad, jnp.int32),
-                    jnp.zeros((rows,), bool),
-                )
+                self._run_tokens(engine.padding_tokens(rows, pool_rows=pool))
                 compiled["decode"].append((rows, 1))
-            # The whole-pool decode (no gather) runs on real slots with every row inactive.
-            _, self._cache = engine.decode_step(
-                self._graphdef,
-                self._params,
-                self._cache,
-                jnp.zeros((pad,), jnp.int32),
-                None,
-                jnp.zeros((pad,), bool),
-            )
+            self._run_tokens(engine.padding_tokens(pool, pool_rows=pool, gather=False))
             jax.block_until_ready(self._cache)
             return compiled
 
@@ -857,10 +771,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
     def _slot_view(self, handle: JaxKvCacheHandle, layer: int, *, keys: bool) -> TensorLike:
         with self._lock:
             record = self._lookup(handle)
-            if not 0 <= layer < self.config.num_layers:
-                raise FerrumError.invalid_parameter(
-                    f"layer {layer} out of range [0, {self.config.num_layers})"
-                )
+            layers = self.model.runtime_config.num_layers
+            if not 0 <= layer < layers:
+                raise FerrumError.invalid_parameter(f"layer {layer} out of range [0, {layers})")
             source = (self._cache.keys if keys else self._cache.values)[layer]
             rows = source[jnp.asarray(record.slots)]
             return JaxTensor(rows[:, :, : max(record.lengths)])

@@ -6,11 +6,12 @@ import asyncio
 
 import jax
 
+from ferrum_jax import sharding
+from ferrum_jax.dtypes import MODEL_DTYPES
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
 from ferrum_jax.interfaces import (
     AttentionType,
-    DataType,
     DeviceKind,
     ExecutorConfig,
     ExecutorMetrics,
@@ -19,8 +20,9 @@ from ferrum_jax.interfaces import (
     ModelExecutor,
     ModelExecutorFactory,
 )
+from ferrum_jax.tensor import datatype_of
 
-_DTYPES = {DataType.FP32: "float32", DataType.BF16: "bfloat16"}
+_DTYPES = {datatype_of(dtype): name for name, dtype in MODEL_DTYPES.items()}
 _PLATFORMS = {DeviceKind.CUDA: "gpu", DeviceKind.ROCM: "gpu", DeviceKind.TPU: "tpu"}
 _OPTIONS = frozenset({"model_path", "mesh"})
 
@@ -35,11 +37,7 @@ class JaxExecutorFactory(ModelExecutorFactory):
     async def create_executor(self, config: ExecutorConfig) -> JaxModelExecutor:
         self.validate_config(config)
         options = config.executor_options
-        mesh = None
-        if options.get("mesh"):
-            from ferrum_jax import sharding
-
-            mesh = sharding.mesh_from_spec(options["mesh"])
+        mesh = sharding.mesh_from_spec(options["mesh"]) if options.get("mesh") else None
         return await asyncio.to_thread(
             JaxModelExecutor.from_pretrained,
             options.get("model_path"),
@@ -116,8 +114,6 @@ class JaxExecutorFactory(ModelExecutorFactory):
                 f"unknown executor_options {unknown}; supported: {sorted(_OPTIONS)}"
             )
         if config.executor_options.get("mesh"):
-            from ferrum_jax import sharding
-
             sharding.parse_mesh(config.executor_options["mesh"])
 
 

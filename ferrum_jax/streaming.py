@@ -14,9 +14,12 @@ from flax import nnx
 from ferrum_jax import engine
 from ferrum_jax.cache import init_cache
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.model import Model
+from ferrum_jax.models.llama import graph_facts
 from ferrum_jax.sampling import SamplingParams, row_keys, sample_step
 
 _MIN_CACHE = 256
+"""Smallest cache: short prompts and budgets share one decode program."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +38,8 @@ _pick = jax.jit(sample_step)
 
 
 def stream_tokens(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    prompt: Sequence[int],
-    *,
+    model: Model | nnx.GraphDef,
+    *args: nnx.State | Sequence[int],
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
     seed: int = 0,
@@ -47,20 +48,24 @@ def stream_tokens(
 ) -> Iterator[StreamedToken]:
     """Yields tokens as they are generated, with the same per-step keys as `engine.generate`.
 
-    `stop_tokens` default to the model's EOS ids, as in `engine.generate`. `timings`, if
-    given, receives `prefill_s` (time to first token) and `decode_s`.
+    Called as `stream_tokens(model, prompt, ...)` with a `Model`, or as
+    `stream_tokens(graphdef, params, prompt, ...)`. `stop_tokens` default to the model's EOS
+    ids, as in `engine.generate`. `timings`, if given, receives `prefill_s` (time to first
+    token) and `decode_s`.
     """
+    if isinstance(model, Model):
+        graphdef, params, (prompt,) = model.graphdef, model.params, args
+    else:
+        graphdef, (params, prompt) = model, args
     if not prompt:
         raise FerrumError.request_validation("empty prompt")
     if max_new_tokens < 1:
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    model = nnx.merge(graphdef, params)
-    dtype, config = jnp.dtype(model.dtype), model.config
-    # Power-of-two cache lengths (>= 256): prompts and token budgets of different sizes
-    # share one decode program instead of compiling one per length.
-    needed = engine.bucket_length(len(prompt), 1 << 30) + max_new_tokens
-    cache_len = max(_MIN_CACHE, 1 << (needed - 1).bit_length())
-    cache = init_cache(config, 1, cache_len, dtype)
+    config, dtype = graph_facts(graphdef)
+    # Power-of-two cache lengths: prompts and token budgets of different sizes share one
+    # decode program instead of compiling one per length.
+    needed = engine.bucket(len(prompt), minimum=engine.MIN_BUCKET) + max_new_tokens
+    cache = init_cache(config, 1, engine.bucket(needed, minimum=_MIN_CACHE), dtype)
     sampling = sampling or SamplingParams.greedy(1)
     keys = row_keys(seed, 1)
     stops = set(config.eos_token_ids if stop_tokens is None else stop_tokens)

@@ -112,20 +112,26 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
     @property
+    def layer_matmul_params(self) -> int:
+        """Weights one token multiplies through in one layer (q/k/v/o and the MLP)."""
+        e, h, kv, d = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        return e * (h + 2 * kv) * d + h * d * e + 3 * e * self.intermediate_size
+
+    @property
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
-        e, h, kv, d, f = (
-            self.hidden_size,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.intermediate_size,
-        )
-        attn = e * (h + 2 * kv) * d + h * d * e
-        attn += (h + 2 * kv) * d * self.qkv_bias + e * self.o_bias + 2 * d * self.qk_norm
-        layer = attn + 3 * e * f + 2 * e
+        e, h, kv, d = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        small = (h + 2 * kv) * d * self.qkv_bias + e * self.o_bias + 2 * d * self.qk_norm
+        layer = self.layer_matmul_params + small + 2 * e
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
         return self.vocab_size * e + self.num_layers * layer + e + head
+
+    def forward_flops(self, tokens: float, context: float, lm_head_rows: float) -> float:
+        """FLOPs of a forward over `tokens` tokens that attend to `context` keys on average,
+        with the LM head on `lm_head_rows` rows (matmuls only: 2 FLOPs per multiply-add)."""
+        attention = 2 * 2 * self.num_heads * self.head_dim * context  # QK^T and PV
+        per_token = self.num_layers * (2 * self.layer_matmul_params + attention)
+        return tokens * per_token + lm_head_rows * 2 * self.hidden_size * self.vocab_size
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:

@@ -131,6 +131,33 @@ class Attention(nnx.Module):
         self.config = config
         self.layer = layer
 
+    def project(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`x: [b, s, embed]` -> rotated `q: [b, s, heads, d]`, `k, v: [b, s, kv_heads, d]`."""
+        config, dtype = self.config, x.dtype
+        q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bse,ekd->bskd", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bse,ekd->bskd", x, self.v_proj[...].astype(dtype))
+        if config.qkv_bias:
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
+        if config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """Attention output `[b, s, heads, d]` -> `[b, s, embed]` through o_proj."""
+        b, s, h, d = out.shape
+        # One 2-D matmul against o_proj's row-major [heads * head_dim, embed] view: with the
+        # einsum "bshd,hde->bse", XLA CPU transposed (copied) o_proj on every step.
+        w = self.o_proj[...].astype(out.dtype).reshape(h * d, -1)
+        y = (out.reshape(b * s, h * d) @ w).reshape(b, s, -1)
+        if self.config.o_bias:
+            y = y + self.o_bias[...].astype(out.dtype)
+        return y
+
     def __call__(
         self,
         x: jax.Array,
@@ -144,75 +171,93 @@ class Attention(nnx.Module):
 
         `rope` is `rope_angles(positions)`, shared by all layers.
         """
-        config, dtype = self.config, x.dtype
-        q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("bse,ekd->bskd", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("bse,ekd->bskd", x, self.v_proj[...].astype(dtype))
-        if config.qkv_bias:
-            q = q + self.q_bias[...].astype(dtype)
-            k = k + self.k_bias[...].astype(dtype)
-            v = v + self.v_bias[...].astype(dtype)
-        if config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self.project(x, rope)
+        cache_k, cache_v = write_kv(cache_k, cache_v, k, v, plan)
+        keys, values, key_pos = attention_source(cache_k, cache_v, k, v, positions, plan)
+        out = attend(q, keys, values, positions, key_pos, self.config.layer_window(self.layer))
+        return self.output(out), cache_k, cache_v
 
-        batch = x.shape[0]
-        rows = jnp.arange(batch) if plan.slots is None else plan.slots
-        index = (rows[:, None], slice(None), plan.write_pos)
-        cache_k = cache_k.at[index].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[index].set(v.astype(cache_v.dtype), mode="drop")
 
-        if plan.attend_cache:
-            if plan.slots is None:
-                keys, values = cache_k, cache_v  # [b, kv, t, d]
-            else:
-                keys, values = cache_k[plan.slots], cache_v[plan.slots]
-            key_pos = jnp.arange(keys.shape[2])[None, :]
+def write_kv(
+    cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, plan: KVPlan
+) -> tuple[jax.Array, jax.Array]:
+    """Writes `k, v: [b, s, kv_heads, d]` into cache rows `plan.slots` at `plan.write_pos`."""
+    rows = jnp.arange(k.shape[0]) if plan.slots is None else plan.slots
+    index = (rows[:, None], slice(None), plan.write_pos)
+    cache_k = cache_k.at[index].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[index].set(v.astype(cache_v.dtype), mode="drop")
+    return cache_k, cache_v
+
+
+def attention_source(
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    plan: KVPlan,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys/values a step attends to, `[b, kv_heads, t, d]`, and their positions `[b, t]`.
+
+    Decode and extend read their cache rows; prefill reads only its own fresh keys.
+    """
+    if not plan.attend_cache:
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
+    if plan.slots is None:
+        keys, values = cache_k, cache_v
+    else:
+        keys, values = cache_k[plan.slots], cache_v[plan.slots]
+    return keys, values, jnp.arange(keys.shape[2])[None, :]
+
+
+def attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    window: int | None,
+) -> jax.Array:
+    """Causal GQA attention: `q: [b, s, heads, d]` over `keys, values: [b, kv, t, d]`.
+
+    A key is visible when its position is <= the query's (and inside `window`, if any);
+    softmax in float32. Returns `[b, s, heads, d]` in the dtype of `q`.
+    """
+    dtype = q.dtype
+    keys, values = keys.astype(dtype), values.astype(dtype)
+    b, s, h, d = q.shape
+    kv = keys.shape[1]
+    q = q.reshape(b, s, kv, h // kv, d) * jnp.asarray(d**-0.5, dtype)
+    with jax.named_scope("attention"):
+        q_at = q_pos[:, None, None, :, None]
+        k_at = k_pos[:, None, None, None, :]
+        allowed = k_at <= q_at
+        if window is not None:
+            allowed &= k_at > q_at - window
+        if s == 1:
+            # Decode: multiply-reduce instead of dots. XLA CPU fuses it into one pass over
+            # the cache row; as dots it copied the whole cache around every step.
+            q32 = q[:, 0, :, :, None, :].astype(jnp.float32)  # [b, kv, g, 1, d]
+            scores = jnp.sum(q32 * keys[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]
         else:
-            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            key_pos = positions
-        keys, values = keys.astype(dtype), values.astype(dtype)
-
-        b, s, h, d = q.shape
-        kv = config.num_kv_heads
-        q = q.reshape(b, s, kv, h // kv, d) * jnp.asarray(d**-0.5, dtype)
-        with jax.named_scope("attention"):
-            q_pos = positions[:, None, None, :, None]
-            k_pos = key_pos[:, None, None, None, :]
-            allowed = k_pos <= q_pos
-            window = config.layer_window(self.layer)
-            if window is not None:
-                allowed &= k_pos > q_pos - window
-            if s == 1:
-                # Decode: multiply-reduce instead of dots. XLA CPU fuses it into one pass over
-                # the cache row; as dots it copied the whole cache around every step.
-                q32 = q[:, 0, :, :, None, :].astype(jnp.float32)  # [b, kv, g, 1, d]
-                scores = jnp.sum(q32 * keys[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]
-            else:
-                # Explicit [b, kv, g*s, d] x [b, kv, t, d] batched GEMM: 3x faster on XLA CPU
-                # than the 5-D einsum "bskgd,bktd->bkgst" at 512 tokens.
-                g = h // kv
-                rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
-                scores = jax.lax.dot_general(
-                    rows,
-                    keys,
-                    (((3,), (3,)), ((0, 1), (0, 1))),
-                    preferred_element_type=jnp.float32,
-                ).reshape(b, kv, g, s, -1)
-            scores = jnp.where(allowed, scores, _MASKED)
-            probs = jax.nn.softmax(scores, axis=-1)  # [b, kv, g, s, t]
-            if s == 1:
-                out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)
-                out = out[:, :, :, None].astype(dtype)  # [b, kv, g, 1, d]
-            else:
-                out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(dtype), values)
-        # One 2-D matmul against o_proj's row-major [heads * head_dim, embed] view: with the
-        # einsum "bshd,hde->bse", XLA CPU transposed (copied) o_proj on every step.
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b * s, h * d)
-        y = (out @ self.o_proj[...].astype(dtype).reshape(h * d, -1)).reshape(b, s, -1)
-        if config.o_bias:
-            y = y + self.o_bias[...].astype(dtype)
-        return y, cache_k, cache_v
+            # Explicit [b, kv, g*s, d] x [b, kv, t, d] batched GEMM: 3x faster on XLA CPU
+            # than the 5-D einsum "bskgd,bktd->bkgst" at 512 tokens.
+            g = h // kv
+            rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+            scores = jax.lax.dot_general(
+                rows,
+                keys,
+                (((3,), (3,)), ((0, 1), (0, 1))),
+                preferred_element_type=jnp.float32,
+            ).reshape(b, kv, g, s, -1)
+        scores = jnp.where(allowed, scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1)  # [b, kv, g, s, t]
+        if s == 1:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)
+            out = out[:, :, :, None].astype(dtype)  # [b, kv, g, 1, d]
+        else:
+            out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(dtype), values)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 class MLP(nnx.Module):

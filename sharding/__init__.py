@@ -3,7 +3,7 @@
 Typical use (one process, or each process of a multi-host job after `initialize`)::
 
     mesh = make_mesh(*parse_mesh("data=2,model=4"))
-    config, graphdef, params = load_for_mesh(config, read, mesh)   # or prepare_for_mesh
+    config, graphdef, params = prepare_for_mesh(config, graphdef, params, mesh)
     cache = shard_cache(init_cache(config, slots, max_len), mesh)
     logits, cache = engine.prefill(graphdef, params, cache, tokens)  # runs SPMD
     host_logits = to_host(logits)
@@ -14,8 +14,7 @@ from ferrum_jax.sharding.heads import (
     adapt_heads,
     exact_model_sizes,
     head_layout,
-    load_for_mesh,
-    mesh_config,
+    mesh_head_layout,
     prepare_for_mesh,
 )
 from ferrum_jax.sharding.mesh import (
@@ -52,11 +51,10 @@ __all__ = [
     "head_layout",
     "initialize",
     "is_primary",
-    "load_for_mesh",
     "logical_to_spec",
     "make_mesh",
-    "mesh_config",
     "mesh_from_spec",
+    "mesh_head_layout",
     "mesh_shape",
     "param_shardings",
     "parse_mesh",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +36,9 @@ from jax.sharding import Mesh
 
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import CheckpointTensor, abstract_model, params_from_checkpoint
+from ferrum_jax.models.llama import abstract_model, graph_facts
 from ferrum_jax.sharding.mesh import mesh_shape
-from ferrum_jax.sharding.rules import placer, shard_params
+from ferrum_jax.sharding.rules import shard_params
 
 # Leaf name -> (axis of the head dim, indexed by query heads (True) or KV heads (False)).
 _HEAD_AXES: dict[str, tuple[int, bool]] = {
@@ -142,12 +141,8 @@ def exact_model_sizes(config: ModelConfig, limit: int = 64) -> list[int]:
     return [m for m in range(1, limit + 1) if head_layout(config, m).padding == 0]
 
 
-def mesh_config(config: ModelConfig, mesh: Mesh, *, pad_heads: bool = True) -> ModelConfig:
-    """The config `prepare_for_mesh` / `load_for_mesh` produce for `mesh` (for `init_cache`)."""
-    return _layout(config, mesh, pad_heads).adapt_config(config)
-
-
-def _layout(config: ModelConfig, mesh: Mesh, pad_heads: bool) -> HeadLayout:
+def mesh_head_layout(config: ModelConfig, mesh: Mesh, *, pad_heads: bool = True) -> HeadLayout:
+    """`head_layout` for `mesh`'s `model` axis; `pad_heads=False` refuses zero-padded heads."""
     model = mesh_shape(mesh)[1]
     layout = head_layout(config, model)
     if layout.padding and not pad_heads:
@@ -170,10 +165,6 @@ def _names(path) -> tuple[str | int, ...]:
     return tuple(names)
 
 
-def _compute_dtype(graphdef: nnx.GraphDef, params: nnx.State) -> str:
-    return nnx.merge(graphdef, params).dtype
-
-
 def adapt_heads(
     config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, model: int
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
@@ -192,7 +183,7 @@ def adapt_heads(
     layout = head_layout(config, model)
     if layout.is_identity:
         return config, graphdef, params
-    dtype = _compute_dtype(graphdef, params)
+    dtype = graph_facts(graphdef)[1]
     params = jax.tree_util.tree_map_with_path(lambda path, x: layout.adapt(_names(path), x), params)
     config = layout.adapt_config(config)
     graphdef, _ = abstract_model(config, dtype=dtype)
@@ -213,37 +204,9 @@ def prepare_for_mesh(
     model computes the same logits. `pad_heads=False` refuses (FerrumError listing the
     model sizes that work) instead of adding zero query heads. Build the KV cache from
     `config'` and shard it with `shard_cache`. Multi-process: every process passes the
-    same params (same seed or checkpoint); prefer `load_for_mesh` for checkpoints.
+    same params (same seed or checkpoint); `ferrum_jax.checkpoint.load_model(mesh=...)` loads
+    checkpoints straight into their shards instead.
     """
-    _layout(config, mesh, pad_heads)
+    mesh_head_layout(config, mesh, pad_heads=pad_heads)
     config, graphdef, params = adapt_heads(config, graphdef, params, mesh_shape(mesh)[1])
     return config, graphdef, shard_params(params, mesh)
-
-
-def load_for_mesh(
-    config: ModelConfig,
-    read: Callable[[CheckpointTensor], np.ndarray],
-    mesh: Mesh,
-    *,
-    param_dtype: jnp.dtype = jnp.float32,
-    dtype: jnp.dtype | None = None,
-    pad_heads: bool = True,
-) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """`models.llama.params_from_checkpoint` straight onto `mesh`: `(config', graphdef', params')`.
-
-    Each tensor is read, head-adapted on the host and placed with `placer` before the next
-    is read: a process transfers only its own devices' slices, and no device ever holds an
-    unsharded copy of a sharded weight. Use it in every process of a multi-host job.
-    """
-    layout = _layout(config, mesh, pad_heads)
-    new_config = layout.adapt_config(config)
-    place = placer(mesh, new_config)
-    _, params = params_from_checkpoint(
-        config,
-        read,
-        param_dtype=param_dtype,
-        dtype=dtype,
-        place=lambda path, array: place(path, layout.adapt(path, array)),
-    )
-    graphdef, _ = abstract_model(new_config, param_dtype=param_dtype, dtype=dtype)
-    return new_config, graphdef, params

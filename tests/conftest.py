@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from ferrum_jax.checkpoint import params_from_checkpoint
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import params_from_checkpoint
 
 
 def require_reference():

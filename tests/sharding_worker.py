@@ -85,7 +85,7 @@ def save_checkpoint(path) -> None:
 
     from safetensors.numpy import save_file
 
-    from ferrum_jax.models.llama import checkpoint_layout
+    from ferrum_jax.checkpoint import checkpoint_layout
 
     config = configs()["smol"]
     root = pathlib.Path(path)
@@ -177,10 +177,9 @@ def _mesh_checks() -> dict:
 
     from ferrum_jax import engine
     from ferrum_jax.cache import init_cache
+    from ferrum_jax.checkpoint import load_for_mesh, params_from_checkpoint
     from ferrum_jax.errors import FerrumError
-    from ferrum_jax.models.llama import params_from_checkpoint
     from ferrum_jax.sharding import (
-        load_for_mesh,
         make_mesh,
         parse_mesh,
         prepare_for_mesh,
@@ -305,7 +304,7 @@ def _host_checks(process_id: int, port: int, checkpoint: str) -> dict:
     # Every process reads the same checkpoint straight into its own shards.
     loaded = load_model(checkpoint, mesh=mesh)
     assert loaded.model_config == config
-    cfg2, g2, p2 = loaded.config, loaded.graphdef, loaded.params
+    cfg2, g2, p2 = loaded.runtime_config, loaded.graphdef, loaded.params
     tokens, lengths = prompts(config.vocab_size)
     cache = shard_cache(init_cache(cfg2, PROMPT_SLOTS, MAX_LEN), mesh)
     logits, cache = engine.prefill(g2, p2, cache, tokens, lengths)

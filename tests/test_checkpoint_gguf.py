@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from conftest import require_reference, tiny_hf_model
 
-from ferrum_jax.checkpoint import load_gguf, load_model
-from ferrum_jax.checkpoint.loaded import default_model_path
+from ferrum_jax.checkpoint import default_model_path, load_gguf, load_model
 from ferrum_jax.engine import forward
 from ferrum_jax.models.config import ModelConfig, RopeScaling
 

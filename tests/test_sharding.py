@@ -24,8 +24,8 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from ferrum_jax import engine
 from ferrum_jax.cache import KV_AXES
+from ferrum_jax.checkpoint import params_from_checkpoint
 from ferrum_jax.errors import ErrorKind, FerrumError
-from ferrum_jax.models.llama import params_from_checkpoint
 from ferrum_jax.sharding import (
     adapt_heads,
     exact_model_sizes,

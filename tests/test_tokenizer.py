@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from conftest import require_reference
 
-from ferrum_jax.checkpoint.chat_template import render_chat_template
-from ferrum_jax.checkpoint.detokenizer import IncrementalDetokenizer
-from ferrum_jax.checkpoint.tokenizer import Tokenizer
 from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.text.chat_template import render_chat_template
+from ferrum_jax.text.detokenizer import IncrementalDetokenizer
+from ferrum_jax.text.tokenizer import Tokenizer
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

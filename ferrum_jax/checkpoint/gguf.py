@@ -19,26 +19,20 @@ import pathlib
 import re
 import struct
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import gguf
 import jax
 import numpy as np
 
-from ferrum_jax.checkpoint.loaded import (
-    LoadedModel,
-    Place,
-    build_params,
-    param_dtype,
-    parse_config,
-)
-from ferrum_jax.checkpoint.progress import Progress
+from ferrum_jax.checkpoint.build import Place, build_params
+from ferrum_jax.checkpoint.hf_config import parse_config
+from ferrum_jax.checkpoint.layout import CheckpointTensor, checkpoint_layout
+from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.model import Model
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout
-
-if TYPE_CHECKING:
-    from ferrum_jax.checkpoint.tokenizer import Tokenizer
+from ferrum_jax.text.tokenizer import Tokenizer
 
 _QT = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset(
@@ -415,9 +409,6 @@ def _tokenizer(path: pathlib.Path, header: GGUFHeader) -> Tokenizer | None:
     """The tokenizer the metadata describes, or None when the file carries none."""
     if "tokenizer.ggml.tokens" not in header.metadata:
         return None
-    # Imported here: weight-only users never need `tokenizers`.
-    from ferrum_jax.checkpoint.tokenizer import Tokenizer
-
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, KeyError, IndexError) as e:  # what GGUFReader raises on bad input
@@ -444,9 +435,9 @@ def load_gguf(
     dtype: str = "float32",
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
-) -> LoadedModel:
+) -> Model:
     """Loads a `.gguf` file: config from metadata, dequantised weights, tokenizer."""
-    target = param_dtype(dtype)
+    target = model_dtype(dtype)
     path = pathlib.Path(path)
     if not path.is_file():
         raise FerrumError.not_found(f"{path}: no such file")
@@ -456,23 +447,16 @@ def load_gguf(
     tokenizer = _tokenizer(path, header)
     permuted = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
 
-    with open(path, "rb") as f, Progress(f"loading {path.name}", len(by_hf)) as progress:
+    with open(path, "rb") as f:
 
         def read(tensor: CheckpointTensor) -> np.ndarray:
             w = _dequantized(f, by_hf[tensor.name])
             proj = tensor.name.split(".")[-2]
             if config.model_type == "llama" and proj in permuted:
                 w = unpermute_qk(w, permuted[proj])
-            progress.advance()
             return w
 
-        runtime_config, graphdef, params = build_params(config, read, target, place, mesh)
-    return LoadedModel(
-        config=runtime_config,
-        graphdef=graphdef,
-        params=params,
-        tokenizer=tokenizer,
-        source=str(path),
-        format="gguf",
-        checkpoint_config=None if mesh is None else config,
-    )
+        graphdef, params = build_params(
+            config, read, target, place=place, mesh=mesh, label=f"loading {path.name}"
+        )
+    return Model(config, graphdef, params, tokenizer=tokenizer, source=str(path), format="gguf")

@@ -26,17 +26,15 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ferrum_jax.checkpoint.loaded import (
-    ORBAX_MARKER,
-    LoadedModel,
-    param_dtype,
-    tokenizer_from_dir,
-)
-from ferrum_jax.checkpoint.safetensors import read_config
+from ferrum_jax.checkpoint.hf_config import read_config, write_config
+from ferrum_jax.checkpoint.tokenizer_files import has_tokenizer, load_tokenizer, save_tokenizer
+from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.model import Model
 from ferrum_jax.models.llama import abstract_model
 
+ORBAX_MARKER = "ferrum_jax.json"
+"""Written last into an orbax checkpoint directory: its presence means the save completed."""
 FORMAT = "ferrum-jax-orbax"
 """`format` field of the marker."""
 VERSION = 1
@@ -48,17 +46,18 @@ Shardings = Callable[[tuple[str | int, ...]], jax.sharding.Sharding] | Mapping[A
 pure dict) whose leaves are Shardings."""
 
 
-def save_orbax(loaded: LoadedModel, dst: str | os.PathLike) -> None:
-    """Saves `loaded` to the new directory `dst` (never overwrites; atomic rename last)."""
+def save_orbax(model: Model, dst: str | os.PathLike) -> None:
+    """Saves `model` to the new directory `dst` (never overwrites; atomic rename last).
+
+    The saved config is the one the params match (`runtime_config`).
+    """
     dst = pathlib.Path(dst)
     if dst.exists() or dst.is_symlink():
         raise FerrumError.already_exists(f"{dst}: already exists; choose a new directory")
-    if ModelConfig.from_hf(loaded.config.to_hf()) != loaded.config:
-        raise FerrumError.internal(f"config does not survive config.json: {loaded.config}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        _write(loaded, tmp)
+        _write(model, tmp)
         try:
             # rename(2) is atomic and fails on an existing non-empty dst instead of merging.
             os.rename(tmp, dst)
@@ -70,20 +69,24 @@ def save_orbax(loaded: LoadedModel, dst: str | os.PathLike) -> None:
         raise
 
 
-def _write(loaded: LoadedModel, tmp: pathlib.Path) -> None:
+def _write(model: Model, tmp: pathlib.Path) -> None:
+    write_config(model.runtime_config, tmp)
     checkpointer = ocp.StandardCheckpointer()
     try:
-        checkpointer.save(tmp / _PARAMS, nnx.to_pure_dict(loaded.params))
+        checkpointer.save(tmp / _PARAMS, nnx.to_pure_dict(model.params))
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
-    (tmp / "config.json").write_text(json.dumps(loaded.config.to_hf(), indent=2))
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save(tmp)
+    if model.tokenizer is not None:
+        save_tokenizer(model.tokenizer, tmp)
     _fsync_tree(tmp)
     # The marker goes last: only a directory holding everything else can carry it.
-    dtype = jax.tree.leaves(loaded.params)[0].dtype
-    marker = {"format": FORMAT, "version": VERSION, "dtype": str(dtype), "source": loaded.format}
+    marker = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": str(model.param_dtype),
+        "source": model.format,
+    }
     with open(tmp / ORBAX_MARKER, "w") as f:
         json.dump(marker, f)
         f.flush()
@@ -147,12 +150,12 @@ def _sharding(shardings: Shardings | None, path: tuple[str | int, ...]) -> jax.s
 
 def load_orbax(
     path: str | os.PathLike, *, dtype: str = "float32", shardings: Shardings | None = None
-) -> LoadedModel:
+) -> Model:
     """Loads a directory written by `save_orbax`, converting params to `dtype`.
 
     With `shardings`, each param is restored straight into its shards (no gathered copy).
     """
-    target = param_dtype(dtype)
+    target = model_dtype(dtype)
     root = pathlib.Path(path)
     read_marker(root)
     config = read_config(root)
@@ -172,11 +175,5 @@ def load_orbax(
     finally:
         checkpointer.close()
     nnx.replace_by_pure_dict(abstract, restored)
-    return LoadedModel(
-        config=config,
-        graphdef=graphdef,
-        params=abstract,
-        tokenizer=tokenizer_from_dir(root),
-        source=str(root),
-        format="orbax",
-    )
+    tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
+    return Model(config, graphdef, abstract, tokenizer=tokenizer, source=str(root), format="orbax")

@@ -25,18 +25,14 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ferrum_jax.checkpoint.loaded import (
-    LoadedModel,
-    Place,
-    build_params,
-    param_dtype,
-    parse_config,
-    tokenizer_from_dir,
-)
-from ferrum_jax.checkpoint.progress import Progress
+from ferrum_jax.checkpoint.build import Place, build_params
+from ferrum_jax.checkpoint.hf_config import read_config
+from ferrum_jax.checkpoint.layout import CheckpointTensor, checkpoint_layout
+from ferrum_jax.checkpoint.tokenizer_files import has_tokenizer, load_tokenizer
+from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.model import Model
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.llama import CheckpointTensor, checkpoint_layout
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -209,20 +205,6 @@ def validate_layout(
     return {name: entries[name] for name in expected}
 
 
-def read_config(root: pathlib.Path) -> ModelConfig:
-    """Parses `root/config.json`."""
-    path = root / "config.json"
-    if not path.is_file():
-        raise FerrumError.not_found(f"{root}: no config.json")
-    try:
-        hf = json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:
-        raise FerrumError.invalid_format(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(hf, dict):
-        raise FerrumError.invalid_format(f"{path}: not a JSON object")
-    return parse_config(hf, path)
-
-
 def _read(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
     array = np.empty(entry.shape, entry.dtype)
     f.seek(entry.start)
@@ -239,36 +221,27 @@ def load_hf(
     dtype: str = "float32",
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
-) -> LoadedModel:
+) -> Model:
     """Loads an HF directory (`config.json` + safetensors, optional tokenizer files)."""
-    target = param_dtype(dtype)
+    target = model_dtype(dtype)
     root = pathlib.Path(path)
     if not root.is_dir():
         raise FerrumError.not_found(f"{root}: not a directory")
     entries = checkpoint_entries(root)  # first: a pickle-only dir fails on that, not the config
     config = read_config(root)
     to_read = validate_layout(config, entries, root)
-    tokenizer = tokenizer_from_dir(root)
+    tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
     with contextlib.ExitStack() as stack:
         files = {
             file: stack.enter_context(open(file, "rb"))
             for file in sorted({e.file for e in to_read.values()})
         }
-        progress = stack.enter_context(Progress(f"loading {root.name}", len(to_read)))
 
         def read(tensor: CheckpointTensor) -> np.ndarray:
             entry = to_read[tensor.name]
-            array = _read(files[entry.file], entry)
-            progress.advance()
-            return array
+            return _read(files[entry.file], entry)
 
-        runtime_config, graphdef, params = build_params(config, read, target, place, mesh)
-    return LoadedModel(
-        config=runtime_config,
-        graphdef=graphdef,
-        params=params,
-        tokenizer=tokenizer,
-        source=str(root),
-        format="hf",
-        checkpoint_config=None if mesh is None else config,
-    )
+        graphdef, params = build_params(
+            config, read, target, place=place, mesh=mesh, label=f"loading {root.name}"
+        )
+    return Model(config, graphdef, params, tokenizer=tokenizer, source=str(root), format="hf")

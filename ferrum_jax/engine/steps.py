@@ -1,4 +1,4 @@
-"""Pure step functions: prefill, extend, decode, forward and generate over a static KV cache.
+"""Pure step functions: prefill, extend, decode and forward over a static KV cache.
 
 `graphdef` and `params` come from `nnx.split(model)`. Params are always arguments (never
 closed over), so new weights with the same shapes reuse the compiled program. Caches are
@@ -21,42 +21,19 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax.cache import KVCache, init_cache
+from ferrum_jax.engine.batch import check_token_ids
+from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.layers import KVPlan
-from ferrum_jax.sampling import SamplingParams, row_keys, sample_step
-
-MIN_BUCKET = 16
-"""Smallest prompt bucket: short prompts of different lengths share one program."""
 
 ArrayLike = jax.Array | np.ndarray | Sequence
 
 
-def bucket_length(length: int, max_len: int) -> int:
-    """The power-of-two bucket (at least `MIN_BUCKET`, at most `max_len`) holding `length`."""
-    bucket = max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
-    return min(bucket, max_len)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class GenerateOutput:
-    """Result of `generate`; row `i` produced `lengths[i]` tokens."""
-
-    tokens: jax.Array
-    """`[batch, max_new_tokens]` int32, -1 past each row's length."""
-    lengths: jax.Array
-    """`[batch]` int32: tokens generated, the stop token included."""
-    logprobs: jax.Array
-    """`[batch, max_new_tokens]` float32: log-prob of each token under the model, 0 past length."""
-    stopped: jax.Array
-    """`[batch]` bool: the row ended on a stop token (else it hit its token limit)."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Traced bodies (shared by the jitted entry points and `generate`).
+# Traced bodies (shared by the jitted entry points and `generate.generate_step`).
 
 
-def _prefill_body(model, cache: KVCache, tokens, lengths, slots, all_logits: bool):
+def prefill_body(model, cache: KVCache, tokens, lengths, slots, all_logits: bool):
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     real = positions < lengths[:, None]
@@ -76,7 +53,7 @@ def _prefill_body(model, cache: KVCache, tokens, lengths, slots, all_logits: boo
     return logits, KVCache(keys, values, new_lengths)
 
 
-def _extend_body(model, cache: KVCache, tokens, lengths, slots):
+def extend_body(model, cache: KVCache, tokens, lengths, slots):
     s = tokens.shape[1]
     start = cache.lengths[slots]
     offsets = jnp.arange(s, dtype=jnp.int32)
@@ -90,7 +67,7 @@ def _extend_body(model, cache: KVCache, tokens, lengths, slots):
     return logits, KVCache(keys, values, new_lengths)
 
 
-def _decode_body(model, cache: KVCache, tokens, slots, active):
+def decode_body(model, cache: KVCache, tokens, slots, active):
     start = cache.lengths if slots is None else cache.lengths[slots]
     plan = KVPlan(
         slots=slots,
@@ -118,17 +95,17 @@ def _decode_body(model, cache: KVCache, tokens, slots, active):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames="cache")
 def prefill_step(graphdef, params, cache, tokens, lengths, slots, all_logits):
-    return _prefill_body(nnx.merge(graphdef, params), cache, tokens, lengths, slots, all_logits)
+    return prefill_body(nnx.merge(graphdef, params), cache, tokens, lengths, slots, all_logits)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
 def extend_step(graphdef, params, cache, tokens, lengths, slots):
-    return _extend_body(nnx.merge(graphdef, params), cache, tokens, lengths, slots)
+    return extend_body(nnx.merge(graphdef, params), cache, tokens, lengths, slots)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
 def decode_step(graphdef, params, cache, tokens, slots, active):
-    return _decode_body(nnx.merge(graphdef, params), cache, tokens, slots, active)
+    return decode_body(nnx.merge(graphdef, params), cache, tokens, slots, active)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -136,91 +113,19 @@ def forward_step(graphdef, params, tokens, lengths):
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, tokens.shape[0], tokens.shape[1], jnp.dtype(model.dtype))
     slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    return _prefill_body(model, cache, tokens, lengths, slots, all_logits=True)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len"))
-def generate_step(
-    graphdef,
-    params,
-    tokens,
-    lengths,
-    row_max_new,
-    stop_tokens,
-    sampling,
-    keys,
-    max_new_tokens,
-    cache_len,
-):
-    model = nnx.merge(graphdef, params)
-    batch = tokens.shape[0]
-    cache = init_cache(model.config, batch, cache_len, jnp.dtype(model.dtype))
-    rows = jnp.arange(batch, dtype=jnp.int32)
-    logits, cache = _prefill_body(model, cache, tokens, lengths, rows, all_logits=False)
-
-    def emit(state, logits, step):
-        cache, last, done, out, logps, count = state
-        token, logp = sample_step(logits, sampling, keys, step)
-        write = ~done
-        out = out.at[:, step].set(jnp.where(write, token, -1))
-        logps = logps.at[:, step].set(jnp.where(write, logp, 0.0))
-        count = count + write.astype(jnp.int32)
-        stopped_now = write & jnp.any(token[:, None] == stop_tokens, axis=-1)
-        done = done | stopped_now | (count >= row_max_new)
-        return cache, jnp.where(write, token, last), done, out, logps, count
-
-    out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
-    logps = jnp.zeros((batch, max_new_tokens), jnp.float32)
-    count = jnp.zeros((batch,), jnp.int32)
-    done = row_max_new <= 0
-    state = emit((cache, jnp.zeros((batch,), jnp.int32), done, out, logps, count), logits, 0)
-
-    def cond(carry):
-        step, state = carry
-        return (step < max_new_tokens) & ~jnp.all(state[2])
-
-    def body(carry):
-        step, (cache, last, done, out, logps, count) = carry
-        logits, cache = _decode_body(model, cache, last, None, ~done)
-        return step + 1, emit((cache, last, done, out, logps, count), logits, step)
-
-    _, (_, _, _, out, logps, count) = jax.lax.while_loop(cond, body, (1, state))
-    last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-    stopped = (count > 0) & jnp.any(last[:, None] == stop_tokens, axis=-1)
-    return GenerateOutput(tokens=out, lengths=count, logprobs=logps, stopped=stopped)
-
-
-def compile_counts() -> dict[str, int]:
-    """Programs compiled so far per entry point (for tests and `warmup` reports)."""
-    fns = {
-        "prefill": prefill_step,
-        "extend": extend_step,
-        "decode": decode_step,
-        "forward": forward_step,
-        "generate": generate_step,
-    }
-    return {name: fn._cache_size() for name, fn in fns.items()}
+    return prefill_body(model, cache, tokens, lengths, slots, all_logits=True)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Public wrappers: host-side validation, bucketing, defaults.
 
 
-def _vocab_size(params: nnx.State) -> int:
+def vocab_size(params: nnx.State) -> int:
     return params["embed"][...].shape[0]
 
 
-def _token_ids(tokens: ArrayLike, vocab: int, ndim: int) -> jax.Array | np.ndarray:
-    if not isinstance(tokens, jax.Array):
-        tokens = np.asarray(tokens)
-        if tokens.dtype.kind not in "iu":
-            raise FerrumError.invalid_parameter(f"token ids must be integers, got {tokens.dtype}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise FerrumError.invalid_parameter(
-                f"token ids must be in [0, {vocab}), got [{tokens.min()}, {tokens.max()}]"
-            )
-    elif not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise FerrumError.invalid_parameter(f"token ids must be integers, got {tokens.dtype}")
+def token_ids(tokens: ArrayLike, vocab: int, ndim: int) -> jax.Array | np.ndarray:
+    tokens = check_token_ids(tokens, vocab)
     if tokens.ndim != ndim or tokens.shape[-1] == 0:
         want = "[batch, seq] with seq >= 1" if ndim == 2 else "[batch]"
         raise FerrumError.invalid_parameter(
@@ -229,7 +134,7 @@ def _token_ids(tokens: ArrayLike, vocab: int, ndim: int) -> jax.Array | np.ndarr
     return tokens
 
 
-def _lengths(lengths: ArrayLike | None, batch: int, seq: int) -> jax.Array:
+def row_lengths(lengths: ArrayLike | None, batch: int, seq: int) -> jax.Array:
     if lengths is None:
         return jnp.full((batch,), seq, jnp.int32)
     if not isinstance(lengths, jax.Array):
@@ -259,7 +164,7 @@ def _slots(slots: ArrayLike | None, batch: int, cache: KVCache) -> jax.Array:
     return jnp.asarray(slots, jnp.int32)
 
 
-def _pad_to(tokens, length: int):
+def pad_to(tokens, length: int):
     pad = length - tokens.shape[1]
     if pad == 0:
         return jnp.asarray(tokens, jnp.int32)
@@ -282,15 +187,15 @@ def prefill(
     real logits) or `[b, vocab]` at each row's last real token, and the updated cache (the
     argument cache is consumed).
     """
-    tokens = _token_ids(tokens, _vocab_size(params), 2)
+    tokens = token_ids(tokens, vocab_size(params), 2)
     b, s = tokens.shape
     if s > cache.max_len:
         raise FerrumError.invalid_parameter(
             f"prompt of {s} tokens does not fit a cache of {cache.max_len}"
         )
-    lengths = _lengths(lengths, b, s)
+    lengths = row_lengths(lengths, b, s)
     slots = _slots(slots, b, cache)
-    padded = _pad_to(tokens, bucket_length(s, cache.max_len))
+    padded = pad_to(tokens, bucket_length(s, cache.max_len))
     logits, cache = prefill_step(graphdef, params, cache, padded, lengths, slots, all_logits)
     return (logits[:, :s] if all_logits else logits), cache
 
@@ -309,11 +214,11 @@ def extend(
     `[b, k, vocab]`; the caller keeps rows within `max_len` and may roll rows back with
     `set_lengths`.
     """
-    tokens = _token_ids(tokens, _vocab_size(params), 2)
+    tokens = token_ids(tokens, vocab_size(params), 2)
     b, k = tokens.shape
-    lengths = _lengths(lengths, b, k)
+    lengths = row_lengths(lengths, b, k)
     slots = _slots(slots, b, cache)
-    padded = _pad_to(tokens, bucket_length(k, cache.max_len))
+    padded = pad_to(tokens, bucket_length(k, cache.max_len))
     logits, cache = extend_step(graphdef, params, cache, padded, lengths, slots)
     return logits[:, :k], cache
 
@@ -331,7 +236,7 @@ def decode(
     Each row continues at its own length. Rows with `active` False write nothing and keep
     their length. Returns logits `[b, vocab]` and the updated cache.
     """
-    tokens = jnp.asarray(_token_ids(tokens, _vocab_size(params), 1), jnp.int32)
+    tokens = jnp.asarray(token_ids(tokens, vocab_size(params), 1), jnp.int32)
     b = tokens.shape[0]
     if slots is None:
         if b != cache.batch:
@@ -354,65 +259,8 @@ def forward(
     graphdef: nnx.GraphDef, params: nnx.State, tokens: ArrayLike, lengths: ArrayLike | None = None
 ) -> jax.Array:
     """Full-sequence logits `[b, s, vocab]` of right-padded `tokens: [b, s]`, no cache kept."""
-    tokens = _token_ids(tokens, _vocab_size(params), 2)
+    tokens = token_ids(tokens, vocab_size(params), 2)
     b, s = tokens.shape
-    lengths = _lengths(lengths, b, s)
-    padded = _pad_to(tokens, max(bucket_length(s, 1 << 30), s))
+    lengths = row_lengths(lengths, b, s)
+    padded = pad_to(tokens, bucket(s, minimum=MIN_BUCKET))
     return forward_step(graphdef, params, padded, lengths)[:, :s]
-
-
-def generate(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens: ArrayLike,
-    lengths: ArrayLike | None = None,
-    *,
-    max_new_tokens: int,
-    row_max_new_tokens: ArrayLike | None = None,
-    stop_tokens: ArrayLike | None = None,
-    sampling: SamplingParams | None = None,
-    keys: jax.Array | None = None,
-    seed: int = 0,
-) -> GenerateOutput:
-    """Prefill and the whole token loop in one jitted program (`lax.while_loop`).
-
-    `stop_tokens` is `[n]` for every row or `[b, n]` per row (pad with -1); default: the
-    model's EOS ids. `row_max_new_tokens: [b]` caps rows below `max_new_tokens`. `keys: [b]`
-    are per-row PRNG keys (default: split from `seed`); step t of row i draws with
-    `fold_in(keys[i], t)`, so rows are independent of each other.
-    """
-    tokens = _token_ids(tokens, _vocab_size(params), 2)
-    b, s = tokens.shape
-    if max_new_tokens < 1:
-        raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lengths = _lengths(lengths, b, s)
-    bucket = bucket_length(s, 1 << 30)
-    if row_max_new_tokens is None:
-        row_max = jnp.full((b,), max_new_tokens, jnp.int32)
-    else:
-        row_max = jnp.minimum(jnp.asarray(row_max_new_tokens, jnp.int32), max_new_tokens)
-    if stop_tokens is None:
-        stop_tokens = nnx.merge(graphdef, params).config.eos_token_ids
-    stop = jnp.asarray(stop_tokens, jnp.int32)
-    if stop.ndim == 1:
-        stop = jnp.broadcast_to(stop, (b, stop.shape[0]))
-    if stop.ndim != 2 or stop.shape[0] != b:
-        raise FerrumError.invalid_parameter(
-            f"stop_tokens must be [n] or [{b}, n], got {stop.shape}"
-        )
-    if stop.shape[1] == 0:
-        stop = jnp.full((b, 1), -1, jnp.int32)  # -1 never matches a token
-    sampling = SamplingParams.greedy(b) if sampling is None else sampling
-    keys = row_keys(seed, b) if keys is None else keys
-    return generate_step(
-        graphdef,
-        params,
-        _pad_to(tokens, bucket),
-        lengths,
-        row_max,
-        jnp.asarray(stop, jnp.int32),
-        sampling,
-        keys,
-        max_new_tokens=max_new_tokens,
-        cache_len=bucket + max_new_tokens,
-    )

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from ferrum_jax.checkpoint.chat_template import render_chat_template
-from ferrum_jax.checkpoint.detokenizer import IncrementalDetokenizer
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.text.chat_template import render_chat_template
+from ferrum_jax.text.detokenizer import IncrementalDetokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -81,16 +80,6 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FerrumError.tokenizer(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise FerrumError.tokenizer(f"{path} is not a JSON object")
-    return data
-
-
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.get_field(key)
     return default if field is None else field.contents()
@@ -127,49 +116,56 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Loads an HF tokenizer directory the way transformers 5 does.
+    def from_files(
+        cls,
+        tokenizer_json: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        chat_template: str | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        source: str = "tokenizer",
+    ) -> Tokenizer:
+        """Builds a tokenizer from the contents of an HF tokenizer directory's files.
 
-        Reads `tokenizer.json` (required; its post-processor decides BOS/EOS insertion, as in
-        transformers 5), `tokenizer_config.json` (special tokens, chat template),
-        `chat_template.jinja` (overrides the config's template) and `generation_config.json`
-        (more end-of-generation ids), the last three optional.
+        `tokenizer_json` is `tokenizer.json` (its post-processor decides BOS/EOS insertion, as in
+        transformers 5); `config` is `tokenizer_config.json` (special tokens, chat template);
+        `chat_template` is `chat_template.jinja` (overrides the config's template);
+        `generation_config` holds more end-of-generation ids. `source` names them in errors.
+        `ferrum_jax.checkpoint.load_tokenizer` reads the files.
         """
-        root = Path(path)
-        tok_path = root / TOKENIZER_FILE
-        if not tok_path.is_file():
-            raise FerrumError.tokenizer(f"missing {tok_path}")
         try:
-            backend = tokenizers.Tokenizer.from_str(tok_path.read_text(encoding="utf-8"))
+            backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as e:  # the Rust parser raises plain `Exception` on malformed files
-            raise FerrumError.tokenizer(f"cannot parse {tok_path}: {e}") from e
-
-        config_path = root / TOKENIZER_CONFIG_FILE
-        config = _read_json(config_path) if config_path.is_file() else {}
+            raise FerrumError.tokenizer(f"cannot parse {source}/{TOKENIZER_FILE}: {e}") from e
+        config = config or {}
         special = {name: _token_content(config.get(name)) for name in _NAMED_SPECIAL_TOKENS}
-
-        template: Any = config.get("chat_template")
-        jinja_path = root / CHAT_TEMPLATE_FILE
-        if jinja_path.is_file():
-            try:
-                template = jinja_path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise FerrumError.tokenizer(f"cannot read {jinja_path}: {e}") from e
-        elif isinstance(template, list):
+        template: Any = chat_template if chat_template is not None else config.get("chat_template")
+        if isinstance(template, list):
             # Older configs store several named templates; "default" is the one chats use.
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
             template = named.get("default")
         if template is not None and not isinstance(template, str):
-            raise FerrumError.tokenizer(f"{config_path}: chat_template is not a string")
-
+            raise FerrumError.tokenizer(
+                f"{source}/{TOKENIZER_CONFIG_FILE}: chat_template is not a string"
+            )
         eos_ids: list[int | None] = []
-        gen_path = root / GENERATION_CONFIG_FILE
-        if gen_path.is_file():
-            gen_eos = _read_json(gen_path).get("eos_token_id")
+        if generation_config is not None:
+            gen_eos = generation_config.get("eos_token_id")
             eos_ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-            if not all(isinstance(i, int) for i in eos_ids if i is not None):
-                raise FerrumError.tokenizer(f"{gen_path}: eos_token_id must be ints")
+            if not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in eos_ids if i is not None
+            ):
+                raise FerrumError.tokenizer(
+                    f"{source}/{GENERATION_CONFIG_FILE}: eos_token_id must be ints"
+                )
         return cls(backend, chat_template=template, special_tokens=special, eos_token_ids=eos_ids)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Loads an HF tokenizer directory (same as `ferrum_jax.checkpoint.load_tokenizer`)."""
+        from ferrum_jax.checkpoint.tokenizer_files import load_tokenizer
+
+        return load_tokenizer(path)
 
     @classmethod
     def from_gguf(cls, reader: Any) -> Tokenizer:
@@ -263,41 +259,32 @@ class Tokenizer:
             eos_token_ids=extra_eos,
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes `tokenizer.json` and `tokenizer_config.json` so `from_dir(path)` round-trips.
+    def to_files(self) -> dict[str, str]:
+        """The contents of `tokenizer.json` and `tokenizer_config.json` that `from_files` reads.
 
-        End-of-generation ids beyond the `eos_token` go to `generation_config.json` (merged into
-        an existing one), which is where `from_dir` and transformers look for them. An existing
-        `chat_template.jinja` is rewritten too, as it would otherwise shadow the config's template.
+        End-of-generation ids beyond the `eos_token` are returned under `generation_config.json`
+        (as `{"eos_token_id": [...]}`), which is where `from_files` and transformers look.
         """
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
             **self._special,
             "add_bos_token": self.add_bos_token,
             "chat_template": self._chat_template,
             "tokenizer_class": "PreTrainedTokenizerFast",
         }
-        try:
-            self._tok.save(str(root / TOKENIZER_FILE))
-            (root / TOKENIZER_CONFIG_FILE).write_text(
-                json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
-            jinja_path = root / CHAT_TEMPLATE_FILE
-            if jinja_path.exists():
-                if self._chat_template is None:
-                    jinja_path.unlink()
-                else:
-                    jinja_path.write_text(self._chat_template, encoding="utf-8")
-            eos = self._special.get("eos_token")
-            gen_path = root / GENERATION_CONFIG_FILE
-            own = _unique([None if eos is None else self._tok.token_to_id(eos)])
-            if self._eos_ids != own or gen_path.is_file():
-                gen = _read_json(gen_path) if gen_path.is_file() else {}
-                gen["eos_token_id"] = list(self._eos_ids)
-                gen_path.write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise FerrumError.io(f"cannot save tokenizer to {root}: {e}") from e
+        files = {
+            TOKENIZER_FILE: self._tok.to_str(pretty=True),
+            TOKENIZER_CONFIG_FILE: json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        }
+        eos = self._special.get("eos_token")
+        if self._eos_ids != _unique([None if eos is None else self._tok.token_to_id(eos)]):
+            files[GENERATION_CONFIG_FILE] = json.dumps({"eos_token_id": list(self._eos_ids)})
+        return files
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the tokenizer files (same as `ferrum_jax.checkpoint.save_tokenizer`)."""
+        from ferrum_jax.checkpoint.tokenizer_files import save_tokenizer
+
+        save_tokenizer(self, path)
 
     # ---- encoding -----------------------------------------------------------------------------
 

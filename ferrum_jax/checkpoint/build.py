@@ -1,0 +1,87 @@
+"""Params built tensor by tensor from a checkpoint reader, onto one device or a mesh."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ferrum_jax import sharding
+from ferrum_jax.checkpoint.layout import (
+    CheckpointTensor,
+    checkpoint_layout,
+    params_from_checkpoint,
+)
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.llama import abstract_model
+
+Place = Callable[[tuple[str | int, ...], np.ndarray], jax.Array]
+"""`place(param_path, host_array) -> jax.Array`: puts one param on its device(s)."""
+
+Read = Callable[[CheckpointTensor], np.ndarray]
+"""`read(tensor) -> host array` in HF layout (any float dtype)."""
+
+
+def load_for_mesh(
+    config: ModelConfig,
+    read: Read,
+    mesh: jax.sharding.Mesh,
+    *,
+    param_dtype: np.dtype = np.float32,
+    dtype: np.dtype | None = None,
+    pad_heads: bool = True,
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """`params_from_checkpoint` straight onto `mesh`: `(config', graphdef', params')`.
+
+    Each tensor is read, head-adapted on the host and placed with `sharding.placer` before
+    the next is read: a process transfers only its own devices' slices, and no device ever
+    holds an unsharded copy of a sharded weight. Use it in every process of a multi-host job.
+    """
+    layout = sharding.mesh_head_layout(config, mesh, pad_heads=pad_heads)
+    new_config = layout.adapt_config(config)
+    place = sharding.placer(mesh, new_config)
+    _, params = params_from_checkpoint(
+        config,
+        read,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        place=lambda path, array: place(path, layout.adapt(path, array)),
+    )
+    graphdef, _ = abstract_model(new_config, param_dtype=param_dtype, dtype=dtype)
+    return new_config, graphdef, params
+
+
+def build_params(
+    config: ModelConfig,
+    read: Read,
+    dtype: np.dtype,
+    *,
+    place: Place | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    label: str = "loading",
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """`(graphdef, params)` read tensor by tensor (params and compute in `dtype`).
+
+    On a mesh each tensor is head-adapted and placed straight into its shards as it is
+    read (`load_for_mesh`); the graphdef then carries the adapted runtime config. A progress
+    bar over the tensors is drawn on stderr when it is a terminal.
+    """
+    total = len(checkpoint_layout(config))
+    bar = tqdm(total=total, desc=label, unit="tensor", disable=not sys.stderr.isatty())
+
+    def counted(tensor: CheckpointTensor) -> np.ndarray:
+        array = read(tensor)
+        bar.update()
+        return array
+
+    with bar:
+        if mesh is not None:
+            _, graphdef, params = load_for_mesh(
+                config, counted, mesh, param_dtype=dtype, dtype=dtype
+            )
+            return graphdef, params
+        return params_from_checkpoint(config, counted, param_dtype=dtype, dtype=dtype, place=place)

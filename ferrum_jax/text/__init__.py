@@ -1,0 +1,7 @@
+"""Text around the model: tokenizer, chat templates, incremental detokenisation (no file I/O)."""
+
+from ferrum_jax.text.chat_template import render_chat_template
+from ferrum_jax.text.detokenizer import IncrementalDetokenizer
+from ferrum_jax.text.tokenizer import Tokenizer
+
+__all__ = ["IncrementalDetokenizer", "Tokenizer", "render_chat_template"]
