@@ -1,4 +1,10 @@
-"""The KV cache: a pytree of per-layer key/value arrays with per-row lengths."""
+"""The functional API's KV cache: rows of consecutive pages in one page pool.
+
+Row `r` owns pages `r * pages_per_row ... (r + 1) * pages_per_row - 1`, so its page table is
+implicit and the ragged step reads a row exactly as it reads an executor sequence's
+scattered pages: one attention implementation for both. A row costs what it holds: the
+attention loop stops at the longest row's last live block, whatever `max_len` is.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ferrum_jax.models.attention import IMPLEMENTATIONS, PageLayout, Pool, resolve_implementation
 from ferrum_jax.models.config import ModelConfig
 
-# Layout [slots, kv_heads, max_len, head_dim], one array per layer. Heads before length keeps
-# each head's keys contiguous, so a decode step reads every cache row in one pass. Measured
-# (benchmarks/cache_layout.py, one layer's write + attention, 2-core CPU): batch 1 x 256
-# tokens 145 vs 171 us, batch 8 x 256 420 vs 807 us, batch 8 x 2048 4.1 vs 10.8 ms for this
-# layout vs [slots, max_len, kv_heads, head_dim], which has to be transposed per step.
-KV_AXES = ("batch", "kv_heads", "length", "head_dim")
+PAGE_SIZE = 16
+"""Tokens per page of a functional cache (and the executor's default)."""
 LENGTHS_AXES = ("batch",)
 
 
@@ -23,34 +26,97 @@ LENGTHS_AXES = ("batch",)
 class KVCache:
     """Static-shape KV cache; row `i` holds `lengths[i]` valid tokens."""
 
-    keys: tuple[jax.Array, ...]
-    """Per layer `[slots, kv_heads, max_len, head_dim]`."""
-    values: tuple[jax.Array, ...]
-    """Per layer `[slots, kv_heads, max_len, head_dim]`."""
+    pages: tuple[Pool, ...]
+    """Per layer, the arrays of `layout` over `batch * pages_per_row` pages."""
     lengths: jax.Array
     """`[slots]` int32: tokens stored in each row."""
+    max_len: int = dataclasses.field(metadata=dict(static=True))
+    """Tokens a row can hold."""
+    page_size: int = dataclasses.field(metadata=dict(static=True))
+    """Tokens per page."""
+    attention_impl: str = dataclasses.field(metadata=dict(static=True))
+    """The attention implementation that reads the pages (`models.attention`)."""
+
+    @property
+    def layout(self) -> PageLayout:
+        """How the pages are stored: the attention implementation's layout."""
+        return IMPLEMENTATIONS[self.attention_impl].layout
 
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
 
     @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
+    def pages_per_row(self) -> int:
+        return -(-self.max_len // self.page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.batch * self.pages_per_row
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.keys[0].dtype
+        return self.pages[0][0].dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in (*self.keys, *self.values)) + self.lengths.nbytes
+        return sum(x.nbytes for x in jax.tree.leaves(self.pages)) + self.lengths.nbytes
+
+    def page_table(self, slots: jax.Array) -> jax.Array:
+        """`[len(slots), pages_per_row]`: the pages of rows `slots` (a slot past the last row
+        gets ids past the pool, so its writes are dropped)."""
+        return slots[:, None] * self.pages_per_row + jnp.arange(self.pages_per_row)
+
+    def layer_kv(self, layer: int, slots: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of `layer` for rows `slots` (default all), each
+        `[rows, kv_heads, max_len, head_dim]` (copies, for inspection)."""
+        rows = jnp.arange(self.batch, dtype=jnp.int32) if slots is None else slots
+        keys, values = self.layout.read(self.pages[layer], self.page_table(rows))
+        return tuple(x[:, : self.max_len].transpose(0, 2, 1, 3) for x in (keys, values))
+
+    @property
+    def keys(self) -> tuple[jax.Array, ...]:
+        """Per layer `[slots, kv_heads, max_len, head_dim]` (copies, for inspection)."""
+        return tuple(self.layer_kv(i)[0] for i in range(len(self.pages)))
+
+    @property
+    def values(self) -> tuple[jax.Array, ...]:
+        """Per layer `[slots, kv_heads, max_len, head_dim]` (copies, for inspection)."""
+        return tuple(self.layer_kv(i)[1] for i in range(len(self.pages)))
 
 
 def init_cache(
-    config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32
+    config: ModelConfig,
+    batch: int,
+    max_len: int,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    page_size: int = PAGE_SIZE,
+    attention_impl: str = "auto",
 ) -> KVCache:
-    """An empty cache of `batch` rows ("slots") of `max_len` tokens."""
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+    """An empty cache of `batch` rows ("slots") of `max_len` tokens, laid out for the
+    attention implementation that will read it."""
+    attention_impl = resolve_implementation(attention_impl)
+    pages = batch * -(-max_len // page_size)
+    return KVCache(
+        pages=init_pages(config, pages, page_size, dtype, attention_impl),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        max_len=max_len,
+        page_size=page_size,
+        attention_impl=attention_impl,
+    )
+
+
+def init_pages(
+    config: ModelConfig,
+    num_pages: int,
+    page_size: int,
+    dtype: jnp.dtype = jnp.float32,
+    attention_impl: str = "auto",
+) -> tuple[Pool, ...]:
+    """An empty page pool: per layer, the arrays of the implementation's page layout."""
+    layout = IMPLEMENTATIONS[resolve_implementation(attention_impl)].layout
+    shapes = layout.shapes(num_pages, page_size, config.num_kv_heads, config.head_dim)
+    return tuple(
+        tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(config.num_layers)
+    )

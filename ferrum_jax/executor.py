@@ -774,6 +774,5 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             layers = self.model.runtime_config.num_layers
             if not 0 <= layer < layers:
                 raise FerrumError.invalid_parameter(f"layer {layer} out of range [0, {layers})")
-            source = (self._cache.keys if keys else self._cache.values)[layer]
-            rows = source[jnp.asarray(record.slots)]
+            rows = self._cache.layer_kv(layer, jnp.asarray(record.slots))[0 if keys else 1]
             return JaxTensor(rows[:, :, : max(record.lengths)])

@@ -10,8 +10,9 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.models.attention import AttentionMetadata, Pool
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.layers import MLP, Attention, KVPlan, RMSNorm, param, rope_angles
+from ferrum_jax.models.layers import MLP, Attention, RMSNorm, param, rope_angles
 
 
 class DecoderLayer(nnx.Module):
@@ -25,10 +26,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(e, "embed", eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, rope, cache_k, cache_v, plan: KVPlan):
-        y, cache_k, cache_v = self.attn(self.input_norm(x), positions, rope, cache_k, cache_v, plan)
+    def __call__(self, x, rope, pool: Pool, meta: AttentionMetadata, impl: str):
+        y, pool = self.attn(self.input_norm(x), rope, pool, meta, impl)
         x = x + y
-        return x + self.mlp(self.post_attn_norm(x)), cache_k, cache_v
+        return x + self.mlp(self.post_attn_norm(x)), pool
 
 
 class Llama(nnx.Module):
@@ -63,46 +64,31 @@ class Llama(nnx.Module):
     def __call__(
         self,
         tokens: jax.Array,
-        positions: jax.Array,
-        cache_k: tuple[jax.Array, ...],
-        cache_v: tuple[jax.Array, ...],
-        plan: KVPlan,
+        meta: AttentionMetadata,
+        pages: tuple[Pool, ...],
         logits_at: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-        """`tokens, positions: [b, s]` -> logits `[b, s, vocab]` (`[b, vocab]` at `logits_at`).
-
-        Returns the updated per-layer caches `[slots, kv_heads, max_len, head_dim]`.
-        """
+        impl: str = "xla",
+    ) -> tuple[jax.Array, tuple[Pool, ...]]:
+        """One ragged step: `tokens: [T]` -> logits `[T, vocab]` (`[R, vocab]` at token rows
+        `logits_at: [R]`), and the per-layer pages with this step's keys/values written."""
         dtype = jnp.dtype(self.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        rope = rope_angles(positions, self.config, dtype)
-        new_k, new_v = [], []
+        rope = rope_angles(meta.positions, self.config, dtype)
+        new_pages = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = layer(x, positions, rope, cache_k[i], cache_v[i], plan)
-            new_k.append(k)
-            new_v.append(v)
+                x, pool = layer(x, rope, pages[i], meta, impl)
+            new_pages.append(pool)
         if logits_at is not None:
-            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # only the rows we need
+            x = x[logits_at]  # the LM head runs only on the rows asked for
         x = self.final_norm(x)
         with jax.named_scope("lm_head"):
             if self.config.tie_word_embeddings:
-                logits = jnp.einsum(
-                    "bse,ve->bsv",
-                    x,
-                    self.embed[...].astype(dtype),
-                    preferred_element_type=jnp.float32,
-                )
+                head, spec = self.embed[...].astype(dtype), "te,ve->tv"
             else:
-                logits = jnp.einsum(
-                    "bse,ev->bsv",
-                    x,
-                    self.lm_head[...].astype(dtype),
-                    preferred_element_type=jnp.float32,
-                )
-        if logits_at is not None:
-            logits = logits[:, 0]
-        return logits, tuple(new_k), tuple(new_v)
+                head, spec = self.lm_head[...].astype(dtype), "te,ev->tv"
+            logits = jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
+        return logits, tuple(new_pages)
 
 
 @functools.lru_cache(maxsize=64)

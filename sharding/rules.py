@@ -2,8 +2,8 @@
 
 Rules (`LOGICAL_RULES`): `heads`, `kv_heads`, `mlp` and `vocab` go on `model` (column-parallel
 q/k/v and gate/up, row-parallel o and down, vocab-parallel embedding and LM head), `batch`
-on `data`; everything else (`embed`, `head_dim`, `length`, `layers`, unknown names) is
-replicated. `head_dim` is never split.
+and KV `pages` on `data`; everything else (`embed`, `head_dim`, `page`, `layers`, unknown
+names) is replicated. `head_dim` is never split.
 
 A dimension whose size is not a multiple of its mesh axis is **replicated** on that axis
 (exact: replication never changes results, it only costs memory and parallelism). Heads
@@ -14,6 +14,7 @@ exactly. A mesh axis shards at most one dimension of an array (the first that as
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -22,8 +23,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ferrum_jax.cache import KV_AXES, LENGTHS_AXES, KVCache
+from ferrum_jax.cache import LENGTHS_AXES, KVCache
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.models.attention import PageLayout, Pool
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import abstract_model
 from ferrum_jax.sharding.mesh import DATA, MODEL
@@ -38,6 +40,8 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "head_dim": None,
     "length": None,
     "layers": None,
+    "pages": DATA,
+    "page": None,
 }
 """Logical axis name -> mesh axis (None: replicated). Names not listed are replicated."""
 
@@ -94,15 +98,29 @@ def param_shardings(
     )
 
 
+def page_shardings(
+    pages: tuple[Pool, ...],
+    layout: PageLayout,
+    mesh: Mesh,
+    rules: Mapping[str, str | None] | None = None,
+) -> tuple[Pool, ...]:
+    """`NamedSharding`s of per-layer KV pages: KV heads on `model` (like the heads that
+    write them), pages on `data` (a functional cache's rows), the rest replicated."""
+    return tuple(
+        tuple(
+            _sharding(axes, x.shape, mesh, rules) for axes, x in zip(layout.axes, pool, strict=True)
+        )
+        for pool in pages
+    )
+
+
 def cache_shardings(
     cache: KVCache, mesh: Mesh, rules: Mapping[str, str | None] | None = None
 ) -> KVCache:
-    """`KVCache` of `NamedSharding`s: rows on `data`, KV heads on `model` (like the heads
-    that write them); length and head_dim replicated."""
-    kv = lambda x: _sharding(KV_AXES, x.shape, mesh, rules)
-    return KVCache(
-        keys=tuple(kv(x) for x in cache.keys),
-        values=tuple(kv(x) for x in cache.values),
+    """`KVCache` of `NamedSharding`s: its pages by `page_shardings`, lengths on `data`."""
+    return dataclasses.replace(
+        cache,
+        pages=page_shardings(cache.pages, cache.layout, mesh, rules),
         lengths=_sharding(LENGTHS_AXES, cache.lengths.shape, mesh, rules),
     )
 

@@ -118,10 +118,11 @@ def _emit(result) -> None:
 
 def _run(engine, graphdef, params, cache, tokens, lengths, to_host, generate=True):
     """Prefill, DECODE_STEPS greedy decode steps (and a whole `generate`), on host arrays."""
+    import jax
     import jax.numpy as jnp
 
     out = {"shardings": [], "donation": []}
-    record = lambda c: [x.sharding for x in (*c.keys, *c.values, c.lengths)]
+    record = lambda c: [x.sharding for x in (*jax.tree.leaves(c.pages), c.lengths)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out["shardings"].append(record(cache))

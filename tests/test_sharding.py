@@ -23,9 +23,9 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from ferrum_jax import engine
-from ferrum_jax.cache import KV_AXES
 from ferrum_jax.checkpoint import params_from_checkpoint
 from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.models.attention import COMBINED
 from ferrum_jax.sharding import (
     adapt_heads,
     exact_model_sizes,
@@ -120,10 +120,11 @@ def test_logical_rules():
     assert spec(("mlp", "embed"), (128, 64)) == PartitionSpec("model", None)
     assert spec(("vocab", "embed"), (256, 64)) == PartitionSpec("model", None)
     assert spec(("embed",), (64,)) == PartitionSpec(None)
-    assert spec(KV_AXES, (8, 4, 32, 16)) == PartitionSpec("data", "model", None, None)
+    (pages,) = COMBINED.axes  # [pages, page_size, 2 * kv_heads, head_dim]
+    assert spec(pages, (8, 16, 4, 16)) == PartitionSpec("data", None, "model", None)
     # Not divisible -> replicated (exact), never split unevenly; head_dim is never split.
     assert spec(("vocab", "embed"), (250, 64)) == PartitionSpec(None, None)
-    assert spec(KV_AXES, (3, 6, 32, 16)) == PartitionSpec(None, None, None, None)
+    assert spec(pages, (3, 16, 6, 16)) == PartitionSpec(None, None, None, None)
     assert spec(("kv_heads", "head_dim"), (2, 64)) == PartitionSpec(None, None)
     # One mesh axis shards one dim at most; unknown names are replicated.
     assert spec(("heads", "mlp"), (8, 8)) == PartitionSpec("model", None)
@@ -264,7 +265,8 @@ def test_mesh_shardings_and_collectives(mesh_results, config, mesh):
     assert r["donation_warnings"] == [], r
     heads, kv_heads = r["heads"]
     assert heads % model == 0 and kv_heads % model == 0
-    want_kv = ["data" if data > 1 else "None", "model" if model > 1 else "None", "None", "None"]
+    # Pages [pages, page_size, 2 * kv_heads, head_dim]: a cache's rows (pages) on data.
+    want_kv = ["data" if data > 1 else "None", "None", "model" if model > 1 else "None", "None"]
     assert r["kv_spec"] == want_kv  # KV cache sharded on kv_heads like the heads writing it
 
 

@@ -5,7 +5,7 @@ always arguments, never closed over, so new weights with the same shapes reuse t
 programs; caches are donated, so each step updates them in place.
 """
 
-from ferrum_jax.cache import KVCache, init_cache
+from ferrum_jax.cache import KVCache, init_cache, init_pages
 from ferrum_jax.engine.batch import (
     RowBatch,
     TokenBatch,
@@ -18,6 +18,7 @@ from ferrum_jax.engine.batch import (
 )
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length, buckets
 from ferrum_jax.engine.generate import GenerateOutput, generate, generate_step
+from ferrum_jax.engine.ragged import RaggedBatch, RaggedItem, pack_ragged, ragged_step, run_ragged
 from ferrum_jax.engine.steps import (
     decode,
     decode_step,
@@ -39,6 +40,7 @@ def compile_counts() -> dict[str, int]:
         "decode": decode_step,
         "forward": forward_step,
         "generate": generate_step,
+        "ragged": ragged_step,
     }
     return {name: fn._cache_size() for name, fn in fns.items()}
 
@@ -47,6 +49,8 @@ __all__ = [
     "MIN_BUCKET",
     "GenerateOutput",
     "KVCache",
+    "RaggedBatch",
+    "RaggedItem",
     "RowBatch",
     "TokenBatch",
     "bucket",
@@ -63,6 +67,8 @@ __all__ = [
     "generate",
     "generate_step",
     "init_cache",
+    "init_pages",
+    "pack_ragged",
     "pack_rows",
     "pack_tokens",
     "pad_slot",
@@ -70,5 +76,7 @@ __all__ = [
     "padding_tokens",
     "prefill",
     "prefill_step",
+    "ragged_step",
+    "run_ragged",
     "set_lengths",
 ]

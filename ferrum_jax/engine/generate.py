@@ -21,6 +21,7 @@ from ferrum_jax.engine.steps import (
     vocab_size,
 )
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.models import attention
 from ferrum_jax.models.llama import graph_facts
 from ferrum_jax.sampling import SamplingParams, row_keys, sample_step
 
@@ -40,7 +41,9 @@ class GenerateOutput:
     """`[batch]` bool: the row ended on a stop token (else it hit its token limit)."""
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "attention_impl")
+)
 def generate_step(
     graphdef,
     params,
@@ -52,10 +55,11 @@ def generate_step(
     keys,
     max_new_tokens,
     cache_len,
+    attention_impl="xla",
 ):
     model = nnx.merge(graphdef, params)
     batch = tokens.shape[0]
-    cache = init_cache(model.config, batch, cache_len, jnp.dtype(model.dtype))
+    cache = init_cache(model.config, batch, cache_len, model.dtype, attention_impl=attention_impl)
     rows = jnp.arange(batch, dtype=jnp.int32)
     logits, cache = prefill_body(model, cache, tokens, lengths, rows, all_logits=False)
 
@@ -103,6 +107,7 @@ def generate(
     sampling: SamplingParams | None = None,
     keys: jax.Array | None = None,
     seed: int = 0,
+    attention_impl: str = "auto",
 ) -> GenerateOutput:
     """Prefill and the whole token loop in one jitted program (`lax.while_loop`).
 
@@ -145,4 +150,5 @@ def generate(
         keys,
         max_new_tokens=max_new_tokens,
         cache_len=prompt_bucket + max_new_tokens,
+        attention_impl=attention.resolve_implementation(attention_impl),
     )

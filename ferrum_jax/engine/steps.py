@@ -24,7 +24,7 @@ from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.engine.batch import check_token_ids
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.models.layers import KVPlan
+from ferrum_jax.models import attention
 
 ArrayLike = jax.Array | np.ndarray | Sequence
 
@@ -33,58 +33,72 @@ ArrayLike = jax.Array | np.ndarray | Sequence
 # Traced bodies (shared by the jitted entry points and `generate.generate_step`).
 
 
-def prefill_body(model, cache: KVCache, tokens, lengths, slots, all_logits: bool):
+def rows_forward(
+    model, cache: KVCache, tokens, lengths, slots, start, all_logits: bool, differentiable=False
+):
+    """Right-padded rows `tokens: [b, s]` (row i: `lengths[i]` tokens continuing at position
+    `start[i]` of cache row `slots[i]`) as one ragged step.
+
+    Returns logits `[b, s, vocab]` (padding positions repeat the row's last real logits, so
+    "the last position" is each row's next-token distribution) or `[b, vocab]` at each
+    row's last token, and the updated pages.
+    """
     b, s = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    real = positions < lengths[:, None]
-    plan = KVPlan(
-        slots=slots,
-        write_pos=jnp.where(real, positions, cache.max_len),
-        attend_cache=False,
+    cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
+    t = jnp.arange(b * s, dtype=jnp.int32)
+    row = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, b - 1)
+    col = jnp.clip(t - cu[row], 0, s - 1)
+    flat = jnp.where(t < cu[-1], tokens[row, col], 0)
+    meta = attention.metadata(
+        cu,
+        start + lengths,
+        cache.page_table(slots),
+        num_tokens=b * s,
+        page_size=cache.page_size,
+        num_pages=cache.num_pages,
+        differentiable=differentiable,
     )
-    logits_at = None if all_logits else lengths - 1
-    logits, keys, values = model(tokens, positions, cache.keys, cache.values, plan, logits_at)
-    if all_logits:
-        # Padding positions repeat the row's last real logits, so "the last position" is
-        # each row's next-token distribution whatever its length.
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
-        logits = jnp.where(real[:, :, None], logits, last)
+    if not all_logits:
+        logits, pages = model(flat, meta, cache.pages, cu[1:] - 1, cache.attention_impl)
+        return logits, pages
+    logits, pages = model(flat, meta, cache.pages, None, cache.attention_impl)
+    index = cu[:-1, None] + jnp.minimum(jnp.arange(s), lengths[:, None] - 1)
+    return logits[index], pages
+
+
+def prefill_body(model, cache: KVCache, tokens, lengths, slots, all_logits: bool):
+    start = jnp.zeros_like(lengths)
+    logits, pages = rows_forward(model, cache, tokens, lengths, slots, start, all_logits)
     new_lengths = cache.lengths.at[slots].set(lengths, mode="drop")
-    return logits, KVCache(keys, values, new_lengths)
+    return logits, dataclasses.replace(cache, pages=pages, lengths=new_lengths)
 
 
 def extend_body(model, cache: KVCache, tokens, lengths, slots):
-    s = tokens.shape[1]
-    start = cache.lengths[slots]
-    offsets = jnp.arange(s, dtype=jnp.int32)
-    positions = start[:, None] + offsets
-    real = offsets < lengths[:, None]
-    plan = KVPlan(
-        slots=slots, write_pos=jnp.where(real, positions, cache.max_len), attend_cache=True
-    )
-    logits, keys, values = model(tokens, positions, cache.keys, cache.values, plan)
+    start = cache.lengths.at[slots].get(mode="fill", fill_value=0)
+    logits, pages = rows_forward(model, cache, tokens, lengths, slots, start, True)
     new_lengths = cache.lengths.at[slots].set(start + lengths, mode="drop")
-    return logits, KVCache(keys, values, new_lengths)
+    return logits, dataclasses.replace(cache, pages=pages, lengths=new_lengths)
 
 
 def decode_body(model, cache: KVCache, tokens, slots, active):
-    start = cache.lengths if slots is None else cache.lengths[slots]
-    plan = KVPlan(
-        slots=slots,
-        write_pos=jnp.where(active, start, cache.max_len)[:, None],
-        attend_cache=True,
+    b = tokens.shape[0]
+    if slots is None:  # the whole cache in row order: no gather, lengths keep their sharding
+        rows, start = jnp.arange(b, dtype=jnp.int32), cache.lengths
+    else:
+        rows, start = slots, cache.lengths.at[slots].get(mode="fill", fill_value=0)
+    meta = attention.metadata(
+        jnp.arange(b + 1, dtype=jnp.int32),
+        start + 1,
+        cache.page_table(rows),
+        num_tokens=b,
+        page_size=cache.page_size,
+        num_pages=cache.num_pages,
+        writes=active,
     )
-    logits, keys, values = model(
-        tokens[:, None],
-        start[:, None],
-        cache.keys,
-        cache.values,
-        plan,
-        logits_at=jnp.zeros_like(start),
-    )
+    logits, pages = model(tokens, meta, cache.pages, None, cache.attention_impl)
     new = start + active.astype(jnp.int32)
     lengths = new if slots is None else cache.lengths.at[slots].set(new, mode="drop")
-    return logits, KVCache(keys, values, lengths)
+    return logits, dataclasses.replace(cache, pages=pages, lengths=lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,12 +122,16 @@ def decode_step(graphdef, params, cache, tokens, slots, active):
     return decode_body(nnx.merge(graphdef, params), cache, tokens, slots, active)
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def forward_step(graphdef, params, tokens, lengths):
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention_impl"))
+def forward_step(graphdef, params, tokens, lengths, attention_impl="xla"):
     model = nnx.merge(graphdef, params)
-    cache = init_cache(model.config, tokens.shape[0], tokens.shape[1], jnp.dtype(model.dtype))
-    slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    return prefill_body(model, cache, tokens, lengths, slots, all_logits=True)[0]
+    b, s = tokens.shape
+    cache = init_cache(model.config, b, s, model.dtype, attention_impl=attention_impl)
+    rows = jnp.arange(b, dtype=jnp.int32)
+    start = jnp.zeros_like(lengths)
+    # Rows hold exactly their sequences: a fixed-length block loop costs nothing extra and
+    # keeps `forward` differentiable (training loops take its gradient).
+    return rows_forward(model, cache, tokens, lengths, rows, start, True, differentiable=True)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,11 +274,21 @@ def set_lengths(cache: KVCache, slots: ArrayLike, lengths: ArrayLike) -> KVCache
 
 
 def forward(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens: ArrayLike, lengths: ArrayLike | None = None
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: ArrayLike,
+    lengths: ArrayLike | None = None,
+    *,
+    attention_impl: str = "xla",
 ) -> jax.Array:
-    """Full-sequence logits `[b, s, vocab]` of right-padded `tokens: [b, s]`, no cache kept."""
+    """Full-sequence logits `[b, s, vocab]` of right-padded `tokens: [b, s]`, no cache kept.
+
+    Differentiable (`jax.grad` through it trains the model) with the default pure-JAX
+    attention; the Pallas kernels have no gradients.
+    """
     tokens = token_ids(tokens, vocab_size(params), 2)
     b, s = tokens.shape
     lengths = row_lengths(lengths, b, s)
     padded = pad_to(tokens, bucket(s, minimum=MIN_BUCKET))
-    return forward_step(graphdef, params, padded, lengths)[:, :s]
+    impl = attention.resolve_implementation(attention_impl)
+    return forward_step(graphdef, params, padded, lengths, impl)[:, :s]
