@@ -97,22 +97,22 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with optional q/k/v/o biases and q/k RMSNorm."""
+    """Grouped-query attention with optional q/k/v/o biases and q/k RMSNorm.
+
+    q, k and v are one fused projection `qkv_proj: [embed, kv_heads, group + 2, head_dim]`:
+    for each KV head, its `group` query heads, then its key, then its value. One matmul
+    instead of three per layer, and sharding `kv_heads` on `model` keeps every GQA group with
+    its key/value head. Checkpoints load into it and export from it per head
+    (`ferrum_jax.checkpoint.layout`).
+    """
 
     def __init__(self, config: ModelConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
         e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype, "normal")
-        self.k_proj = param(
-            rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal"
-        )
-        self.v_proj = param(
-            rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, "normal"
-        )
+        qkv_axes = ("embed", "kv_heads", "qkv", "head_dim")
+        self.qkv_proj = param(rngs, (e, kv, h // kv + 2, d), qkv_axes, param_dtype, "normal")
         self.o_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype, "normal")
         if config.qkv_bias:
-            self.q_bias = param(rngs, (h, d), ("heads", "head_dim"), param_dtype, "zeros")
-            self.k_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), param_dtype, "zeros")
-            self.v_bias = param(rngs, (kv, d), ("kv_heads", "head_dim"), param_dtype, "zeros")
+            self.qkv_bias = param(rngs, (kv, h // kv + 2, d), qkv_axes[1:], param_dtype, "zeros")
         if config.o_bias:
             self.o_bias = param(rngs, (e,), ("embed",), param_dtype, "zeros")
         if config.qk_norm:
@@ -138,13 +138,12 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`x: [T, embed]` -> rotated `q: [T, heads, d]`, `k: [T, kv_heads, d]` and `v`."""
         config, dtype = self.config, x.dtype
-        q = jnp.einsum("te,ehd->thd", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("te,ekd->tkd", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("te,ekd->tkd", x, self.v_proj[...].astype(dtype))
+        qkv = jnp.einsum("te,ekcd->tkcd", x, self.qkv_proj[...].astype(dtype))
         if config.qkv_bias:
-            q = q + self.q_bias[...].astype(dtype)
-            k = k + self.k_bias[...].astype(dtype)
-            v = v + self.v_bias[...].astype(dtype)
+            qkv = qkv + self.qkv_bias[...].astype(dtype)
+        group = config.num_heads // config.num_kv_heads
+        q = qkv[:, :, :group].reshape(x.shape[0], config.num_heads, config.head_dim)
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]
         if config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, rope), apply_rope(k, rope), v
@@ -177,17 +176,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+    """SwiGLU: `down(silu(gate(x)) * up(x))`, gate and up fused into one matmul.
+
+    `gate_up_proj: [embed, 2, mlp]` (gate, then up): sharding `mlp` on `model` splits both
+    halves alike, so the product needs no communication before `down_proj`.
+    """
 
     def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
         e, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
-        self.up_proj = param(rngs, (e, f), ("embed", "mlp"), param_dtype, "normal")
+        self.gate_up_proj = param(
+            rngs, (e, 2, f), ("embed", "gate_up", "mlp"), param_dtype, "normal"
+        )
         self.down_proj = param(rngs, (f, e), ("mlp", "embed"), param_dtype, "normal")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x: [T, embed]` -> `[T, embed]`."""
         dtype = x.dtype
-        gate = x @ self.gate_proj[...].astype(dtype)
-        up = x @ self.up_proj[...].astype(dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dtype)
+        gate_up = jnp.einsum("te,ecf->tcf", x, self.gate_up_proj[...].astype(dtype))
+        return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ self.down_proj[...].astype(dtype)

@@ -40,16 +40,11 @@ from ferrum_jax.models.llama import abstract_model, graph_facts
 from ferrum_jax.sharding.mesh import mesh_shape
 from ferrum_jax.sharding.rules import shard_params
 
-# Leaf name -> (axis of the head dim, indexed by query heads (True) or KV heads (False)).
-_HEAD_AXES: dict[str, tuple[int, bool]] = {
-    "q_proj": (1, True),
-    "q_bias": (0, True),
-    "o_proj": (0, True),
-    "k_proj": (1, False),
-    "v_proj": (1, False),
-    "k_bias": (0, False),
-    "v_bias": (0, False),
-}
+# Fused q/k/v leaf name -> its KV-head axis (the next axis holds the group's query heads,
+# then the key, then the value; `models.layers.Attention`).
+_QKV_AXES: dict[str, int] = {"qkv_proj": 1, "qkv_bias": 0}
+# Leaf name -> its query-head axis.
+_QUERY_AXES: dict[str, int] = {"o_proj": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,22 +103,53 @@ class HeadLayout:
 
     def adapt(self, path: tuple[str | int, ...], array):
         """One param (numpy or jax) at nnx `path` in the new layout; non-head params as is."""
-        if self.is_identity or not path or path[-1] not in _HEAD_AXES:
+        name = path[-1] if path else None
+        if self.is_identity or (name not in _QKV_AXES and name not in _QUERY_AXES):
             return array
-        axis, by_query = _HEAD_AXES[path[-1]]
-        source = self.q_source() if by_query else self.kv_source()
-        expect = self.num_heads if by_query else self.num_kv_heads
-        if array.shape[axis] != expect:
-            raise FerrumError.invalid_format(
-                f"{'.'.join(map(str, path))}: axis {axis} has {array.shape[axis]} heads, "
-                f"expected {expect}"
-            )
         xp = np if isinstance(array, np.ndarray) else jnp
-        out = xp.take(array, np.maximum(source, 0), axis=axis)
-        if (source < 0).any():
-            keep = (source >= 0).reshape([-1 if i == axis else 1 for i in range(out.ndim)])
-            out = xp.where(keep, out, xp.zeros((), out.dtype))
+        where = ".".join(map(str, path))
+        if name in _QUERY_AXES:
+            axis = _QUERY_AXES[name]
+            self._expect(where, array, axis, self.num_heads)
+            source = self.q_source()
+            out = xp.take(array, np.maximum(source, 0), axis=axis)
+            return _zero_where(xp, out, source >= 0, axis)
+        axis = _QKV_AXES[name]
+        old_group = self.num_heads // self.num_kv_heads
+        self._expect(where, array, axis, self.num_kv_heads)
+        self._expect(where, array, axis + 1, old_group + 2)
+        # New KV head j copies old KV head kv_source[j]; its query slots take the old group's
+        # heads that q_source deals to it (or zeros), then the key and value slots follow.
+        queries = self.q_source().reshape(self.kv_heads, self.group)
+        slots = np.concatenate(
+            [
+                np.where(queries >= 0, queries % old_group, 0),
+                np.full((self.kv_heads, 1), old_group),
+                np.full((self.kv_heads, 1), old_group + 1),
+            ],
+            axis=1,
+        )
+        keep = np.concatenate([queries >= 0, np.ones((self.kv_heads, 2), bool)], axis=1)
+        copied = xp.take(array, self.kv_source(), axis=axis)
+        shape = [1] * array.ndim
+        shape[axis], shape[axis + 1] = slots.shape
+        out = xp.take_along_axis(copied, slots.reshape(shape), axis=axis + 1)
+        return xp.where(keep.reshape(shape), out, xp.zeros((), out.dtype))
+
+    @staticmethod
+    def _expect(where: str, array, axis: int, size: int) -> None:
+        if array.shape[axis] != size:
+            raise FerrumError.invalid_format(
+                f"{where}: axis {axis} has {array.shape[axis]} entries, expected {size}"
+            )
+
+
+def _zero_where(xp, out, keep: np.ndarray, axis: int):
+    """`out` with the entries along `axis` where `keep` is False set to zero."""
+    if keep.all():
         return out
+    shape = [-1 if i == axis else 1 for i in range(out.ndim)]
+    return xp.where(keep.reshape(shape), out, xp.zeros((), out.dtype))
 
 
 def head_layout(config: ModelConfig, model: int) -> HeadLayout:
@@ -173,8 +199,8 @@ def adapt_heads(
     No placement: numpy leaves stay numpy, JAX arrays are rearranged by JAX ops. Same logits
     as the original model; see `HeadLayout`.
     """
-    attn = params["layers"][0]["attn"]
-    got = (attn["q_proj"].get_value().shape[1], attn["k_proj"].get_value().shape[1])
+    _, kv, slots, _ = params["layers"][0]["attn"]["qkv_proj"].get_value().shape
+    got = (kv * (slots - 2), kv)
     if got != (config.num_heads, config.num_kv_heads):
         raise FerrumError.invalid_parameter(
             f"params have {got[0]}/{got[1]} query/KV heads, config says "

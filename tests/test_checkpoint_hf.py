@@ -79,10 +79,12 @@ def test_sharded_checkpoint_has_several_shards(checkpoints):
 def expected_params(hf_model, torch_dtype) -> dict:
     """Param path -> HF weight rounded by torch to `torch_dtype`, in our layout, as float32."""
     state = hf_model.state_dict()
-    return {
-        t.path: t.to_param(state[t.name].to(torch_dtype).float().numpy())
-        for t in checkpoint_layout(ModelConfig.from_hf(hf_model.config.to_dict()))
-    }
+    parts: dict = {}
+    for t in checkpoint_layout(ModelConfig.from_hf(hf_model.config.to_dict())):
+        part = t.to_param(state[t.name].to(torch_dtype).float().numpy())
+        axis = 0 if t.index is None else len(t.index) - 1  # fused parts stack on their last slice
+        parts.setdefault(t.path, (axis, []))[1].append(part)
+    return {path: np.concatenate(arrays, axis=axis) for path, (axis, arrays) in parts.items()}
 
 
 def assert_params_equal(params, expected: dict, dtype: str) -> None:

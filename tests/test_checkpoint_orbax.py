@@ -156,3 +156,40 @@ def test_killed_save_leaves_nothing_loadable(hf_dir, tmp_path):
         for load in (load_orbax, load_model):
             with pytest.raises(FerrumError):
                 load(path)
+
+
+def test_version_1_checkpoints_still_load(saved, tmp_path):
+    """A version-1 save (q/k/v and gate/up as separate params) loads into the fused params."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from ferrum_jax.checkpoint import hf_state_dict
+
+    original, dst = saved
+    config = original.config
+    e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    state = hf_state_dict(config, original.params)
+    pure = nnx.to_pure_dict(original.params)
+    for i, layer in pure["layers"].items():
+        p = f"model.layers.{i}."
+        attn, mlp = layer["attn"], layer["mlp"]
+        del attn["qkv_proj"], mlp["gate_up_proj"]
+        for name, heads in (("q", h), ("k", kv), ("v", kv)):
+            attn[f"{name}_proj"] = state[p + f"self_attn.{name}_proj.weight"].T.reshape(e, heads, d)
+        for name in ("gate", "up"):
+            mlp[f"{name}_proj"] = state[p + f"mlp.{name}_proj.weight"].T
+    old = tmp_path / "v1"
+    old.mkdir()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(old / "params", pure)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    (old / "config.json").write_text((dst / "config.json").read_text())
+    marker = json.loads((dst / orbax_module.ORBAX_MARKER).read_text())
+    (old / orbax_module.ORBAX_MARKER).write_text(json.dumps({**marker, "version": 1}))
+    restored = load_orbax(old)
+    want, got = flat_arrays(original.params), flat_arrays(restored.params)
+    assert want.keys() == got.keys()
+    for path, array in want.items():
+        np.testing.assert_array_equal(got[path], array, err_msg=str(path))

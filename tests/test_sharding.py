@@ -179,8 +179,9 @@ def test_adapt_heads_is_exact_on_one_device():
     assert (cfg8.num_heads, cfg8.num_kv_heads, cfg8.head_dim) == (24, 24, config.head_dim)
     out = np.asarray(engine.forward(g8, p8, tokens[:2], lengths[:2]))
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
-    q = np.asarray(p8["layers"][0]["attn"]["q_proj"].get_value())
-    assert np.count_nonzero(np.abs(q).sum(axis=(0, 2)) == 0) == 15
+    qkv = np.asarray(p8["layers"][0]["attn"]["qkv_proj"].get_value())  # [e, kv, group + 2, d]
+    q = qkv[:, :, :-2]  # each KV head's query slots
+    assert np.count_nonzero(np.abs(q).sum(axis=(0, 3)) == 0) == 15
     with pytest.raises(FerrumError, match="config says"):
         adapt_heads(cfg8, graphdef, params, 8)
 

@@ -1,12 +1,15 @@
 """The HF checkpoint layout: every tensor name of a config and how it maps onto our params.
 
 HF linear weights are `[out, in]`; ours are `[in, ...heads, head_dim]`-shaped einsum operands
-(see `ferrum_jax.models.layers`). `checkpoint_layout` is the one table both directions use:
-loaders read with it, `hf_state_dict` exports with it (torch references, `convert`).
+(see `ferrum_jax.models.layers`), and q/k/v and gate/up are fused: an HF tensor may fill only
+a part (`CheckpointTensor.index`) of one of our params. `checkpoint_layout` is the one table
+both directions use: loaders read with it, `hf_state_dict` exports with it (torch
+references, `convert`), so the fusion never shows outside this file and the model.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -30,77 +33,110 @@ class CheckpointTensor:
     shape: tuple[int, ...]
     """Shape in the checkpoint (HF layout: linear weights are `[out, in]`)."""
     to_param: Callable[[np.ndarray], np.ndarray]
-    """HF layout -> our layout."""
+    """HF layout -> our layout (of the part `index` selects)."""
     from_param: Callable[[np.ndarray], np.ndarray]
-    """Our layout -> HF layout."""
+    """Our layout (of that part) -> HF layout."""
+    index: tuple[slice, ...] | None = None
+    """The part of the param this tensor fills (q, k or v of `qkv_proj`, ...); None: all."""
 
 
 def checkpoint_layout(config: ModelConfig) -> list[CheckpointTensor]:
-    """Every tensor an HF checkpoint of `config` holds (tied LM head omitted)."""
+    """Every tensor an HF checkpoint of `config` holds (tied LM head omitted), in an order that
+    reads the parts of a fused param one after another."""
     e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    f, v = config.intermediate_size, config.vocab_size
+    f, v, g = config.intermediate_size, config.vocab_size, h // kv
+    whole = slice(None)
 
-    def tensor(name, path, shape, kind: str) -> CheckpointTensor:
-        if kind == "same":
-            to, back = (lambda w: w), (lambda w: w)
-        elif kind == "transpose":
-            to, back = np.transpose, np.transpose
-        elif kind == "heads_in":  # [n*d, e] <-> [e, n, d]
-            n = shape[0] // d
-            to, back = (lambda w: w.T.reshape(e, n, d)), (lambda w: w.reshape(e, n * d).T)
-        elif kind == "heads_out":  # [e, h*d] <-> [h, d, e]
-            to, back = (lambda w: w.T.reshape(h, d, e)), (lambda w: w.reshape(h * d, e).T)
-        else:  # "head_bias": [n*d] <-> [n, d]
-            n = shape[0] // d
-            to, back = (lambda b: b.reshape(n, d)), (lambda b: b.reshape(n * d))
-        return CheckpointTensor(name, path, shape, to, back)
+    def same(name, path, shape) -> CheckpointTensor:
+        return CheckpointTensor(name, path, shape, lambda w: w, lambda w: w)
 
-    out = [tensor("model.embed_tokens.weight", ("embed",), (v, e), "same")]
+    def transposed(name, path, shape) -> CheckpointTensor:
+        return CheckpointTensor(name, path, shape, np.transpose, np.transpose)
+
+    def qkv_weight(name, path, slot, heads) -> CheckpointTensor:
+        # [heads*d, e] <-> the [e, kv, slots, d] part at `slot` (query heads grouped by KV head)
+        n = heads // kv
+        return CheckpointTensor(
+            name,
+            path,
+            (heads * d, e),
+            lambda w: w.T.reshape(e, kv, n, d),
+            lambda w: w.reshape(e, heads * d).T,
+            (whole, whole, slice(slot, slot + n)),
+        )
+
+    def qkv_bias(name, path, slot, heads) -> CheckpointTensor:
+        n = heads // kv
+        return CheckpointTensor(
+            name,
+            path,
+            (heads * d,),
+            lambda b: b.reshape(kv, n, d),
+            lambda b: b.reshape(heads * d),
+            (whole, slice(slot, slot + n)),
+        )
+
+    def gate_up(name, path, slot) -> CheckpointTensor:
+        # [f, e] <-> the [e, 1, f] part at `slot` of [e, 2, f]
+        return CheckpointTensor(
+            name,
+            path,
+            (f, e),
+            lambda w: w.T[:, None, :],
+            lambda w: w[:, 0, :].T,
+            (whole, slice(slot, slot + 1)),
+        )
+
+    out = [same("model.embed_tokens.weight", ("embed",), (v, e))]
     for i in range(config.num_layers):
         p, layer = f"model.layers.{i}.", ("layers", i)
-        attn = (*layer, "attn")
+        attn, qkv, mlp = (*layer, "attn"), (*layer, "attn", "qkv_proj"), (*layer, "mlp")
         out += [
-            tensor(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (e,), "same"),
-            tensor(p + "self_attn.q_proj.weight", (*attn, "q_proj"), (h * d, e), "heads_in"),
-            tensor(p + "self_attn.k_proj.weight", (*attn, "k_proj"), (kv * d, e), "heads_in"),
-            tensor(p + "self_attn.v_proj.weight", (*attn, "v_proj"), (kv * d, e), "heads_in"),
-            tensor(p + "self_attn.o_proj.weight", (*attn, "o_proj"), (e, h * d), "heads_out"),
-            tensor(
-                p + "post_attention_layernorm.weight",
-                (*layer, "post_attn_norm", "scale"),
-                (e,),
-                "same",
+            same(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (e,)),
+            qkv_weight(p + "self_attn.q_proj.weight", qkv, 0, h),
+            qkv_weight(p + "self_attn.k_proj.weight", qkv, g, kv),
+            qkv_weight(p + "self_attn.v_proj.weight", qkv, g + 1, kv),
+            CheckpointTensor(
+                p + "self_attn.o_proj.weight",
+                (*attn, "o_proj"),
+                (e, h * d),
+                lambda w: w.T.reshape(h, d, e),
+                lambda w: w.reshape(h * d, e).T,
             ),
-            tensor(p + "mlp.gate_proj.weight", (*layer, "mlp", "gate_proj"), (f, e), "transpose"),
-            tensor(p + "mlp.up_proj.weight", (*layer, "mlp", "up_proj"), (f, e), "transpose"),
-            tensor(p + "mlp.down_proj.weight", (*layer, "mlp", "down_proj"), (e, f), "transpose"),
+            same(p + "post_attention_layernorm.weight", (*layer, "post_attn_norm", "scale"), (e,)),
+            gate_up(p + "mlp.gate_proj.weight", (*mlp, "gate_up_proj"), 0),
+            gate_up(p + "mlp.up_proj.weight", (*mlp, "gate_up_proj"), 1),
+            transposed(p + "mlp.down_proj.weight", (*mlp, "down_proj"), (e, f)),
         ]
         if config.qkv_bias:
+            bias = (*attn, "qkv_bias")
             out += [
-                tensor(p + "self_attn.q_proj.bias", (*attn, "q_bias"), (h * d,), "head_bias"),
-                tensor(p + "self_attn.k_proj.bias", (*attn, "k_bias"), (kv * d,), "head_bias"),
-                tensor(p + "self_attn.v_proj.bias", (*attn, "v_bias"), (kv * d,), "head_bias"),
+                qkv_bias(p + "self_attn.q_proj.bias", bias, 0, h),
+                qkv_bias(p + "self_attn.k_proj.bias", bias, g, kv),
+                qkv_bias(p + "self_attn.v_proj.bias", bias, g + 1, kv),
             ]
         if config.o_bias:
-            out.append(tensor(p + "self_attn.o_proj.bias", (*attn, "o_bias"), (e,), "same"))
+            out.append(same(p + "self_attn.o_proj.bias", (*attn, "o_bias"), (e,)))
         if config.qk_norm:
             out += [
-                tensor(p + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (d,), "same"),
-                tensor(p + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (d,), "same"),
+                same(p + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (d,)),
+                same(p + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (d,)),
             ]
-    out.append(tensor("model.norm.weight", ("final_norm", "scale"), (e,), "same"))
+    out.append(same("model.norm.weight", ("final_norm", "scale"), (e,)))
     if not config.tie_word_embeddings:
-        out.append(tensor("lm_head.weight", ("lm_head",), (v, e), "transpose"))
+        out.append(transposed("lm_head.weight", ("lm_head",), (v, e)))
     return out
 
 
 def hf_state_dict(config: ModelConfig, params: nnx.State) -> dict[str, np.ndarray]:
     """Our params as HF-named host arrays in HF layout (float32), e.g. for a torch reference."""
     flat = dict(nnx.to_flat_state(params))
-    return {
-        t.name: np.array(t.from_param(np.asarray(flat[t.path][...], np.float32)), order="C")
-        for t in checkpoint_layout(config)
-    }
+
+    def part(t: CheckpointTensor) -> np.ndarray:
+        value = np.asarray(flat[t.path][...], np.float32)
+        return value if t.index is None else value[t.index]
+
+    return {t.name: np.array(t.from_param(part(t)), order="C") for t in checkpoint_layout(config)}
 
 
 def params_from_checkpoint(
@@ -113,14 +149,24 @@ def params_from_checkpoint(
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Builds `(graphdef, params)` tensor by tensor from `read` (HF layout, any float dtype).
 
-    Each tensor is converted and placed (`place(path, array)`, default `jnp.asarray`) before
-    the next is read, so at most one host copy of a tensor is alive at a time.
+    Each param is converted and placed (`place(path, array)`, default `jnp.asarray`) as soon
+    as its tensors are read (one for most params, q/k/v or gate/up for the fused ones), so at
+    most one param's host copy is alive at a time.
     """
     graphdef, abstract = abstract_model(config, param_dtype=param_dtype, dtype=dtype)
     flat = dict(nnx.to_flat_state(abstract))
     place = place or (lambda _path, array: jnp.asarray(array))
     target = np.dtype(param_dtype)
-    for tensor in checkpoint_layout(config):
+    layout = checkpoint_layout(config)
+    parts_left = collections.Counter(t.path for t in layout)
+    assembling: dict[tuple, np.ndarray] = {}
+    for tensor in layout:
         array = tensor.to_param(read(tensor))
-        flat[tensor.path].set_value(place(tensor.path, array.astype(target, copy=False)))
+        if tensor.index is not None:
+            shape = flat[tensor.path].get_value().shape
+            assembling.setdefault(tensor.path, np.zeros(shape, target))[tensor.index] = array
+        parts_left[tensor.path] -= 1
+        if parts_left[tensor.path] == 0:
+            value = assembling.pop(tensor.path, array)
+            flat[tensor.path].set_value(place(tensor.path, value.astype(target, copy=False)))
     return graphdef, nnx.from_flat_state(flat)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -37,8 +38,10 @@ ORBAX_MARKER = "ferrum_jax.json"
 """Written last into an orbax checkpoint directory: its presence means the save completed."""
 FORMAT = "ferrum-jax-orbax"
 """`format` field of the marker."""
-VERSION = 1
-"""Layout version this code writes and reads."""
+VERSION = 2
+"""Layout version this code writes: 2 has fused q/k/v and gate/up params."""
+READABLE_VERSIONS = (1, 2)
+"""Versions `load_orbax` reads (1: per-projection params, fused on load)."""
 _PARAMS = "params"
 
 Shardings = Callable[[tuple[str | int, ...]], jax.sharding.Sharding] | Mapping[Any, Any]
@@ -130,9 +133,10 @@ def read_marker(root: pathlib.Path) -> dict[str, Any]:
         raise FerrumError.invalid_format(f"{path}: not valid JSON: {e}") from e
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise FerrumError.invalid_format(f"{path}: not a {FORMAT} marker")
-    if marker.get("version") != VERSION:
+    if marker.get("version") not in READABLE_VERSIONS:
         raise FerrumError.unsupported(
-            f"{path}: checkpoint version {marker.get('version')!r}; this code reads {VERSION}"
+            f"{path}: checkpoint version {marker.get('version')!r}; this code reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return marker
 
@@ -157,9 +161,11 @@ def load_orbax(
     """
     target = model_dtype(dtype)
     root = pathlib.Path(path)
-    read_marker(root)
+    version = read_marker(root)["version"]
     config = read_config(root)
     graphdef, abstract = abstract_model(config, param_dtype=target, dtype=target)
+    if version == 1:
+        return _load_v1(root, config, graphdef, abstract, target, shardings)
     wanted = jax.tree_util.tree_map_with_path(
         lambda keys, leaf: jax.ShapeDtypeStruct(
             leaf.shape, target, sharding=_sharding(shardings, tuple(k.key for k in keys))
@@ -175,5 +181,55 @@ def load_orbax(
     finally:
         checkpointer.close()
     nnx.replace_by_pure_dict(abstract, restored)
+    tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
+    return Model(config, graphdef, abstract, tokenizer=tokenizer, source=str(root), format="orbax")
+
+
+def _load_v1(root, config, graphdef, abstract, target, shardings) -> Model:
+    """A version-1 checkpoint (q/k/v and gate/up saved apart): restored whole, then fused
+    into this version's params and placed."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        raw = checkpointer.restore(root / _PARAMS)
+    except Exception as e:
+        raise FerrumError.invalid_format(f"{root / _PARAMS}: cannot restore params: {e}") from e
+    finally:
+        checkpointer.close()
+    kv, g = config.num_kv_heads, config.num_heads // config.num_kv_heads
+    for layer in raw["layers"].values():
+        attn, mlp = layer["attn"], layer["mlp"]
+        e, _, d = np.shape(attn["q_proj"])
+        attn["qkv_proj"] = np.concatenate(
+            [
+                np.asarray(attn.pop("q_proj")).reshape(e, kv, g, d),
+                np.asarray(attn.pop("k_proj"))[:, :, None],
+                np.asarray(attn.pop("v_proj"))[:, :, None],
+            ],
+            axis=2,
+        )
+        if "q_bias" in attn:
+            attn["qkv_bias"] = np.concatenate(
+                [
+                    np.asarray(attn.pop("q_bias")).reshape(kv, g, d),
+                    np.asarray(attn.pop("k_bias"))[:, None],
+                    np.asarray(attn.pop("v_bias"))[:, None],
+                ],
+                axis=1,
+            )
+        mlp["gate_up_proj"] = np.stack(
+            [np.asarray(mlp.pop("gate_proj")), np.asarray(mlp.pop("up_proj"))], axis=1
+        )
+    raw["layers"] = {int(k): v for k, v in raw["layers"].items()}
+    placed = jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: jax.device_put(
+            np.asarray(leaf).astype(target),
+            _sharding(shardings, tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keys)),
+        ),
+        raw,
+    )
+    try:
+        nnx.replace_by_pure_dict(abstract, placed)
+    except (KeyError, ValueError) as e:
+        raise FerrumError.invalid_format(f"{root / _PARAMS}: not a version-1 layout: {e}") from e
     tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
     return Model(config, graphdef, abstract, tokenizer=tokenizer, source=str(root), format="orbax")
