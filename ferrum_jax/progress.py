@@ -2,16 +2,18 @@
 
 Long steps (loading a checkpoint tensor by tensor, `JaxModelExecutor.warmup` compiling its
 programs) draw a tqdm bar when stderr is a terminal, and report their stages to the
-`ferrum_jax` logger at INFO. The logger prints nothing until the application configures
-logging (`logging.basicConfig(level=logging.INFO)`; the CLI does it for its own lines).
-Setting the logger above INFO — `logging.getLogger("ferrum_jax").setLevel(logging.WARNING)`,
-which is what `ferrum-jax --quiet` does — hides the bars too.
+`ferrum_jax` logger at INFO. `stage_lines()` prints those as lines on stderr (the CLI runs
+every command inside it); so does any logging set-up that lets the logger's INFO through.
+Setting the logger above INFO — `stage_lines(quiet=True)`, what `ferrum-jax --quiet` does —
+hides the bars too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -30,3 +32,25 @@ def bars_enabled() -> bool:
 def bar(total: int, desc: str, unit: str) -> tqdm:
     """A tqdm bar on stderr, drawn only when `bars_enabled()`."""
     return tqdm(total=total, desc=desc, unit=unit, disable=not bars_enabled(), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stage_lines(quiet: bool = False) -> Iterator[None]:
+    """While active, the `ferrum_jax` logger's stage messages are lines on stderr.
+
+    `quiet` hides them and the bars instead. Works whatever the application's logging
+    set-up (orbax configures the root logger at WARNING on import, so a later
+    `logging.basicConfig(level=logging.INFO)` does nothing).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ferrum-jax: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False  # a root handler would print every line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
