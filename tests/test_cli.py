@@ -305,13 +305,21 @@ def test_the_bad_input_table_is_broad():
     assert len(BAD_INPUTS) >= 20 and len({row[0] for row in BAD_INPUTS}) == len(BAD_INPUTS)
 
 
-def test_console_script_exit_code_and_debug_traceback(tmp_path):
-    argv = [sys.executable, "-m", "ferrum_jax.cli", "generate", "--prompt", "x", "--model"]
-    quiet = subprocess.run([*argv, str(tmp_path / "missing")], capture_output=True, text=True)
-    assert quiet.returncode != 0 and "Traceback" not in quiet.stderr
-    loud = subprocess.run(
-        [*argv, str(tmp_path / "missing"), "--debug"], capture_output=True, text=True
-    )
+def test_console_script_exit_codes_and_debug_traceback(tmp_path):
+    """End to end in real processes: 2 for argument errors, 1 at run time, one line each."""
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file" * 8)
+    cases = [
+        (["--prompt", "x", "--model", str(tmp_path / "missing")], 2, "no such file"),
+        (["--prompt", "x", "--max-new-tokens", "100000"], 2, "context of 8192 tokens"),
+        (["--prompt", "x", "--model", str(tmp_path / "bad.gguf")], 1, "not a GGUF file"),
+    ]
+    for argv, code, words in cases:
+        cmd = [sys.executable, "-m", "ferrum_jax.cli", "generate", *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == code and done.stdout == "", done.stderr
+        assert done.stderr.startswith("ferrum-jax: error: ") and done.stderr.count("\n") == 1
+        assert words in done.stderr and "Traceback" not in done.stderr
+    loud = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
