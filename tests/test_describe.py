@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
-from test_checkpoint_hf import write_tokenizer
+import tokenizers
 
 from ferrum_jax.checkpoint import (
     default_model_path,
@@ -40,6 +40,15 @@ CONFIG = ModelConfig.from_hf(
         "eos_token_id": 2,
     }
 )
+
+
+def write_tokenizer(root) -> None:
+    """A word-level tokenizer with a chat template, as an HF directory holds it."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.save(str(root / "tokenizer.json"))
+    config = {"eos_token": "</s>", "chat_template": "{{ messages }}"}
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
