@@ -10,8 +10,9 @@ Two layers of public API:
   `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
 """
 
-from ferrum_jax import sharding
+from ferrum_jax import progress, sharding
 from ferrum_jax.cache import KVCache, init_cache
+from ferrum_jax.chat import ChatSession
 from ferrum_jax.checkpoint import (
     checkpoint_layout,
     default_model_path,
@@ -86,6 +87,7 @@ __all__ = [
     "BatchModelExecutor",
     "BlockTable",
     "CacheHandleStats",
+    "ChatSession",
     "DataType",
     "DecodeInput",
     "DecodeOutput",
@@ -150,6 +152,7 @@ __all__ = [
     "load_orbax",
     "params_from_checkpoint",
     "prefill",
+    "progress",
     "row_keys",
     "sample",
     "sample_step",

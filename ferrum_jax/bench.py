@@ -410,7 +410,20 @@ def _table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    """Decode tokens/s vs batch for ours, HF and the bandwidth roofline."""
+    """Writes `plot_figure(report)` to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(report)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_figure(report: dict[str, Any]):
+    """Decode tokens/s vs batch for ours, HF and the bandwidth roofline (a matplotlib Figure).
+
+    Several batch sizes give lines over the batch axis; one batch size gives labelled bars,
+    since a line through one point draws nothing (the roofline is a bar there too).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,20 +431,32 @@ def plot(report: dict[str, Any], path: str) -> None:
 
     rows = report["results"]
     batches = [r["batch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(batches, [r["decode_tok_s"] for r in rows], "o-", label="ferrum-jax")
+    series = [("ferrum-jax", [r["decode_tok_s"] for r in rows])]
     if rows[0]["hf_decode_tok_s"] is not None:
-        ax.plot(batches, [r["hf_decode_tok_s"] for r in rows], "s-", label="HF transformers")
+        series.append(("HF transformers", [r["hf_decode_tok_s"] for r in rows]))
     roofline = [
         r["decode_tok_s"] / r["roofline_fraction"] if r["roofline_fraction"] else 0 for r in rows
     ]
-    ax.plot(batches, roofline, "k--", label=f"roofline ({report['bandwidth_gbs']:.0f} GB/s)")
-    ax.set_xlabel("batch size")
+    roofline_label = f"roofline ({report['bandwidth_gbs']:.0f} GB/s)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(rows) == 1:
+        labels = [name for name, _ in series] + [roofline_label]
+        values = [values[0] for _, values in series] + [roofline[0]]
+        colors = [f"C{i}" for i in range(len(series))] + ["0.8"]
+        bars = ax.bar(labels, values, color=colors, edgecolor="k")
+        bars[-1].set_hatch("//")
+        ax.bar_label(bars, fmt="%.1f")
+        ax.margins(y=0.12)  # room for the labels above the bars
+        ax.set_xlabel(f"batch size {batches[0]}")
+    else:
+        for (name, values), marker in zip(series, ("o-", "s-"), strict=False):
+            ax.plot(batches, values, marker, label=name)
+        ax.plot(batches, roofline, "k--", label=roofline_label)
+        ax.set_xlabel("batch size")
+        ax.set_xscale("log", base=2)
+        ax.legend()
     ax.set_ylabel("decode tokens/s")
-    ax.set_xscale("log", base=2)
     ax.set_title(f"{report['dtype']} decode, {report['device']}")
-    ax.legend()
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -1,181 +1,749 @@
-"""`ferrum-jax`: generate, convert, info and bench from the command line."""
+"""ferrum-jax: generate text, chat, convert checkpoints, describe models and benchmark them.
+
+Arguments are checked before any weight loads: flag values and the prompt first, then the
+prompt's length against the model's context, tokenized with the tokenizer read from the
+checkpoint's metadata. Argument errors exit 2 and runtime errors 1, each as one line on
+stderr (--debug shows the traceback). Progress goes to stderr: bars on a terminal, one line
+per stage otherwise; --quiet hides both.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
+import math
 import os
 import pathlib
+import re
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ferrum_jax.dtypes import DTYPE_NAMES
-from ferrum_jax.errors import FerrumError
+import ferrum_jax
+from ferrum_jax import progress
+from ferrum_jax.dtypes import DTYPE_NAMES, model_dtype
+from ferrum_jax.errors import ErrorKind, FerrumError
+
+if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument errors stay fast
+    from jax.sharding import Mesh
+
+    from ferrum_jax.model import Model
+    from ferrum_jax.sampling import SamplingParams
+    from ferrum_jax.streaming import StreamedToken
+    from ferrum_jax.text import Tokenizer
+
+MAX = "max"
+"""`--max-new-tokens max`: fill the model's context."""
+
+_SYNONYMS = {"--input": "--prompt", "--text": "--prompt", "--input-file": "--prompt-file"}
+"""Flags of other tools that users type for ours; difflib catches plain typos."""
+
+log = progress.logger
+
+
+def _arg_error(message: str) -> FerrumError:
+    """An argument error: exits 2."""
+    return FerrumError.invalid_parameter(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing: every value is checked by its flag's parser, in the flag's own words.
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad usage as a one-line `FerrumError`."""
+    """argparse that reports bad usage as one `FerrumError` line in CLI terms."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise FerrumError.invalid_parameter(message)
+        raise _arg_error(_usage_message(message, self.prog))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="ferrum-jax", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+def _usage_message(message: str, prog: str) -> str:
+    required = re.fullmatch(r"the following arguments are required: (.*)", message)
+    if required:
+        if required[1] == "COMMAND":
+            return f"choose a command: {', '.join(_HANDLERS)} (see {prog} --help)"
+        return f"missing {required[1]} (see {prog} --help)"
+    argument = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
+    if not argument:
+        return message
+    flag, problem = argument[1].split("/")[-1], argument[2]
+    choice = re.fullmatch(r"invalid choice: (.*) \(choose from (.*)\)", problem)
+    if choice and flag == "COMMAND":
+        typed = choice[1].strip("'")
+        guess = [c for c in _HANDLERS if c.startswith(typed)] or difflib.get_close_matches(
+            typed, list(_HANDLERS), n=1
+        )
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        return f"unknown command {choice[1]}{hint} (choose from {', '.join(_HANDLERS)})"
+    if choice:
+        return f"{flag} must be one of {choice[2].replace(chr(39), '')} (got {choice[1]})"
+    if problem == "expected one argument":
+        return f"{flag} needs a value"
+    return f"{flag} {problem}"
 
-    def model_args(p: argparse.ArgumentParser) -> None:
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is no value to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer (got {text!r})") from None
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {text})")
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {text})")
+    return value
+
+
+def _min_p(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (got {text})")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _integer(text)
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits (got {text})")
+    return value
+
+
+def _token_limit(text: str) -> int | str:
+    if text == MAX:
+        return MAX
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or '{MAX}' (got {text!r})")
+    return value
+
+
+def _stop_string(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    # The shell passes `\n` as two characters; a newline is the stop string people want.
+    return re.sub(r"\\(\\|n|t)", lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m[1]], text)
+
+
+def _batch_sizes(text: str) -> str:
+    sizes = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in sizes):
+        raise argparse.ArgumentTypeError(f"must be batch sizes >= 1 like 1,8 (got {text!r})")
+    return text
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's parser (for messages about unknown flags)."""
+    parser = _ArgumentParser(
+        prog="ferrum-jax",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'ferrum-jax COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"ferrum-jax {ferrum_jax.__version__}"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(
+        dest="command", title="commands", metavar="COMMAND", parser_class=_ArgumentParser
+    )
+    commands.required = True
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            formatter_class=_HelpFormatter,
+        )
+        subparsers[name] = sub
+        return sub
+
+    def common(p: argparse.ArgumentParser, *, quiet: bool = True) -> None:
+        if quiet:  # bench has none: its lines on stderr are its measurements
+            p.add_argument(
+                "--quiet",
+                action="store_true",
+                help="no progress on stderr (errors and the [stopped: ...] notice remain)",
+            )
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    def model_args(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
         p.add_argument(
             "--model",
-            default=None,
-            help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)",
+            metavar="PATH",
+            help="HF directory (config.json + safetensors), .gguf file or orbax directory "
+            "(default: the embedded SmolLM2-135M-Instruct)",
         )
-        p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        p.add_argument(
+            "--dtype", choices=DTYPE_NAMES, default="float32", help="parameter and compute dtype"
+        )
+        if mesh:
+            p.add_argument(
+                "--mesh",
+                metavar="data=D,model=M",
+                help="shard over a device mesh, e.g. data=1,model=2 (default: one device)",
+            )
 
-    gen = commands.add_parser("generate", help="generate text, streamed to stdout")
+    def sampling_args(p: argparse.ArgumentParser, *, per: str) -> None:
+        p.add_argument(
+            "--max-new-tokens",
+            type=_token_limit,
+            default=128,
+            metavar="N",
+            help=f"most tokens to generate {per}; '{MAX}' fills the model's context. The "
+            "prompt plus N must fit the context",
+        )
+        p.add_argument(
+            "--temperature",
+            type=_temperature,
+            default=0.0,
+            metavar="T",
+            help="sampling temperature; 0 is greedy",
+        )
+        p.add_argument(
+            "--top-k",
+            type=_int_at_least(0),
+            default=0,
+            metavar="K",
+            help="keep the K likeliest tokens; 0: all",
+        )
+        p.add_argument(
+            "--top-p",
+            type=_top_p,
+            default=1.0,
+            metavar="P",
+            help="keep the fewest tokens whose probability reaches P; 1: all",
+        )
+        p.add_argument(
+            "--min-p",
+            type=_min_p,
+            default=0.0,
+            metavar="P",
+            help="drop tokens less likely than P times the likeliest; 0: none",
+        )
+        p.add_argument(
+            "--seed", type=_seed, default=0, metavar="S", help="random seed for sampling"
+        )
+        p.add_argument(
+            "--stop",
+            type=_stop_string,
+            action="append",
+            default=[],
+            metavar="STR",
+            help="stop when the output contains STR (repeatable; \\n and \\t are understood); "
+            "the text ends before it",
+        )
+
+    gen = command("generate", "generate text from a prompt, streamed to stdout")
+    gen.add_argument(
+        "--prompt", metavar="TEXT", help="the prompt; '-' reads it from standard input"
+    )
+    gen.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        help="read the prompt from this UTF-8 file (one trailing newline is dropped)",
+    )
+    gen.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message of the chat template"
+    )
+    gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    sampling_args(gen, per="after the prompt")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, token_ids, prompt_token_ids, finish_reason, "
+        "timings) instead of streaming",
+    )
     model_args(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead")
-    gen.add_argument("--mesh", default=None, help="device mesh, e.g. data=1,model=2")
+    common(gen)
 
-    convert = commands.add_parser("convert", help="convert an HF or GGUF checkpoint to orbax")
-    convert.add_argument("src")
-    convert.add_argument("dst")
-    convert.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    convert.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    chat = command("chat", "chat with the model in the terminal (/exit or Ctrl-D to quit)")
+    chat.add_argument("--system", metavar="TEXT", help="system message of the conversation")
+    sampling_args(chat, per="per answer")
+    model_args(chat)
+    common(chat)
 
-    info = commands.add_parser("info", help="describe a model and the devices")
-    model_args(info)
-    info.add_argument("--json", action="store_true")
+    convert = command("convert", "convert an HF directory or .gguf file to an orbax directory")
+    convert.add_argument("src", metavar="SRC", help="HF directory, .gguf file or orbax directory")
+    convert.add_argument("dst", metavar="DST", help="orbax directory to write")
+    convert.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved params"
+    )
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DST if it is an orbax checkpoint (or an empty directory)",
+    )
+    common(convert)
 
-    bench = commands.add_parser("bench", help="measure throughput against HF transformers")
+    info = command("info", "describe a model from its metadata (no weights are read)")
+    model_args(info, mesh=False)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    common(info)
+
+    bench = command("bench", "measure throughput and latency, optionally against HF transformers")
     model_args(bench)
-    bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    bench.add_argument("--prompt-len", type=int, default=128)
-    bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--compare", choices=("hf",), default=None)
-    bench.add_argument("--repeat", type=int, default=3)
-    bench.add_argument("--json", dest="json_path", default=None, metavar="FILE")
-    bench.add_argument("--plot", default=None, metavar="FILE.png")
-    bench.add_argument("--mesh", default=None, help="device mesh, e.g. data=1,model=2")
-    return parser
+    bench.add_argument(
+        "--batch",
+        type=_batch_sizes,
+        default="1,8",
+        metavar="B,B",
+        help="comma-separated batch sizes",
+    )
+    bench.add_argument(
+        "--prompt-len", type=_int_at_least(1), default=128, metavar="N", help="prompt tokens"
+    )
+    bench.add_argument(
+        "--new-tokens",
+        type=_int_at_least(2),
+        default=128,
+        metavar="N",
+        help="tokens generated per row",
+    )
+    bench.add_argument(
+        "--compare", choices=("hf",), help="also run HF transformers on the same weights"
+    )
+    bench.add_argument(
+        "--repeat",
+        type=_int_at_least(1),
+        default=3,
+        metavar="N",
+        help="timed runs; medians are reported",
+    )
+    bench.add_argument(
+        "--json", dest="json_path", metavar="FILE", help="write the report as JSON to FILE"
+    )
+    bench.add_argument("--plot", metavar="FILE.png", help="plot decode tokens/s vs batch to FILE")
+    common(bench, quiet=False)
+    return parser, subparsers
 
 
-def _load(args: argparse.Namespace, mesh_spec: str | None = None):
+def _unknown(extra: list[str], parser: argparse.ArgumentParser) -> FerrumError:
+    first = extra[0]
+    if not first.startswith("-"):
+        return _arg_error(f"unexpected argument {first!r} (see {parser.prog} --help)")
+    name = first.split("=", 1)[0]
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    guess = _SYNONYMS.get(name) or next(iter(difflib.get_close_matches(name, options, n=1)), None)
+    hint = f"; did you mean {guess}?" if guess in options else ""
+    return _arg_error(f"unknown option {name}{hint} (see {parser.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before loading: the prompt, the mesh, the model's path and metadata.
+
+
+def _prompt_text(args: argparse.Namespace) -> tuple[str, str]:
+    """The prompt and the flag it came from."""
+    if args.prompt is None and args.prompt_file is None:
+        raise _arg_error(
+            "give a prompt: --prompt TEXT, --prompt - (standard input) or --prompt-file PATH"
+        )
+    if args.prompt is not None and args.prompt_file is not None:
+        raise _arg_error("give the prompt once: --prompt or --prompt-file, not both")
+    if args.prompt == "-":
+        flag = "--prompt -"
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise _arg_error("--prompt -: standard input is not UTF-8 text") from None
+    elif args.prompt is not None:
+        flag, text = "--prompt", args.prompt
+    else:
+        flag, text = "--prompt-file", _read_prompt_file(pathlib.Path(args.prompt_file))
+    if flag != "--prompt":
+        # Files and `echo` end in a newline that is not part of the prompt.
+        text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        where = {"--prompt -": "--prompt -: standard input", "--prompt-file": "--prompt-file"}
+        raise _arg_error(f"{where.get(flag, flag)} is empty")
+    return text, flag
+
+
+def _read_prompt_file(path: pathlib.Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _arg_error(f"--prompt-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise _arg_error(f"--prompt-file {path}: is a directory") from None
+    except OSError as e:
+        raise _arg_error(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _arg_error(f"--prompt-file {path}: not UTF-8 text") from None
+
+
+def _mesh(spec: str | None) -> Mesh | None:
+    """The `--mesh` flag's mesh, checked against the devices (None: one device)."""
+    if spec is None:
+        return None
+    import jax
+
     from ferrum_jax import sharding
+
+    try:
+        data, model = sharding.parse_mesh(spec)
+    except FerrumError:
+        raise _arg_error(f"--mesh must be data=N,model=M with N, M >= 1 (got {spec!r})") from None
+    available = len(jax.devices())
+    if data * model > available:
+        raise _arg_error(f"--mesh {spec} needs {data * model} devices, {available} available")
+    return sharding.make_mesh(data=data, model=model)
+
+
+def _model_path(value: str | None, flag: str = "--model") -> str | None:
+    """`value` once it names something `load_model` can read (None: the embedded model)."""
+    if value is None:
+        return None  # a missing default model is a broken install, reported by the load
+    from ferrum_jax.checkpoint import model_format
+
+    try:
+        model_format(value)
+    except FerrumError as e:
+        raise _arg_error(f"{flag} {e.message}") from None
+    return value
+
+
+def _tokenizer(model: str | None, *, chat: bool) -> Tokenizer:
+    """The checkpoint's tokenizer, read without its weights."""
+    from ferrum_jax.checkpoint import read_tokenizer
+
+    tokenizer = read_tokenizer(model)
+    if tokenizer is None:
+        raise FerrumError.tokenizer(f"{_name(model)} ships no tokenizer; cannot encode a prompt")
+    if chat and tokenizer.chat_template is None:
+        raise _arg_error(f"{_name(model)} has no chat template, which --chat and chat need")
+    return tokenizer
+
+
+def _context(model: str | None) -> int:
+    from ferrum_jax.checkpoint import describe_model
+
+    return describe_model(model).config.max_position_embeddings
+
+
+def _token_budget(limit: int | str, prompt_tokens: int, context: int, prompt: str) -> int:
+    """`--max-new-tokens` as a number, checked against the context (`max`: what is left)."""
+    from ferrum_jax.engine import check_context_length
+
+    wanted = 1 if limit == MAX else int(limit)
+    check_context_length(
+        prompt_tokens, wanted, context, prompt=f"prompt ({prompt})", max_new="--max-new-tokens"
+    )
+    return context - prompt_tokens if limit == MAX else wanted
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    from ferrum_jax.sampling import SamplingParams
+
+    return SamplingParams.make(
+        1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p
+    )
+
+
+def _name(model: str | None) -> str:
+    if model is None:
+        from ferrum_jax.checkpoint import default_model_path
+
+        return default_model_path().name
+    return pathlib.Path(model).name
+
+
+def _load(model: str | None, dtype: str, mesh: Mesh | None = None) -> Model:
+    """The one place the CLI loads weights: every check of the arguments runs before it."""
     from ferrum_jax.checkpoint import load_model
 
-    mesh = sharding.mesh_from_spec(mesh_spec) if mesh_spec else None
-    return load_model(args.model, dtype=args.dtype, mesh=mesh)
+    start = time.perf_counter()
+    where = "" if mesh is None else f" on a {dict(mesh.shape)} mesh"
+    log.info("loading %s as %s%s", _name(model), dtype, where)
+    loaded = load_model(model, dtype=dtype, mesh=mesh)
+    log.info("loaded in %.1f s", time.perf_counter() - start)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming an answer: stop tokens, stop strings, detokenisation.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    text: str
+    """Decoded `token_ids` (special tokens skipped), cut before the first stop string."""
+    token_ids: list[int]
+    """Every generated token, the one that ended generation (stop token or the token that
+    completed a stop string) included."""
+    finish_reason: str
+    """`"stop"` (stop token or stop string) or `"length"` (the token limit)."""
+
+
+def _answer(
+    tokens: Iterator[StreamedToken],
+    tokenizer: Tokenizer,
+    stops: Sequence[str],
+    write: Callable[[str], None] | None,
+) -> _Answer:
+    """Consumes `tokens` until a stop token, a stop string or their end; `write` (if given)
+    receives the text as it becomes safe to show."""
+    from ferrum_jax.text import StopStrings
+
+    detokenizer = tokenizer.stream_decoder(skip_special_tokens=True)
+    matcher = StopStrings(stops)
+    token_ids: list[int] = []
+    parts: list[str] = []
+    finish = "length"
+
+    def emit(piece: str) -> None:
+        if piece:
+            parts.append(piece)
+            if write is not None:
+                write(piece)
+
+    for token in tokens:
+        token_ids.append(token.token_id)
+        if token.stop:
+            finish = "stop"
+            break
+        emit(matcher.push(detokenizer.push(token.token_id)))
+        if matcher.matched is not None:
+            break
+    if matcher.matched is None:
+        emit(matcher.push(detokenizer.flush()))
+        emit(matcher.flush())
+    if matcher.matched is not None:
+        finish = "stop"
+    return _Answer("".join(parts), token_ids, finish)
+
+
+def _write_stdout(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _stopped(reason: str) -> None:
+    sys.stdout.flush()  # the notice goes after the text on a shared terminal
+    print(f"[stopped: {reason}]", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands.
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ferrum_jax.sampling import SamplingParams
+    from ferrum_jax import sharding
     from ferrum_jax.streaming import stream_tokens
 
-    sampling = SamplingParams.make(
-        1,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-    )
-    from ferrum_jax import sharding
-
-    loaded = _load(args, args.mesh)
-    tokenizer = loaded.tokenizer
-    if tokenizer is None:
-        raise FerrumError.tokenizer(f"{loaded.source} ships no tokenizer; cannot encode a prompt")
+    if args.system is not None and not args.chat:
+        raise _arg_error("--system needs --chat (the system message is part of the chat template)")
+    if args.system == "":
+        raise _arg_error("--system is empty")
+    text, flag = _prompt_text(args)
+    sampling = _sampling(args)
+    mesh = _mesh(args.mesh)
+    model_path = _model_path(args.model)
+    tokenizer = _tokenizer(model_path, chat=args.chat)
     if args.chat:
-        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt_ids = tokenizer.encode_chat([*system, {"role": "user", "content": text}])
     else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    stop_tokens = tokenizer.eos_token_ids or loaded.config.eos_token_ids
+        prompt_ids = tokenizer.encode(text)
+    max_new = _token_budget(args.max_new_tokens, len(prompt_ids), _context(model_path), flag)
+
+    model = _load(model_path, args.dtype, mesh)
+    log.info("prefilling %d prompt tokens (compiling, if this shape is new)", len(prompt_ids))
     timings: dict[str, float] = {}
-    detokenizer = tokenizer.stream_decoder(skip_special_tokens=True)
-    token_ids: list[int] = []
-    text: list[str] = []
-    finish_reason = "length"
     primary = sharding.is_primary()
-    for token in stream_tokens(
-        loaded,
+    tokens = stream_tokens(
+        model,
         prompt_ids,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new,
         sampling=sampling,
         seed=args.seed,
-        stop_tokens=stop_tokens,
+        stop_tokens=tokenizer.eos_token_ids or model.config.eos_token_ids,
         timings=timings,
-    ):
-        token_ids.append(token.token_id)
-        if token.stop:
-            finish_reason = "stop"
-            break
-        piece = detokenizer.push(token.token_id)
-        text.append(piece)
-        if not args.json and primary:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    tail = detokenizer.flush()
-    text.append(tail)
-    generated = len(token_ids)
-    decode_s = timings.get("decode_s", 0.0)
+    )
+    stream = _write_stdout if primary and not args.json else None
+    answer = _answer(tokens, tokenizer, args.stop, stream)
+    generated, decode_s = len(answer.token_ids), timings.get("decode_s", 0.0)
     report = {
-        "text": "".join(text),
-        "token_ids": token_ids,
+        "text": answer.text,
+        "token_ids": answer.token_ids,
         "prompt_token_ids": list(prompt_ids),
-        "finish_reason": finish_reason,
+        "finish_reason": answer.finish_reason,
         "timings": {
             "prefill_s": timings.get("prefill_s", 0.0),
             "decode_s": decode_s,
             "decode_tok_s": (generated - 1) / decode_s if decode_s and generated > 1 else 0.0,
         },
     }
-    if primary:
-        if args.json:
-            print(json.dumps(report, ensure_ascii=False))
-        else:
-            sys.stdout.write(tail + "\n")
-            sys.stdout.flush()
+    if not primary:
+        return 0
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    _write_stdout("\n")
+    log.info(
+        "%d tokens: first after %.2f s, then %.1f tokens/s",
+        generated,
+        report["timings"]["prefill_s"],
+        report["timings"]["decode_tok_s"],
+    )
+    if answer.finish_reason == "length":
+        _stopped(f"max-new-tokens {max_new} reached")
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from ferrum_jax.checkpoint import load_model, save_orbax
+def _chat(args: argparse.Namespace) -> int:
+    from ferrum_jax.chat import ChatSession
 
+    if args.system == "":
+        raise _arg_error("--system is empty")
+    sampling = _sampling(args)
+    mesh = _mesh(args.mesh)
+    model_path = _model_path(args.model)
+    tokenizer = _tokenizer(model_path, chat=True)
+    model = _load(model_path, args.dtype, mesh)
+    session = ChatSession(
+        model,
+        tokenizer=tokenizer,
+        system=args.system,
+        sampling=sampling,
+        seed=args.seed,
+        stop_tokens=tokenizer.eos_token_ids or model.config.eos_token_ids,
+    )
+    log.info("chatting with %s; /exit or Ctrl-D ends the chat", _name(model_path))
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            _write_stdout("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        room = session.context - len(session.prompt_ids(text))
+        if room < 1:
+            raise FerrumError.resource_exhausted(
+                f"the conversation no longer fits the model's context of {session.context} "
+                "tokens; start a new chat"
+            )
+        wanted = room if args.max_new_tokens == MAX else args.max_new_tokens
+        budget = min(wanted, room)
+        answer = _answer(
+            session.send(text, max_new_tokens=budget), tokenizer, args.stop, _write_stdout
+        )
+        session.add_answer(answer.text)
+        _write_stdout("\n")
+        if answer.finish_reason == "length":
+            full = args.max_new_tokens == MAX or budget < wanted
+            _stopped(
+                f"the model's context of {session.context} tokens is full"
+                if full
+                else f"max-new-tokens {budget} reached"
+            )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ferrum_jax.checkpoint import save_orbax
+    from ferrum_jax.checkpoint.orbax import check_destination
+
+    source = _model_path(args.src, flag="SRC")
+    try:
+        check_destination(args.dst, overwrite=args.force)
+    except FerrumError as e:
+        if not args.force:
+            raise _arg_error(f"DST {args.dst} already exists; pass --force to replace it") from None
+        raise _arg_error(f"DST {e.message}") from None
     start = time.perf_counter()
-    loaded = load_model(args.src, dtype=args.dtype)
-    save_orbax(loaded, args.dst)
+    model = _load(source, args.dtype)
+    log.info("saving orbax %s", args.dst)
+    save_orbax(model, args.dst, overwrite=args.force)
     print(
-        f"converted {loaded.format} {args.src} -> orbax {args.dst} "
+        f"converted {model.format} {args.src} -> orbax {args.dst} "
         f"({args.dtype}, {time.perf_counter() - start:.1f}s)"
     )
     return 0
 
 
+def _size(nbytes: float) -> str:
+    """Bytes in binary units: `513.1 MiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
 def _info(args: argparse.Namespace) -> int:
     import jax
 
-    loaded = _load(args)
-    config = loaded.config
+    from ferrum_jax.checkpoint import describe_model
+
+    described = describe_model(_model_path(args.model))
+    config = described.config
+    itemsize = model_dtype(args.dtype).itemsize
+    kv_per_token = config.kv_bytes_per_token(itemsize)
     report: dict[str, Any] = {
-        "source": loaded.source,
-        "format": loaded.format,
+        "source": described.source,
+        "format": described.format,
         "architecture": config.architecture,
         "parameters": config.num_params,
         "dtype": args.dtype,
-        "parameter_bytes": loaded.param_bytes,
-        "kv_bytes_per_token": config.kv_bytes_per_token(loaded.dtype.itemsize),
+        "parameter_bytes": config.num_params * itemsize,
+        "file_bytes": described.file_bytes,
+        "quantization": {
+            e.name: {"tensors": e.tensors, "bytes": e.nbytes} for e in described.encodings
+        },
+        "kv_bytes_per_token": kv_per_token,
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "heads": config.num_heads,
@@ -183,22 +751,76 @@ def _info(args: argparse.Namespace) -> int:
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_position_embeddings,
-        "tokenizer": loaded.tokenizer is not None,
+        "tokenizer": described.has_tokenizer,
+        "chat_template": described.has_chat_template,
         "devices": [str(d) for d in jax.devices()],
     }
     if args.json:
         print(json.dumps(report))
-    else:
-        width = max(len(k) for k in report)
-        for key, value in report.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    mix = ", ".join(
+        f"{e.name} ({e.tensors} tensor{'s' * (e.tensors != 1)}, {_size(e.nbytes)})"
+        for e in described.encodings
+    )
+    context = config.max_position_embeddings
+    tokenizer = "none"
+    if described.has_tokenizer:
+        tokenizer = (
+            "yes, with a chat template" if described.has_chat_template else "yes, no chat template"
+        )
+    rows = [
+        ("model", pathlib.Path(described.source).name),
+        ("path", described.source),
+        ("format", f"{described.format}, {_size(described.file_bytes)} on disk"),
+        ("quantization", mix),
+        (
+            "architecture",
+            f"{config.architecture}: {config.num_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_heads} heads ({config.num_kv_heads} KV), head_dim {config.head_dim}",
+        ),
+        ("parameters", f"{config.num_params / 1e6:.1f}M"),
+        ("vocabulary", f"{config.vocab_size} tokens"),
+        ("context", f"{context} tokens"),
+        ("tokenizer", tokenizer),
+        (f"{args.dtype} weights", _size(report["parameter_bytes"])),
+        (
+            "KV cache",
+            f"{_size(kv_per_token)} per token, {_size(kv_per_token * context)} at full context",
+        ),
+        ("devices", ", ".join(report["devices"])),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.bench import run_bench
+    from ferrum_jax.engine import check_context_length
 
+    _mesh(args.mesh)
+    check_context_length(
+        args.prompt_len,
+        args.new_tokens,
+        _context(_model_path(args.model)),
+        prompt="prompt (--prompt-len)",
+        max_new="--new-tokens",
+    )
     return run_bench(args)
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "generate": _generate,
+    "chat": _chat,
+    "convert": _convert,
+    "info": _info,
+    "bench": _bench,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point.
 
 
 def _enable_compilation_cache() -> None:
@@ -218,21 +840,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ferrum-jax` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    _enable_compilation_cache()
+    parser, subparsers = _parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        args = _parser().parse_args(argv)
-        handler = {
-            "generate": _generate,
-            "convert": _convert,
-            "info": _info,
-            "bench": _bench,
-        }[args.command]
-        return handler(args)
+        try:
+            args, extra = parser.parse_known_args(argv)
+        except SystemExit as e:  # --help and --version print, then exit 0
+            return int(e.code or 0)
+        if extra:
+            raise _unknown(extra, subparsers[args.command])
+        with progress.stage_lines(getattr(args, "quiet", False)):
+            _enable_compilation_cache()
+            return _HANDLERS[args.command](args)
     except FerrumError as e:
         if debug:
             raise
-        print(f"ferrum-jax: error: {e}", file=sys.stderr)
-        return 2 if e.kind.value == "invalid_parameter" else 1
+        # One line, whatever the message holds (a library's multi-line text, say).
+        print(f"ferrum-jax: error: {' '.join(e.message.split())}", file=sys.stderr)
+        return 2 if e.kind is ErrorKind.INVALID_PARAMETER else 1
     except KeyboardInterrupt:
         return 130
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ferrum_jax import engine, sharding
+from ferrum_jax import engine, progress, sharding
 from ferrum_jax.cache import init_cache
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
@@ -725,7 +725,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         speculative step for up to `MIN_BUCKET - 1` drafts.
 
         Each program runs once on padding rows that point past the pool, so nothing is
-        written. Returns what was compiled as `(rows, tokens)` per program kind.
+        written. Returns what was compiled as `(rows, tokens)` per program kind. Progress:
+        a bar over the programs on a terminal, and stage lines on the `ferrum_jax` logger
+        (see `ferrum_jax.progress`).
         """
 
         def work() -> dict[str, list[tuple[int, int]]]:
@@ -733,18 +735,32 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             pool, max_len = self.max_batch_size, self.max_sequence_length
             row_buckets = engine.buckets(pool)
             len_buckets = engine.buckets(max_len, minimum=engine.MIN_BUCKET)
-            drafts = engine.padding_rows(1, len_buckets[0], pool_rows=pool)
-            self._run_rows(engine.extend_step, drafts)
-            compiled["extend"].append((1, len_buckets[0]))
-            for rows in row_buckets:
-                for length in len_buckets:
-                    batch = engine.padding_rows(rows, length, pool_rows=pool)
-                    self._run_rows(engine.prefill_step, batch, True)
-                    compiled["prefill"].append((rows, length))
-                self._run_tokens(engine.padding_tokens(rows, pool_rows=pool))
-                compiled["decode"].append((rows, 1))
-            self._run_tokens(engine.padding_tokens(pool, pool_rows=pool, gather=False))
-            jax.block_until_ready(self._cache)
+            total = 2 + len(row_buckets) * (len(len_buckets) + 1)
+            start = time.perf_counter()
+            progress.logger.info("warmup: compiling %d programs", total)
+            with progress.bar(total, "warmup", "program") as bar:
+
+                def done(kind: str, rows: int, tokens: int) -> None:
+                    compiled[kind].append((rows, tokens))
+                    bar.set_postfix_str(f"{kind} {rows}x{tokens}", refresh=False)
+                    bar.update()
+
+                drafts = engine.padding_rows(1, len_buckets[0], pool_rows=pool)
+                self._run_rows(engine.extend_step, drafts)
+                done("extend", 1, len_buckets[0])
+                for rows in row_buckets:
+                    for length in len_buckets:
+                        batch = engine.padding_rows(rows, length, pool_rows=pool)
+                        self._run_rows(engine.prefill_step, batch, True)
+                        done("prefill", rows, length)
+                    self._run_tokens(engine.padding_tokens(rows, pool_rows=pool))
+                    done("decode", rows, 1)
+                self._run_tokens(engine.padding_tokens(pool, pool_rows=pool, gather=False))
+                bar.update()  # the whole-pool decode program, reported with the row bucket
+                jax.block_until_ready(self._cache)
+            progress.logger.info(
+                "warmup: %d programs in %.1f s", total, time.perf_counter() - start
+            )
             return compiled
 
         return await self._run(work)

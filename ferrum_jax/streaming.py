@@ -12,9 +12,10 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax import engine
-from ferrum_jax.cache import init_cache
+from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
+from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import graph_facts
 from ferrum_jax.sampling import SamplingParams, row_keys, sample_step
 
@@ -37,6 +38,12 @@ class StreamedToken:
 _pick = jax.jit(sample_step)
 
 
+def cache_length(tokens: int, config: ModelConfig) -> int:
+    """Cache positions for `tokens` tokens: a power of two, so prompts and budgets of
+    different sizes share one decode program, but never more than the model's context."""
+    return min(engine.bucket(tokens, minimum=_MIN_CACHE), config.max_position_embeddings)
+
+
 def stream_tokens(
     model: Model | nnx.GraphDef,
     *args: nnx.State | Sequence[int],
@@ -50,8 +57,11 @@ def stream_tokens(
 
     Called as `stream_tokens(model, prompt, ...)` with a `Model`, or as
     `stream_tokens(graphdef, params, prompt, ...)`. `stop_tokens` default to the model's EOS
-    ids, as in `engine.generate`. `timings`, if given, receives `prefill_s` (time to first
-    token) and `decode_s`.
+    ids, as in `engine.generate`; the stop token is yielded (with `stop=True`), then the
+    stream ends. The prompt plus `max_new_tokens` must fit the model's context
+    (`max_position_embeddings`), checked before anything is allocated. `timings`, if given,
+    holds `prefill_s` (time to the first token) and `decode_s` (first to latest token),
+    updated as each token is yielded, so they are right however early the caller stops.
     """
     if isinstance(model, Model):
         graphdef, params, (prompt,) = model.graphdef, model.params, args
@@ -62,25 +72,58 @@ def stream_tokens(
     if max_new_tokens < 1:
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config, dtype = graph_facts(graphdef)
-    # Power-of-two cache lengths: prompts and token budgets of different sizes share one
-    # decode program instead of compiling one per length.
-    needed = engine.bucket(len(prompt), minimum=engine.MIN_BUCKET) + max_new_tokens
-    cache = init_cache(config, 1, engine.bucket(needed, minimum=_MIN_CACHE), dtype)
-    sampling = sampling or SamplingParams.greedy(1)
-    keys = row_keys(seed, 1)
-    stops = set(config.eos_token_ids if stop_tokens is None else stop_tokens)
-    timings = {} if timings is None else timings
+    engine.check_context_length(len(prompt), max_new_tokens, config.max_position_embeddings)
+    cache = init_cache(config, 1, cache_length(len(prompt) + max_new_tokens, config), dtype)
     start = time.perf_counter()
     logits, cache = engine.prefill(graphdef, params, cache, np.asarray([prompt], np.int32))
+    for token, _ in continue_stream(
+        graphdef,
+        params,
+        cache,
+        logits,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling or SamplingParams.greedy(1),
+        keys=row_keys(seed, 1),
+        stop_tokens=config.eos_token_ids if stop_tokens is None else stop_tokens,
+        timings={} if timings is None else timings,
+        start=start,
+    ):
+        yield token
+
+
+def continue_stream(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    logits: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    keys: jax.Array,
+    stop_tokens: Sequence[int],
+    timings: dict[str, float],
+    start: float,
+) -> Iterator[tuple[StreamedToken, KVCache]]:
+    """Samples from a one-row cache's next-token `logits`, feeding each token back.
+
+    Yields each token with the cache holding every token before it (the prompt and the
+    tokens already yielded): a caller that keeps the last cache it saw can continue the
+    sequence later (a chat session). That cache is donated to the next decode step, so it
+    stays valid only while the stream is not resumed. `start` is when the prefill began
+    (for `prefill_s`).
+    """
+    stops = set(stop_tokens)
+    first = start
     for step in range(max_new_tokens):
         token, logprob = _pick(logits, sampling, keys, jnp.int32(step))
         token_id = int(token[0])
+        now = time.perf_counter()
         if step == 0:
-            timings["prefill_s"] = time.perf_counter() - start
-            start = time.perf_counter()
+            timings["prefill_s"] = now - start
+            first = now
+        timings["decode_s"] = now - first
         stop = token_id in stops
-        yield StreamedToken(token_id, float(logprob[0]), stop)
+        yield StreamedToken(token_id, float(logprob[0]), stop), cache
         if stop or step == max_new_tokens - 1:
-            break
+            return
         logits, cache = engine.decode(graphdef, params, cache, token)
-    timings["decode_s"] = time.perf_counter() - start

@@ -80,3 +80,36 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides):
                 if "q_norm" in name or "k_norm" in name:
                     p.uniform_(0.5, 1.5)
     return model
+
+
+TINY_CONTEXT = 96
+"""Context length of `tiny_chat_model`: small enough to fill in a test."""
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """An orbax checkpoint of a tiny random Llama with SmolLM2's tokenizer and chat template.
+
+    The CLI paths that need a real tokenizer (chat, --max-new-tokens max, stage lines) run on
+    it in milliseconds per token; its context is `TINY_CONTEXT` tokens.
+    """
+    from ferrum_jax.checkpoint import read_tokenizer, save_orbax
+    from ferrum_jax.model import Model
+
+    tokenizer = read_tokenizer()  # the embedded SmolLM2's, read without its weights
+    config = ModelConfig.from_hf(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": tokenizer.vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": TINY_CONTEXT,
+            "eos_token_id": 2,
+        }
+    )
+    path = tmp_path_factory.mktemp("tiny-chat") / "orbax"
+    save_orbax(Model.init(config, seed=0, tokenizer=tokenizer), path)
+    return path

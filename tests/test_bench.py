@@ -70,3 +70,29 @@ def test_bench_without_hf_and_bad_arguments(checkpoint, tmp_path, capsys):
     assert main([*argv, "--new-tokens", "1"]) != 0
     err = capsys.readouterr().err
     assert err.count("ferrum-jax: error:") == 2 and "Traceback" not in err
+
+
+def test_plot_of_one_batch_size_shows_bars_and_the_roofline():
+    """A line through one point draws nothing: one batch size gives labelled bars."""
+    import matplotlib.pyplot as plt
+
+    from ferrum_jax.bench import plot_figure
+
+    row = {"batch": 1, "decode_tok_s": 31.6, "hf_decode_tok_s": 29.1, "roofline_fraction": 0.6}
+    report = {"dtype": "float32", "device": "cpu", "bandwidth_gbs": 28.0, "results": [row]}
+    fig = plot_figure(report)
+    ax = fig.axes[0]
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == pytest.approx([31.6, 29.1, 31.6 / 0.6])
+    labels = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert labels == ["ferrum-jax", "HF transformers", "roofline (28 GB/s)"]
+    assert [t.get_text() for t in ax.texts] == ["31.6", "29.1", "52.7"]  # values on the bars
+    plt.close(fig)
+    report["results"] = [row, {**row, "batch": 8, "decode_tok_s": 131.0}]
+    fig = plot_figure(report)
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == [
+        "ferrum-jax",
+        "HF transformers",
+        "roofline (28 GB/s)",
+    ]
+    plt.close(fig)

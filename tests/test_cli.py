@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import require_reference
+from conftest import TINY_CONTEXT, require_reference
 
-from ferrum_jax.checkpoint import default_model_path
+import ferrum_jax
+from ferrum_jax import cli
+from ferrum_jax.checkpoint import default_model_path, read_tokenizer
+from ferrum_jax.checkpoint import load as checkpoint_load
 from ferrum_jax.cli import main
 
 PROMPTS = [
@@ -90,35 +96,230 @@ def test_info_reports_the_model(capsys):
     assert info["devices"]
 
 
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading weights fails the test: every argument error must come before it."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for reader in ("load_gguf", "load_hf", "load_orbax"):
+        monkeypatch.setattr(checkpoint_load, reader, fail)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-inputs")
+    (root / "long.txt").write_text("hello " * 10_000)  # 10,001 tokens: past SmolLM2's 8,192
+    (root / "bad.gguf").write_bytes(b"not a gguf file at all, just some bytes" * 4)
+    (root / "notes").mkdir()
+    (root / "notes" / "keep.txt").write_text("not a checkpoint")
+    (root / "out").mkdir()
+    (root / "out" / "ferrum_jax.json").write_text("{}")  # looks like a checkpoint
+    return root
+
+
+# argv ({root} is the `files` folder), stdin, exit code, words the one error line contains.
+BAD_INPUTS = [
+    ("top-p", "generate --prompt x --top-p 2", None, 2, "--top-p must be in (0, 1] (got 2)"),
+    (
+        "temperature",
+        "generate --prompt x --temperature -1",
+        None,
+        2,
+        "--temperature must be >= 0 (got -1)",
+    ),
+    (
+        "temperature-nan",
+        "generate --prompt x --temperature nan",
+        None,
+        2,
+        "--temperature must be a number",
+    ),
+    ("top-k", "generate --prompt x --top-k -3", None, 2, "--top-k must be >= 0 (got -3)"),
+    ("min-p", "generate --prompt x --min-p 1.5", None, 2, "--min-p must be in [0, 1] (got 1.5)"),
+    ("seed", "generate --prompt x --seed abc", None, 2, "--seed must be an integer (got 'abc')"),
+    (
+        "max-new-negative",
+        "generate --prompt x --max-new-tokens -1",
+        None,
+        2,
+        "--max-new-tokens must be an integer >= 1 or 'max' (got '-1')",
+    ),
+    (
+        "max-new-zero",
+        "generate --prompt x --max-new-tokens 0",
+        None,
+        2,
+        "--max-new-tokens must be an integer >= 1",
+    ),
+    (
+        "max-new-huge",
+        "generate --prompt x --max-new-tokens 100000",
+        None,
+        2,
+        "--max-new-tokens is 100000: 100001 tokens exceed the model's context of 8192 tokens; "
+        "use --max-new-tokens 8191 or less",
+    ),
+    (
+        "prompt-too-long",
+        "generate --prompt-file {root}/long.txt",
+        None,
+        2,
+        "is 10001 tokens, more than fit the model's context of 8192 tokens",
+    ),
+    ("prompt-empty", ["generate", "--prompt", ""], None, 2, "--prompt is empty"),
+    ("stdin-empty", "generate --prompt -", "", 2, "--prompt -: standard input is empty"),
+    (
+        "prompt-file-missing",
+        "generate --prompt-file {root}/missing.txt",
+        None,
+        2,
+        "--prompt-file {root}/missing.txt: no such file",
+    ),
+    ("prompt-file-dir", "generate --prompt-file {root}/notes", None, 2, "is a directory"),
+    ("prompt-twice", "generate --prompt x --prompt-file {root}/long.txt", None, 2, "not both"),
+    ("no-prompt", "generate", None, 2, "give a prompt: --prompt TEXT"),
+    ("prompt-no-value", "generate --prompt", None, 2, "--prompt needs a value"),
+    (
+        "stop-empty",
+        ["generate", "--prompt", "x", "--stop", ""],
+        None,
+        2,
+        "--stop must not be empty",
+    ),
+    ("system-without-chat", "generate --prompt x --system hi", None, 2, "--system needs --chat"),
+    (
+        "dtype",
+        "generate --prompt x --dtype float16",
+        None,
+        2,
+        "--dtype must be one of float32, bfloat16 (got 'float16')",
+    ),
+    (
+        "model-missing",
+        "generate --prompt x --model /nonexistent/model",
+        None,
+        2,
+        "--model /nonexistent/model: no such file or directory",
+    ),
+    (
+        "model-kind",
+        "generate --prompt x --model {root}/long.txt",
+        None,
+        2,
+        "--model {root}/long.txt: expected an HF directory",
+    ),
+    ("model-corrupt", "generate --prompt x --model {root}/bad.gguf", None, 1, "not a GGUF file"),
+    (
+        "mesh-devices",
+        "generate --prompt x --mesh data=2,model=8",
+        None,
+        2,
+        "--mesh data=2,model=8 needs 16 devices, 1 available",
+    ),
+    (
+        "mesh-syntax",
+        "generate --prompt x --mesh model=two",
+        None,
+        2,
+        "--mesh must be data=N,model=M",
+    ),
+    ("typo-input", "generate --input x", None, 2, "unknown option --input; did you mean --prompt?"),
+    (
+        "typo-underscores",
+        "generate --prompt x --max_new_tokens 5",
+        None,
+        2,
+        "did you mean --max-new-tokens?",
+    ),
+    ("typo-positional", "generate hello", None, 2, "unexpected argument 'hello'"),
+    ("command", "gen --prompt x", None, 2, "unknown command 'gen'; did you mean generate?"),
+    ("chat-temperature", "chat --temperature -1", None, 2, "--temperature must be >= 0 (got -1)"),
+    ("chat-system-empty", ["chat", "--system", ""], None, 2, "--system is empty"),
+    (
+        "info-model",
+        "info --model /nonexistent.gguf",
+        None,
+        2,
+        "--model /nonexistent.gguf: no such file",
+    ),
+    (
+        "convert-src",
+        "convert /nonexistent {root}/new",
+        None,
+        2,
+        "SRC /nonexistent: no such file or directory",
+    ),
+    (
+        "convert-dst-exists",
+        "convert {root}/bad.gguf {root}/out",
+        None,
+        2,
+        "DST {root}/out already exists; pass --force to replace it",
+    ),
+    (
+        "convert-force-not-checkpoint",
+        "convert {root}/bad.gguf {root}/notes --force",
+        None,
+        2,
+        "not a ferrum-jax orbax checkpoint",
+    ),
+    (
+        "bench-batch",
+        "bench --batch 0",
+        None,
+        2,
+        "--batch must be batch sizes >= 1 like 1,8 (got '0')",
+    ),
+    ("bench-new-tokens", "bench --new-tokens 1", None, 2, "--new-tokens must be >= 2 (got 1)"),
+    (
+        "bench-context",
+        "bench --prompt-len 9000",
+        None,
+        2,
+        "is 9000 tokens, more than fit the model's context of 8192",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "argv",
-    [
-        ["generate", "--prompt", "x", "--top-p", "2"],
-        ["generate", "--prompt", "x", "--temperature", "-1"],
-        ["generate", "--prompt", "x", "--model", "/nonexistent/model"],
-        ["generate", "--prompt", "x", "--dtype", "float16"],
-        ["generate"],
-        ["info", "--model", "/nonexistent.gguf"],
-        ["convert", "/nonexistent", "/tmp/out"],
-        ["generate", "--prompt", "x", "--mesh", "data=2,model=8"],
-        ["generate", "--prompt", "x", "--mesh", "model=two"],
-    ],
+    ("argv", "stdin", "code", "words"),
+    [pytest.param(*row[1:], id=row[0]) for row in BAD_INPUTS],
 )
-def test_bad_input_is_one_line_error(capsys, argv):
-    code, out, err = run_cli(capsys, *argv)
-    assert code != 0
-    assert out == ""
-    assert err.count("\n") == 1 and err.startswith("ferrum-jax: error:")
-    assert "Traceback" not in err
+def test_bad_input_is_one_line_error_before_loading(
+    capsys, monkeypatch, no_load, files, argv, stdin, code, words
+):
+    argv = argv.split() if isinstance(argv, str) else argv
+    argv = [a.replace("{root}", str(files)) for a in argv]
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    got, out, err = run_cli(capsys, *argv)
+    assert (got, out) == (code, "")
+    assert err.count("\n") == 1 and err.startswith("ferrum-jax: error: "), err
+    assert "Traceback" not in err and "invalid_parameter" not in err
+    assert words.replace("{root}", str(files)) in err
 
 
-def test_console_script_exit_code_and_debug_traceback(tmp_path):
-    argv = [sys.executable, "-m", "ferrum_jax.cli", "generate", "--prompt", "x", "--model"]
-    quiet = subprocess.run([*argv, str(tmp_path / "missing")], capture_output=True, text=True)
-    assert quiet.returncode != 0 and "Traceback" not in quiet.stderr
-    loud = subprocess.run(
-        [*argv, str(tmp_path / "missing"), "--debug"], capture_output=True, text=True
-    )
+def test_the_bad_input_table_is_broad():
+    assert len(BAD_INPUTS) >= 20 and len({row[0] for row in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_console_script_exit_codes_and_debug_traceback(tmp_path):
+    """End to end in real processes: 2 for argument errors, 1 at run time, one line each."""
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file" * 8)
+    cases = [
+        (["--prompt", "x", "--model", str(tmp_path / "missing")], 2, "no such file"),
+        (["--prompt", "x", "--max-new-tokens", "100000"], 2, "context of 8192 tokens"),
+        (["--prompt", "x", "--model", str(tmp_path / "bad.gguf")], 1, "not a GGUF file"),
+    ]
+    for argv, code, words in cases:
+        cmd = [sys.executable, "-m", "ferrum_jax.cli", "generate", *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == code and done.stdout == "", done.stderr
+        assert done.stderr.startswith("ferrum-jax: error: ") and done.stderr.count("\n") == 1
+        assert words in done.stderr and "Traceback" not in done.stderr
+    loud = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
@@ -150,3 +351,123 @@ def test_generate_on_a_mesh_matches_one_device(capsys):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["token_ids"] == single["token_ids"]
+
+
+def tiny_json(capsys, model, *argv: str) -> dict:
+    code, out, err = run_cli(capsys, "generate", "--model", str(model), "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_max_new_tokens_max_fills_the_context(capsys, tiny_chat_model):
+    report = tiny_json(capsys, tiny_chat_model, "--prompt", "hello", "--max-new-tokens", "max")
+    assert report["finish_reason"] == "length"
+    assert len(report["prompt_token_ids"]) + len(report["token_ids"]) == TINY_CONTEXT
+    too_many = ["--prompt", "hello", "--max-new-tokens", str(TINY_CONTEXT)]
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_chat_model), *too_many)
+    assert code == 2 and f"use --max-new-tokens {TINY_CONTEXT - 1} or less" in err
+
+
+def test_stop_strings_cut_the_text_and_end_the_tokens(capsys, tiny_chat_model):
+    """`text` ends before the stop string; `token_ids` end with the token that completed it."""
+    argv = ["--prompt", "hello", "--max-new-tokens", "40"]
+    free = tiny_json(capsys, tiny_chat_model, *argv)
+    stop = free["text"][20:24]
+    cut = tiny_json(capsys, tiny_chat_model, *argv, "--stop", stop, "--stop", "never seen")
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == free["text"][: free["text"].index(stop)]
+    assert cut["token_ids"] == free["token_ids"][: len(cut["token_ids"])]
+    tokenizer = read_tokenizer()
+    assert stop in tokenizer.decode(cut["token_ids"])
+    assert stop not in tokenizer.decode(cut["token_ids"][:-1])
+
+
+def test_prompt_from_flag_file_and_stdin_agree(capsys, monkeypatch, tmp_path, tiny_chat_model):
+    prompt = "Tell me about the sea."
+    (tmp_path / "prompt.txt").write_text(prompt + "\n")  # the file's final newline is dropped
+    argv = ["--max-new-tokens", "2", "--chat", "--system", "Be brief."]
+    by_flag = tiny_json(capsys, tiny_chat_model, *argv, "--prompt", prompt)
+    by_file = tiny_json(
+        capsys, tiny_chat_model, *argv, "--prompt-file", str(tmp_path / "prompt.txt")
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))
+    by_stdin = tiny_json(capsys, tiny_chat_model, *argv, "--prompt", "-")
+    assert (
+        by_flag["prompt_token_ids"] == by_file["prompt_token_ids"] == by_stdin["prompt_token_ids"]
+    )
+    text = read_tokenizer().decode(by_flag["prompt_token_ids"])
+    assert "Be brief." in text and prompt in text
+
+
+def test_progress_lines_quiet_and_the_stopped_notice(capsys, tiny_chat_model):
+    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "3"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out.endswith("\n")
+    lines = err.splitlines()
+    assert lines[0].startswith("ferrum-jax: loading orbax") or "loading" in lines[0]
+    assert any(line.startswith("ferrum-jax: loaded in") for line in lines)
+    assert lines[-1] == "[stopped: max-new-tokens 3 reached]"
+    code, quiet_out, quiet_err = run_cli(capsys, *argv, "--quiet")
+    assert code == 0 and quiet_out == out
+    assert quiet_err == "[stopped: max-new-tokens 3 reached]\n"
+    _, _, json_err = run_cli(capsys, *argv, "--quiet", "--json")
+    assert json_err == ""  # --json carries finish_reason instead
+
+
+def test_stop_token_ends_generation_with_real_timings(capsys):
+    """SmolLM2 answers this chat prompt and emits its end-of-turn token."""
+    argv = ["generate", "--chat", "--prompt", "What is the capital of France?", "--json"]
+    code, out, _ = run_cli(capsys, *argv)
+    report = json.loads(out)
+    assert code == 0 and report["finish_reason"] == "stop" and "Paris" in report["text"]
+    # token_ids include the stop token; the text does not show it.
+    assert report["token_ids"][-1] in read_tokenizer().eos_token_ids
+    assert "<|im_end|>" not in report["text"]
+    timings = report["timings"]
+    assert timings["prefill_s"] > 0 and timings["decode_s"] > 0 and timings["decode_tok_s"] > 0
+
+
+def test_convert_force_replaces_a_checkpoint(capsys, tmp_path, tiny_chat_model):
+    dst = str(tmp_path / "copy")
+    assert run_cli(capsys, "convert", str(tiny_chat_model), dst)[0] == 0
+    code, _, err = run_cli(capsys, "convert", str(tiny_chat_model), dst)
+    assert code == 2 and "pass --force" in err
+    assert run_cli(capsys, "convert", str(tiny_chat_model), dst, "--force")[0] == 0
+    assert json.loads(run_cli(capsys, "info", "--model", dst, "--json")[1])["format"] == "orbax"
+
+
+# ---- help, version, usage ---------------------------------------------------------------------
+
+
+def test_bare_command_prints_usage_and_the_commands(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: ferrum-jax")
+    for command in ("generate", "chat", "convert", "info", "bench"):
+        assert f"    {command} " in err
+
+
+def test_version(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out == f"ferrum-jax {ferrum_jax.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "convert", "info", "bench"])
+def test_every_option_has_help_and_its_default(command):
+    _, subparsers = cli._parser()
+    parser = subparsers[command]
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+        shown = action.default not in (None, False, []) and action.default is not argparse.SUPPRESS
+        if shown and action.option_strings:
+            assert f"(default: {action.default})" in " ".join(text.split()), action.dest
+
+
+def test_readme_command_block_matches_help():
+    """Each command's usage in the README is the one `--help` prints."""
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text().split())
+    _, subparsers = cli._parser()
+    for command, parser in subparsers.items():
+        usage = " ".join(parser.format_usage().split())
+        assert usage in readme, f"README lacks the current usage of {command}: {usage}"

@@ -24,6 +24,7 @@ UPPER_LAYERS = (
     "ferrum_jax.checkpoint",
     "ferrum_jax.cli",
     "ferrum_jax.bench",
+    "ferrum_jax.chat",
     "ferrum_jax.factory",
     "ferrum_jax.streaming",
     "ferrum_jax.model",
@@ -31,7 +32,10 @@ UPPER_LAYERS = (
 )
 FILE_FORMAT_LIBRARIES = ("safetensors", "gguf", "orbax", "mmap")
 # Library modules outside checkpoint/ that open files that are not model files.
-NON_MODEL_FILES = {"ferrum_jax.bench": "writes the --json report"}
+NON_MODEL_FILES = {
+    "ferrum_jax.bench": "writes the --json report",
+    "ferrum_jax.cli": "reads --prompt-file",
+}
 FILE_CALLS = frozenset(
     {"open", "read_text", "read_bytes", "write_text", "write_bytes", "from_file"}
 )

@@ -2,10 +2,17 @@
 
 Readers (`safetensors`, `gguf`, `orbax`) sit on shared pieces below them (`layout`: the
 HF tensor table; `build`: params tensor by tensor onto a device or mesh; `hf_config`,
-`tokenizer_files`) and under one dispatcher above them (`load`). Imports flow one way.
+`tokenizer_files`) and under one dispatcher above them (`load`); `describe` reads the same
+files' metadata without their weights. Imports flow one way.
 """
 
 from ferrum_jax.checkpoint.build import load_for_mesh
+from ferrum_jax.checkpoint.describe import (
+    Encoding,
+    ModelDescription,
+    describe_model,
+    read_tokenizer,
+)
 from ferrum_jax.checkpoint.gguf import load_gguf
 from ferrum_jax.checkpoint.layout import (
     CheckpointTensor,
@@ -21,10 +28,13 @@ from ferrum_jax.model import LoadedModel, Model
 
 __all__ = [
     "CheckpointTensor",
+    "Encoding",
     "LoadedModel",
     "Model",
+    "ModelDescription",
     "checkpoint_layout",
     "default_model_path",
+    "describe_model",
     "hf_state_dict",
     "load_for_mesh",
     "load_gguf",
@@ -34,6 +44,7 @@ __all__ = [
     "load_tokenizer",
     "model_format",
     "params_from_checkpoint",
+    "read_tokenizer",
     "save_orbax",
     "save_tokenizer",
 ]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from ferrum_jax import sharding
+from ferrum_jax import progress, sharding
 from ferrum_jax.checkpoint.layout import (
     CheckpointTensor,
     checkpoint_layout,
@@ -68,10 +66,9 @@ def build_params(
 
     On a mesh each tensor is head-adapted and placed straight into its shards as it is
     read (`load_for_mesh`); the graphdef then carries the adapted runtime config. A progress
-    bar over the tensors is drawn on stderr when it is a terminal.
+    bar over the tensors is drawn on stderr when it is a terminal (`ferrum_jax.progress`).
     """
-    total = len(checkpoint_layout(config))
-    bar = tqdm(total=total, desc=label, unit="tensor", disable=not sys.stderr.isatty())
+    bar = progress.bar(len(checkpoint_layout(config)), label, "tensor")
 
     def counted(tensor: CheckpointTensor) -> np.ndarray:
         array = read(tensor)

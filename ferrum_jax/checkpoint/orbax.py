@@ -49,27 +49,63 @@ Shardings = Callable[[tuple[str | int, ...]], jax.sharding.Sharding] | Mapping[A
 pure dict) whose leaves are Shardings."""
 
 
-def save_orbax(model: Model, dst: str | os.PathLike) -> None:
-    """Saves `model` to the new directory `dst` (never overwrites; atomic rename last).
+def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raises `already_exists` unless `save_orbax(..., dst, overwrite=overwrite)` may write.
 
-    The saved config is the one the params match (`runtime_config`).
+    A new path is always fine. With `overwrite`, so is an empty directory or a completed
+    ferrum-jax orbax checkpoint; anything else (a file, a directory of other things) is
+    never replaced, so a mistyped destination cannot delete someone's data.
     """
     dst = pathlib.Path(dst)
-    if dst.exists() or dst.is_symlink():
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
         raise FerrumError.already_exists(f"{dst}: already exists; choose a new directory")
+    if dst.is_symlink() or not dst.is_dir():
+        raise FerrumError.already_exists(f"{dst}: exists and is not a directory; not replaced")
+    if any(dst.iterdir()) and not (dst / ORBAX_MARKER).is_file():
+        raise FerrumError.already_exists(
+            f"{dst}: exists and is not a ferrum-jax orbax checkpoint ({ORBAX_MARKER} is "
+            "missing); not replaced"
+        )
+
+
+def save_orbax(model: Model, dst: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Saves `model` to the new directory `dst` (atomic rename last).
+
+    The saved config is the one the params match (`runtime_config`). `overwrite` replaces an
+    existing checkpoint or empty directory at `dst` (see `check_destination`): the new save
+    is complete before the old one is moved aside and deleted.
+    """
+    dst = pathlib.Path(dst)
+    check_destination(dst, overwrite=overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         _write(model, tmp)
+        old = _move_aside(dst) if overwrite else None
         try:
             # rename(2) is atomic and fails on an existing non-empty dst instead of merging.
             os.rename(tmp, dst)
         except OSError as e:
+            if old is not None:
+                os.rename(old, dst)  # put the previous checkpoint back
             raise FerrumError.already_exists(f"{dst}: cannot move the save into place: {e}") from e
         _fsync_dir(dst.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_aside(dst: pathlib.Path) -> pathlib.Path | None:
+    """Renames an existing `dst` to a hidden sibling (deleted once the new save is in place)."""
+    if not dst.exists():
+        return None
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.rename(dst, old)  # onto the empty directory mkdtemp made: atomic, never a merge
+    return old
 
 
 def _write(model: Model, tmp: pathlib.Path) -> None:

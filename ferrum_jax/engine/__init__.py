@@ -18,6 +18,7 @@ from ferrum_jax.engine.batch import (
 )
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length, buckets
 from ferrum_jax.engine.generate import GenerateOutput, generate, generate_step
+from ferrum_jax.engine.limits import check_context_length
 from ferrum_jax.engine.ragged import RaggedBatch, RaggedItem, pack_ragged, ragged_step, run_ragged
 from ferrum_jax.engine.steps import (
     decode,
@@ -56,6 +57,7 @@ __all__ = [
     "bucket",
     "bucket_length",
     "buckets",
+    "check_context_length",
     "check_token_ids",
     "compile_counts",
     "decode",

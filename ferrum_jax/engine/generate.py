@@ -11,6 +11,7 @@ from flax import nnx
 
 from ferrum_jax.cache import init_cache
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket
+from ferrum_jax.engine.limits import check_context_length
 from ferrum_jax.engine.steps import (
     ArrayLike,
     decode_body,
@@ -114,13 +115,15 @@ def generate(
     `stop_tokens` is `[n]` for every row or `[b, n]` per row (pad with -1); default: the
     model's EOS ids. `row_max_new_tokens: [b]` caps rows below `max_new_tokens`. `keys: [b]`
     are per-row PRNG keys (default: split from `seed`); step t of row i draws with
-    `fold_in(keys[i], t)`, so rows are independent of each other.
+    `fold_in(keys[i], t)`, so rows are independent of each other. The padded prompt width
+    plus `max_new_tokens` must fit the model's context (`max_position_embeddings`).
     """
     tokens = token_ids(tokens, vocab_size(params), 2)
     b, s = tokens.shape
     if max_new_tokens < 1:
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     lengths = row_lengths(lengths, b, s)
+    check_context_length(s, max_new_tokens, graph_facts(graphdef)[0].max_position_embeddings)
     prompt_bucket = bucket(s, minimum=MIN_BUCKET)
     if row_max_new_tokens is None:
         row_max = jnp.full((b,), max_new_tokens, jnp.int32)
