@@ -90,11 +90,20 @@ class Timings:
 class _Ours:
     """ferrum-jax: AOT-compiled prefill (last logits) and the one-jit generate loop."""
 
-    def __init__(self, model: Model, batch: int, prompt_len: int, new_tokens: int):
+    def __init__(
+        self,
+        model: Model,
+        batch: int,
+        prompt_len: int,
+        new_tokens: int,
+        max_context: int | None = None,
+    ):
+        """`max_context`: tokens each row's cache holds (default: just the prompt bucket and
+        the new tokens) — the page table's width, not the tokens live in it."""
         graphdef, params = model.graphdef, model.params
         self.config, self.params, self.dtype = model.runtime_config, params, model.dtype
         self.batch, self.bucket = batch, engine.bucket(prompt_len, minimum=engine.MIN_BUCKET)
-        self.cache_len = self.bucket + new_tokens
+        self.cache_len = max_context or self.bucket + new_tokens
         self.tokens = jnp.zeros((batch, self.bucket), jnp.int32)
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
         self.slots = jnp.arange(batch, dtype=jnp.int32)
@@ -278,77 +287,50 @@ def _peak_memory() -> dict[str, float]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """The `bench` subcommand: prints a table and writes `--json` / `--plot`."""
-    batches = _parse_batches(args.batch)
-    if args.prompt_len < 1 or args.new_tokens < 2 or args.repeat < 1:
-        raise FerrumError.invalid_parameter(
-            "--prompt-len must be >= 1, --new-tokens >= 2 and --repeat >= 1"
-        )
+    """The `bench` subcommand: prints a table and writes `--json` / `--plot`.
+
+    One results row per (batch, prompt length, max context): `args.batch`, `args.prompt_len`
+    and `args.max_context` are lists (the CLI parses and checks them; a max context of None
+    sizes the cache to the prompt and the new tokens).
+    """
     mesh = sharding.mesh_from_spec(args.mesh) if getattr(args, "mesh", None) else None
     loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
-    config, params = loaded.runtime_config, loaded.params
+    config = loaded.runtime_config
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
+    contexts = getattr(args, "max_context", None) or [None]
     before = probe_machine()
     _log(f"probe: {before.bandwidth_gbs:.1f} GB/s, {before.matmul_gflops:.0f} GFLOP/s fp32")
     rng = np.random.default_rng(0)
     rows = []
-    for batch in batches:
-        prompts = rng.integers(10, config.vocab_size, (batch, args.prompt_len), dtype=np.int32)
-        ours = _Ours(loaded, batch, args.prompt_len, args.new_tokens)
-        ours.set_prompts(prompts)
-        ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
-        hf_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
-        theirs = None
-        if hf is not None:
-            theirs = _HF(hf[0], hf[1], args.new_tokens)
-            theirs.set_prompts(prompts)
-            theirs.e2e()  # warm torch's kernels / allocator
-        ours.e2e()
-        agree = None
-        for _ in range(args.repeat):
-            # Interleaved A/B: a slow patch of the machine hits both sides alike.
-            our_tokens = _measure(ours, ours_results)
-            if theirs is not None:
-                their_tokens = _measure(theirs, hf_results)
-                agree = float(np.mean(our_tokens == their_tokens))
-        mine = _median(ours_results).rates(batch, args.prompt_len, args.new_tokens)
-        context = args.prompt_len + args.new_tokens / 2
-        step_bytes = _bytes_per_decode_step(config, params, batch, context, loaded.dtype.itemsize)
-        row: dict[str, Any] = {
-            "batch": batch,
-            "prefill_tok_s": mine["prefill_tok_s"],
-            "ttft_s": mine["ttft_s"],
-            "decode_tok_s": mine["decode_tok_s"],
-            "e2e_tok_s": mine["e2e_tok_s"],
-            "compile_s": ours.compile_s,
-            "roofline_fraction": step_bytes / mine["decode_step_s"] / (before.bandwidth_gbs * 1e9),
-            "prefill_roofline_fraction": config.forward_flops(
-                batch * args.prompt_len, args.prompt_len / 2, batch
-            )
-            / mine["prefill_s"]
-            / (before.matmul_gflops * 1e9),
-            "decode_step_ms": mine["decode_step_s"] * 1e3,
-            "hf_prefill_tok_s": None,
-            "hf_decode_tok_s": None,
-            "hf_ttft_s": None,
-            "hf_e2e_tok_s": None,
-            "decode_ratio_vs_hf": None,
-            "prefill_ratio_vs_hf": None,
-            "greedy_token_agreement_vs_hf": agree,
-        }
-        if theirs is not None:
-            rates = _median(hf_results).rates(batch, args.prompt_len, args.new_tokens)
-            row.update(
-                hf_prefill_tok_s=rates["prefill_tok_s"],
-                hf_decode_tok_s=rates["decode_tok_s"],
-                hf_ttft_s=rates["ttft_s"],
-                hf_e2e_tok_s=rates["e2e_tok_s"],
-                decode_ratio_vs_hf=mine["decode_tok_s"] / rates["decode_tok_s"],
-                prefill_ratio_vs_hf=mine["prefill_tok_s"] / rates["prefill_tok_s"],
-            )
-        row.update(_peak_memory())
-        rows.append(row)
-        _log(_format_row(row))
+    for batch in args.batch:
+        for prompt_len in args.prompt_len:
+            prompts = rng.integers(10, config.vocab_size, (batch, prompt_len), dtype=np.int32)
+            theirs = None
+            if hf is not None:
+                theirs = _HF(hf[0], hf[1], args.new_tokens)
+                theirs.set_prompts(prompts)
+                theirs.e2e()  # warm torch's kernels / allocator
+            hf_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
+            agree = None
+            for max_context in contexts:
+                ours = _Ours(loaded, batch, prompt_len, args.new_tokens, max_context)
+                ours.set_prompts(prompts)
+                ours.e2e()
+                ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
+                for _ in range(args.repeat):
+                    # Interleaved A/B: a slow patch of the machine hits both sides alike. HF's
+                    # cache grows as it goes, so it is measured once per prompt length.
+                    our_tokens = _measure(ours, ours_results)
+                    if theirs is not None and max_context == contexts[0]:
+                        their_tokens = _measure(theirs, hf_results)
+                        agree = float(np.mean(our_tokens == their_tokens))
+                row = _row(loaded, before, batch, prompt_len, args.new_tokens, ours, ours_results)
+                row["max_context"] = ours.cache_len
+                if theirs is not None:
+                    _add_hf(row, hf_results, batch, prompt_len, args.new_tokens, agree)
+                row.update(_peak_memory())
+                rows.append(row)
+                _log(_format_row(row))
     after = probe_machine()
     drift = abs(after.bandwidth_gbs - before.bandwidth_gbs) / before.bandwidth_gbs
     drift = max(drift, abs(after.matmul_gflops - before.matmul_gflops) / before.matmul_gflops)
@@ -358,7 +340,11 @@ def run_bench(args: argparse.Namespace) -> int:
         "device": str(jax.devices()[0].device_kind),
         "bandwidth_gbs": before.bandwidth_gbs,
         "matmul_gflops": before.matmul_gflops,
-        "prompt_len": args.prompt_len,
+        "prompt_len": args.prompt_len[0],
+        "prompt_lens": list(args.prompt_len),
+        "max_contexts": [row["max_context"] for row in rows if row["batch"] == args.batch[0]][
+            : len(contexts)
+        ],
         "new_tokens": args.new_tokens,
         "repeat": args.repeat,
         "results": rows,
@@ -376,14 +362,47 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_batches(spec: str) -> list[int]:
-    try:
-        batches = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError as e:
-        raise FerrumError.invalid_parameter(f"--batch must be like 1,8, got {spec!r}") from e
-    if not batches or min(batches) < 1:
-        raise FerrumError.invalid_parameter(f"--batch sizes must be >= 1, got {spec!r}")
-    return batches
+def _row(model, probe, batch, prompt_len, new_tokens, ours, results) -> dict[str, Any]:
+    """Our figures of one (batch, prompt length, max context), against the roofline."""
+    config, params = model.runtime_config, model.params
+    mine = _median(results).rates(batch, prompt_len, new_tokens)
+    context = prompt_len + new_tokens / 2
+    step_bytes = _bytes_per_decode_step(config, params, batch, context, model.dtype.itemsize)
+    prefill_flops = config.forward_flops(batch * prompt_len, prompt_len / 2, batch)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "prefill_tok_s": mine["prefill_tok_s"],
+        "ttft_s": mine["ttft_s"],
+        "decode_tok_s": mine["decode_tok_s"],
+        "e2e_tok_s": mine["e2e_tok_s"],
+        "compile_s": ours.compile_s,
+        "roofline_fraction": step_bytes / mine["decode_step_s"] / (probe.bandwidth_gbs * 1e9),
+        "prefill_roofline_fraction": prefill_flops
+        / mine["prefill_s"]
+        / (probe.matmul_gflops * 1e9),
+        "decode_step_ms": mine["decode_step_s"] * 1e3,
+        "hf_prefill_tok_s": None,
+        "hf_decode_tok_s": None,
+        "hf_ttft_s": None,
+        "hf_e2e_tok_s": None,
+        "decode_ratio_vs_hf": None,
+        "prefill_ratio_vs_hf": None,
+        "greedy_token_agreement_vs_hf": None,
+    }
+
+
+def _add_hf(row, results, batch, prompt_len, new_tokens, agree) -> None:
+    rates = _median(results).rates(batch, prompt_len, new_tokens)
+    row.update(
+        hf_prefill_tok_s=rates["prefill_tok_s"],
+        hf_decode_tok_s=rates["decode_tok_s"],
+        hf_ttft_s=rates["ttft_s"],
+        hf_e2e_tok_s=rates["e2e_tok_s"],
+        decode_ratio_vs_hf=row["decode_tok_s"] / rates["decode_tok_s"],
+        prefill_ratio_vs_hf=row["prefill_tok_s"] / rates["prefill_tok_s"],
+        greedy_token_agreement_vs_hf=agree,
+    )
 
 
 def _log(message: str) -> None:
@@ -392,7 +411,8 @@ def _log(message: str) -> None:
 
 def _format_row(row: dict[str, Any]) -> str:
     text = (
-        f"batch {row['batch']}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+        f"batch {row['batch']}, prompt {row['prompt_len']}, max context {row['max_context']}: "
+        f"prefill {row['prefill_tok_s']:.0f} tok/s, "
         f"ttft {row['ttft_s'] * 1e3:.1f} ms, decode {row['decode_tok_s']:.1f} tok/s "
         f"({row['decode_step_ms']:.1f} ms/step, {row['roofline_fraction']:.0%} of roofline)"
     )
@@ -429,7 +449,9 @@ def plot_figure(report: dict[str, Any]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["results"]
+    # One line per batch size: the rows of the first prompt length and max context.
+    key = lambda r: (r.get("prompt_len"), r.get("max_context"))
+    rows = [r for r in report["results"] if key(r) == key(report["results"][0])]
     batches = [r["batch"] for r in rows]
     series = [("ferrum-jax", [r["decode_tok_s"] for r in rows])]
     if rows[0]["hf_decode_tok_s"] is not None:

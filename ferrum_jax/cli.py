@@ -169,11 +169,16 @@ def _stop_string(text: str) -> str:
     return re.sub(r"\\(\\|n|t)", lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m[1]], text)
 
 
-def _batch_sizes(text: str) -> str:
-    sizes = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) >= 1 for part in sizes):
-        raise argparse.ArgumentTypeError(f"must be batch sizes >= 1 like 1,8 (got {text!r})")
-    return text
+def _sizes(what: str, example: str) -> Callable[[str], list[int]]:
+    """A comma-separated list of integers >= 1 (`--batch 1,8`, `--prompt-len 128,512`)."""
+
+    def parse(text: str) -> list[int]:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(part.isdigit() and int(part) >= 1 for part in parts):
+            raise argparse.ArgumentTypeError(f"must be {what} >= 1 like {example} (got {text!r})")
+        return [int(part) for part in parts]
+
+    return parse
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -331,13 +336,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     model_args(bench)
     bench.add_argument(
         "--batch",
-        type=_batch_sizes,
-        default="1,8",
+        type=_sizes("batch sizes", "1,8"),
+        default=[1, 8],
         metavar="B,B",
         help="comma-separated batch sizes",
     )
     bench.add_argument(
-        "--prompt-len", type=_int_at_least(1), default=128, metavar="N", help="prompt tokens"
+        "--prompt-len",
+        type=_sizes("prompt lengths", "128,512"),
+        default=[128],
+        metavar="N,N",
+        help="prompt tokens per row; a list gives one row per length (prefill scaling)",
+    )
+    bench.add_argument(
+        "--max-context",
+        type=_sizes("context lengths", "512,8192"),
+        metavar="N,N",
+        help="tokens each row's KV pages can hold (default: prompt + new tokens); a list "
+        "measures decode at each, with the same live tokens",
     )
     bench.add_argument(
         "--new-tokens",
@@ -797,16 +813,25 @@ def _info(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.bench import run_bench
-    from ferrum_jax.engine import check_context_length
+    from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
     _mesh(args.mesh)
-    check_context_length(
-        args.prompt_len,
-        args.new_tokens,
-        _context(_model_path(args.model)),
-        prompt="prompt (--prompt-len)",
-        max_new="--new-tokens",
-    )
+    context = _context(_model_path(args.model))
+    for prompt_len in args.prompt_len:
+        check_context_length(
+            prompt_len,
+            args.new_tokens,
+            context,
+            prompt="prompt (--prompt-len)",
+            max_new="--new-tokens",
+        )
+        needed = bucket(prompt_len, minimum=MIN_BUCKET) + args.new_tokens
+        for max_context in args.max_context or ():
+            if not needed <= max_context <= context:
+                raise _arg_error(
+                    f"--max-context {max_context} must hold the padded prompt and the new "
+                    f"tokens ({needed}) and fit the model's context ({context})"
+                )
     return run_bench(args)
 
 

@@ -96,3 +96,19 @@ def test_plot_of_one_batch_size_shows_bars_and_the_roofline():
         "roofline (28 GB/s)",
     ]
     plt.close(fig)
+
+
+def test_bench_rows_per_prompt_length_and_max_context(checkpoint, tmp_path, capsys):
+    report_path = tmp_path / "scaling.json"
+    argv = ["bench", "--model", str(checkpoint), "--batch", "1", "--prompt-len", "12,20"]
+    argv += ["--max-context", "64,128", "--new-tokens", "6", "--repeat", "1"]
+    assert main([*argv, "--json", str(report_path)]) == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    got = [(r["batch"], r["prompt_len"], r["max_context"]) for r in report["results"]]
+    assert got == [(1, 12, 64), (1, 12, 128), (1, 20, 64), (1, 20, 128)]
+    assert report["prompt_lens"] == [12, 20] and report["max_contexts"] == [64, 128]
+    for row in report["results"]:
+        assert set(row) >= RESULT_KEYS and row["decode_tok_s"] > 0
+    capsys.readouterr()
+    assert main([*argv[:-4], "--max-context", "16", "--new-tokens", "6"]) == 2
+    assert "--max-context 16 must hold the padded prompt" in capsys.readouterr().err
