@@ -148,6 +148,23 @@ def _sharding(shardings: Shardings | None, path: tuple[str | int, ...]) -> jax.s
     return node.get_value() if isinstance(node, nnx.Variable) else node
 
 
+def _saved_shapes(params: pathlib.Path) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The saved params' shapes by path, read from the checkpoint's metadata (no arrays)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(params)
+    # Orbax raises many exception types for a damaged checkpoint.
+    except Exception as e:
+        raise FerrumError.invalid_format(f"{params}: cannot read the params' metadata: {e}") from e
+    finally:
+        checkpointer.close()
+    tree = getattr(metadata, "item_metadata", metadata)
+    return {
+        tuple(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape)
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def load_orbax(
     path: str | os.PathLike, *, dtype: str = "float32", shardings: Shardings | None = None
 ) -> Model:
@@ -159,7 +176,25 @@ def load_orbax(
     root = pathlib.Path(path)
     read_marker(root)
     config = read_config(root)
+    saved = _saved_shapes(root / _PARAMS)
+    layers = {key[1] for key in saved if len(key) > 1 and key[0] == "layers"}
+    # Before building anything sized by the config: a bogus num_hidden_layers (10**6) would
+    # otherwise build a million-layer abstract model first.
+    if len(layers) != config.num_layers:
+        raise FerrumError.model(
+            f"{root / 'config.json'}: num_hidden_layers is {config.num_layers}, the saved "
+            f"params hold {len(layers)} layers"
+        )
     graphdef, abstract = abstract_model(config, param_dtype=target, dtype=target)
+    expected = {
+        tuple(str(k.key) for k in keys): tuple(leaf.shape)
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))
+    }
+    if expected != saved:
+        wrong = sorted(set(expected.items()) ^ set(saved.items()))[:3]
+        raise FerrumError.model(
+            f"{root}: the saved params do not match config.json (param, shape): {wrong}"
+        )
     wanted = jax.tree_util.tree_map_with_path(
         lambda keys, leaf: jax.ShapeDtypeStruct(
             leaf.shape, target, sharding=_sharding(shardings, tuple(k.key for k in keys))
