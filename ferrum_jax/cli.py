@@ -152,8 +152,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from ferrum_jax.checkpoint import load_model, save_orbax
+    from ferrum_jax.checkpoint.orbax import check_destination
 
     start = time.perf_counter()
+    check_destination(args.dst)  # before the (slow) load
     loaded = load_model(args.src, dtype=args.dtype)
     save_orbax(loaded, args.dst)
     print(

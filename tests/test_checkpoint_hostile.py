@@ -20,7 +20,7 @@ from ferrum_jax.checkpoint import (
     load_model,
     params_from_checkpoint,
 )
-from ferrum_jax.checkpoint.gguf import gguf_name
+from ferrum_jax.checkpoint.gguf import gguf_name, read_gguf_header
 from ferrum_jax.engine import forward
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig
@@ -364,3 +364,91 @@ def test_unrecognised_paths(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"")
     expect(ErrorKind.UNSUPPORTED, load_model, tmp_path / "weights.npz", names=["weights.npz"])
     expect(ErrorKind.NOT_FOUND, load_model, tmp_path, names=["config.json"])
+
+
+def write_gguf_with_tokenizer(path):
+    """`write_gguf`'s model plus a small byte-level BPE tokenizer and a chat template."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(CONFIG.hidden_size)
+    writer.add_block_count(CONFIG.num_layers)
+    writer.add_feed_forward_length(CONFIG.intermediate_size)
+    writer.add_head_count(CONFIG.num_heads)
+    writer.add_head_count_kv(CONFIG.num_kv_heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    tokens = [chr(ord("a") + i) for i in range(26)] + ["ab", "abc", "<s>", "</s>", "Ġ", "Ġa"]
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["a b", "ab c", "Ġ a"])
+    writer.add_token_types([1] * 28 + [3, 3, 1, 1])
+    writer.add_bos_token_id(28)
+    writer.add_eos_token_id(29)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for name, w in weights().items():
+        writer.add_tensor(gguf_name(name), w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_random_header_corruption_is_always_a_ferrum_error(tmp_path):
+    """400 single-bit flips anywhere before the tensor data (metadata, tokenizer, tensor
+    infos): each file loads or fails with a FerrumError. Before, 12 of 400 escaped as raw
+    errors (UnicodeDecodeError from tokenizer strings, the BPE library's bare Exception for
+    merges naming unknown tokens, TypeErrors from mistyped tokenizer metadata)."""
+    base = write_gguf_with_tokenizer(tmp_path / "base.gguf")
+    assert load_gguf(base).tokenizer.encode("abc") == [28, 27]
+    data = base.read_bytes()
+    data_start = min(t.start for t in read_gguf_header(base).tensors.values())
+    rng = np.random.default_rng(0)
+    path = tmp_path / "corrupt.gguf"
+    failures = 0
+    for at, bit in zip(rng.integers(0, data_start, 400), rng.integers(0, 8, 400), strict=True):
+        corrupt = bytearray(data)
+        corrupt[at] ^= 1 << bit
+        path.write_bytes(bytes(corrupt))
+        try:
+            load_gguf(path)
+        except FerrumError:
+            failures += 1
+    assert failures > 100  # the flips really broke files
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("tokenizer.ggml.tokens", [1, 2, 3]),
+        ("tokenizer.ggml.merges", "a b"),
+        ("tokenizer.ggml.pre", 7),
+        ("tokenizer.ggml.add_bos_token", 1),
+    ],
+)
+def test_gguf_mistyped_tokenizer_metadata(tmp_path, key, value):
+    """Tokenizer metadata of the wrong type is named in one FerrumError."""
+    base = write_gguf_with_tokenizer(tmp_path / "base.gguf")
+    reader = gguf.GGUFReader(base)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        contents = value if field.name == key else field.contents()
+        kind = field.types[0] if field.name != key else None
+        if isinstance(contents, list):
+            writer.add_array(field.name, contents)
+        elif kind is gguf.GGUFValueType.BOOL or isinstance(contents, bool):
+            writer.add_bool(field.name, contents)
+        elif isinstance(contents, str):
+            writer.add_string(field.name, contents)
+        else:
+            writer.add_uint32(field.name, int(contents))
+    for tensor in reader.tensors:
+        writer.add_tensor(
+            tensor.name, np.asarray(tensor.data).reshape(tuple(reversed(tensor.shape)))
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    expect(ErrorKind.TOKENIZER, load_gguf, tmp_path / "m.gguf", names=[key])

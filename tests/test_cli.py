@@ -91,25 +91,34 @@ def test_info_reports_the_model(capsys):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "kind", "words"),
     [
-        ["generate", "--prompt", "x", "--top-p", "2"],
-        ["generate", "--prompt", "x", "--temperature", "-1"],
-        ["generate", "--prompt", "x", "--model", "/nonexistent/model"],
-        ["generate", "--prompt", "x", "--dtype", "float16"],
-        ["generate"],
-        ["info", "--model", "/nonexistent.gguf"],
-        ["convert", "/nonexistent", "/tmp/out"],
-        ["generate", "--prompt", "x", "--mesh", "data=2,model=8"],
-        ["generate", "--prompt", "x", "--mesh", "model=two"],
+        (["generate", "--prompt", "x", "--top-p", "2"], "invalid_parameter", "top_p"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "invalid_parameter", "temperature"),
+        (
+            ["generate", "--prompt", "x", "--model", "/nonexistent/model"],
+            "not_found",
+            "/nonexistent",
+        ),
+        (["generate", "--prompt", "x", "--dtype", "float16"], "invalid_parameter", "--dtype"),
+        (["generate"], "invalid_parameter", "--prompt"),
+        (["info", "--model", "/nonexistent.gguf"], "not_found", "/nonexistent.gguf"),
+        (["convert", "/nonexistent", "/tmp/out"], "not_found", "/nonexistent"),
+        (["convert", "{gguf}", "{file}/orbax"], "io", "is a file, not a directory"),
+        (["generate", "--prompt", "x", "--mesh", "data=2,model=8"], "device", "16 devices"),
+        (["generate", "--prompt", "x", "--mesh", "model=two"], "invalid_parameter", "model=two"),
     ],
 )
-def test_bad_input_is_one_line_error(capsys, argv):
+def test_bad_input_is_one_line_error(capsys, tmp_path, argv, kind, words):
+    """Each bad invocation exits non-zero with one line naming the error's kind and cause."""
+    file = tmp_path / "a_file"
+    file.write_text("")
+    argv = [a.format(gguf=default_model_path(), file=file) for a in argv]
     code, out, err = run_cli(capsys, *argv)
-    assert code != 0
+    assert code == (2 if kind == "invalid_parameter" else 1)
     assert out == ""
-    assert err.count("\n") == 1 and err.startswith("ferrum-jax: error:")
-    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"ferrum-jax: error: {kind}: "), err
+    assert words in err and "Traceback" not in err
 
 
 def test_console_script_exit_code_and_debug_traceback(tmp_path):

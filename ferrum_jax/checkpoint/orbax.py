@@ -51,11 +51,12 @@ def save_orbax(model: Model, dst: str | os.PathLike) -> None:
 
     The saved config is the one the params match (`runtime_config`).
     """
-    dst = pathlib.Path(dst)
-    if dst.exists() or dst.is_symlink():
-        raise FerrumError.already_exists(f"{dst}: already exists; choose a new directory")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    dst = check_destination(dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as e:
+        raise FerrumError.io(f"{dst}: cannot create the checkpoint directory: {e}") from e
     try:
         _write(model, tmp)
         try:
@@ -67,6 +68,20 @@ def save_orbax(model: Model, dst: str | os.PathLike) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_destination(dst: str | os.PathLike) -> pathlib.Path:
+    """`dst` as a path `save_orbax` can create: it must not exist, and no file may stand where
+    one of its parent directories would go (checked before any weight is loaded)."""
+    dst = pathlib.Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise FerrumError.already_exists(f"{dst}: already exists; choose a new directory")
+    for parent in dst.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FerrumError.io(f"{dst}: {parent} is a file, not a directory")
+            break
+    return dst
 
 
 def _write(model: Model, tmp: pathlib.Path) -> None:
