@@ -28,7 +28,8 @@ written to be carried over unchanged to a paged executor.
    and holds no lock while compiling or executing. `_host` guards host bookkeeping and the
    hand-off of the donated pool (`_donate`) and is held only for host updates, so
    `release_cache`, `status`, `metrics` and handle queries never wait for device work on the
-   event loop; `key_cache`/`value_cache` wait at most for a step being dispatched.
+   event loop; `key_cache`/`value_cache` read the pool, so they wait for the step handing it
+   over (`_donate`: dispatch, and on CPU often the execution too), never for queued calls.
 6. **Scrubbed slots** (`_scrub`): a slot is zeroed before a new prompt is written into it.
    Attention multiplies masked probabilities (exact zeros) by whatever a row holds past its
    length, and 0 x NaN left there by an earlier sequence would poison the new one.
