@@ -31,7 +31,10 @@ UPPER_LAYERS = (
 )
 FILE_FORMAT_LIBRARIES = ("safetensors", "gguf", "orbax", "mmap")
 # Library modules outside checkpoint/ that open files that are not model files.
-NON_MODEL_FILES = {"ferrum_jax.bench": "writes the --json report"}
+NON_MODEL_FILES = {
+    "ferrum_jax.bench": "writes the --json report",
+    "ferrum_jax.executor": "reads the host's free memory (/proc/meminfo, the cgroup limit)",
+}
 FILE_CALLS = frozenset(
     {"open", "read_text", "read_bytes", "write_text", "write_bytes", "from_file"}
 )
