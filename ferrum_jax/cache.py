@@ -120,3 +120,12 @@ def init_pages(
     return tuple(
         tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(config.num_layers)
     )
+
+
+def zero_rows(cache: KVCache, slots: jax.Array) -> KVCache:
+    """`cache` with the pages of rows `slots` zeroed (a slot past the last row changes
+    nothing): a reused row holds no stale values, finite or not."""
+    pages = cache.page_table(slots).reshape(-1)
+    return dataclasses.replace(
+        cache, pages=tuple(cache.layout.zero(pool, pages) for pool in cache.pages)
+    )

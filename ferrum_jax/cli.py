@@ -716,7 +716,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         check_destination(args.dst, overwrite=args.force)
     except FerrumError as e:
-        if not args.force:
+        if e.kind is ErrorKind.ALREADY_EXISTS and not args.force:
             raise _arg_error(f"DST {args.dst} already exists; pass --force to replace it") from None
         raise _arg_error(f"DST {e.message}") from None
     start = time.perf_counter()

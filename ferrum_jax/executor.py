@@ -2,29 +2,63 @@
 
 The executor owns the params and one KV cache of `max_batch_size` slots x
 `max_sequence_length` tokens. A `KvCacheHandle` names one or more slots (one per batch row
-of the prefill that made it). Every call validates on the host first and only then touches
-the device, so a bad request changes no other sequence. `decode`, `batch_decode` and
-`batch_prefill` run one jitted forward for all rows, padded to a power-of-two row bucket, so
-their cost follows the number of active rows, not the pool size.
+of the prefill that made it). `decode`, `batch_decode` and `batch_prefill` run one jitted
+forward for all rows, padded to a power-of-two row bucket, so their cost follows the number
+of active rows, not the pool size.
+
+What keeps a hostile call from hurting anyone else: six small mechanisms, each in one place,
+written to be carried over unchanged to a paged executor.
+
+1. **Validate, then plan, then touch the device.** Every input is checked on the host, and
+   so is the device memory its programs need (`_need`: XLA's own memory analysis of the
+   compiled step, against `_step_budget`). A prefill whose one-step program would not fit is
+   split into chunks (`_plan_prefill`); one that fits in no chunking is refused. Nothing
+   changes before all checks pass.
+2. **Commit last, with an undo log** (`_Txn`): host records change only after the device
+   work succeeded, and each change registers its inverse.
+3. **One device wrapper** (`_device`): a failed device step fails alone. The rows the call
+   touched are brought back to their host records (`_resync`); when the failure consumed the
+   donated pool, the pool is rebuilt by replaying every live row's tokens, which the host
+   keeps for exactly this (`_Sequence.tokens`, `_rebuild`). The state goes to ERROR only if
+   that fails too, and the next call retries the rebuild.
+4. **Cancellation** (`_run`, `_Call`): a call cancelled before it starts never runs; one
+   cancelled while it runs, or after it finished but before its result reached the caller, is
+   rolled back with its undo log, so it can neither strand a slot nor apply a decode twice.
+5. **Locks** (`_host`): device work runs on one worker thread per executor, in call order,
+   and holds no lock while compiling or executing. `_host` guards host bookkeeping and the
+   hand-off of the donated pool (`_donate`) and is held only for host updates, so
+   `release_cache`, `status`, `metrics` and handle queries never wait for device work on the
+   event loop; `key_cache`/`value_cache` read the pool, so they wait for the step handing it
+   over (`_donate`: dispatch, and on CPU often the execution too), never for queued calls.
+6. **Scrubbed slots** (`_scrub`): a slot is zeroed before a new prompt is written into it.
+   Attention multiplies masked probabilities (exact zeros) by whatever a row holds past its
+   length, and 0 x NaN left there by an earlier sequence would poison the new one.
 
 Deliberate differences from Rust:
 - prefill logits at a row's padding positions repeat the row's last real logits, so
   `PrefillOutput.last_token_logits()` is every row's next-token distribution;
 - `key_cache(layer)` / `value_cache(layer)` return `[rows, kv_heads, num_tokens, head_dim]`
   (a fresh array holding the slot's real contents: JAX arrays are immutable, not aliasable);
-- the block table describes the slot as `block_size`-token blocks of one contiguous region.
+- the block table describes the slot as `block_size`-token blocks of one contiguous region;
+- `batch_prefill([])` and `batch_decode([])` return `[]`, like the trait's default loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import itertools
+import math
+import numbers
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +66,7 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax import engine, progress, sharding
-from ferrum_jax.cache import init_cache
+from ferrum_jax.cache import KVCache, init_cache, zero_rows
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.interfaces import (
@@ -70,16 +104,150 @@ _MODEL_TYPES = {
     "qwen3": ModelType.Qwen,
 }
 _LATENCY_WINDOW = 1000
+_FREE_FRACTION = 0.9
+"""Share of the memory a device reports free that the executor plans to use (the rest is
+headroom for allocator fragmentation and other processes)."""
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
 class _Sequence:
-    """Host-side record of a live handle: its slots and their token counts."""
+    """Host-side record of a live handle: its slots and every token each row holds.
+
+    The tokens are the ledger the pool is rebuilt from after a device failure (`_rebuild`).
+    """
 
     cache_id: str
     slots: list[int]
-    lengths: list[int]
+    tokens: list[list[int]]
     last_access: float
+    version: int = 0
+    """Bumped by every committed change; an undo applies only to the version it made."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(row) for row in self.tokens]
+
+
+class _Txn:
+    """The undo log of one call (mechanism 2): the pool rows it writes and, once it has
+    committed, the inverses of its host changes."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, bool] = {}
+        """Slot -> whether the call overwrites the slot's earlier tokens (else it appends)."""
+        self.undo: list[tuple[list[int], Callable[[], bool]]] = []
+        """(slots, inverse); an inverse returns False when a later call changed the record."""
+
+    def writes(self, slots: Sequence[int], *, overwrite: bool) -> None:
+        for slot in slots:
+            self.rows[slot] = self.rows.get(slot, False) or overwrite
+
+
+class _Call:
+    """One async call's life, shared by the event loop and the worker (mechanism 4).
+
+    Its lock guards three state flips and nothing else; it is never held while device work
+    runs, so the event loop may take it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "queued"
+        self.txn: _Txn | None = None
+
+    def begin(self) -> bool:
+        """Worker: False when the caller gave up before the call started (it must not run)."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "running"
+            return True
+
+    def finish(self, txn: _Txn) -> bool:
+        """Worker: False when the caller gave up while the call ran (it must be rolled back)."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state, self.txn = "finished", txn
+            return True
+
+    def abandon(self) -> bool:
+        """Event loop, on cancellation: True when the call had finished, so its result will
+        never reach the caller and its effects must be rolled back."""
+        with self._lock:
+            finished = self._state == "finished"
+            self._state = "abandoned"
+            return finished
+
+
+_zero_rows = jax.jit(zero_rows, donate_argnames="cache")
+
+
+def _prefill_all_logits(graphdef, params, cache, tokens, lengths, slots):
+    """`prefill_step` with all logits, `all_logits` passed positionally like every other call
+    here: jit keys its dispatch cache on how static arguments are passed."""
+    return engine.prefill_step(graphdef, params, cache, tokens, lengths, slots, True)
+
+
+def _host_available_bytes() -> int | None:
+    """Memory the host can still give this process: MemAvailable, capped by a cgroup v2 limit."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            left = int(limit) - used
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _free_device_bytes(devices: Sequence[jax.Device]) -> int | None:
+    """Bytes free on the least free of `devices`; CPU devices share the host's memory.
+
+    None when no device reports its memory (then no size is refused on memory grounds).
+    """
+    free = []
+    for device in devices:
+        if device.platform == "cpu":
+            continue
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    cpus = sum(d.platform == "cpu" for d in devices)
+    host = _host_available_bytes() if cpus else None
+    if host is not None:
+        free.append(host // cpus)
+    return min(free) if free else None
+
+
+def _count(name: str, value: Any, *, minimum: int = 1) -> int:
+    """`value` as an int >= `minimum`, or a config error naming `name` (bools, floats and
+    strings are refused, not converted)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise FerrumError.config(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise FerrumError.config(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 class JaxKvCacheHandle(KvCacheHandle):
@@ -209,12 +377,16 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         mesh: jax.sharding.Mesh | None = None,
         tokenizer: Any = None,
         model_config: ModelConfig | None = None,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         """Serves `model` (a `Model`; or the older `config, graphdef, params` triple, with
         `model_config` the checkpoint's own config and `tokenizer`).
 
         With `mesh`, heads are adapted to it and params sharded (exact logits); a model
-        already adapted to a mesh is used as is.
+        already adapted to a mesh is used as is. `memory_limit_bytes` is the device memory
+        (per device) the KV pool and each step's temporaries may use; by default 90% of what
+        the device reports free (on CPU, the host's available memory). The pool is checked
+        against it before it is allocated, every step before it runs.
         """
         if not isinstance(model, Model):
             if graphdef is None or params is None:
@@ -222,14 +394,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     "JaxModelExecutor takes a Model, or config, graphdef and params"
                 )
             model = Model(model_config or model, graphdef, params, tokenizer=tokenizer)
-        if max_batch_size < 1:
-            raise FerrumError.config(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_sequence_length < 1:
-            raise FerrumError.config(f"max_sequence_length must be >= 1, got {max_sequence_length}")
-        if block_size < 1:
-            raise FerrumError.config(f"block_size must be >= 1, got {block_size}")
+        max_batch_size = _count("max_batch_size", max_batch_size)
+        max_sequence_length = _count("max_sequence_length", max_sequence_length)
+        block_size = _count("block_size", block_size)
+        if memory_limit_bytes is not None:
+            memory_limit_bytes = _count("memory_limit_bytes", memory_limit_bytes)
         self._state = ExecutorState.INITIALIZING
-        self._lock = threading.RLock()
+        self._host = threading.Condition()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ferrum-jax")
         self._id = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         if mesh is not None and model.runtime_config == model.config:
@@ -242,13 +414,21 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self.mesh = mesh
         self._graphdef, self._params = model.graphdef, model.params
         runtime = model.runtime_config
-        cache = init_cache(runtime, max_batch_size, max_sequence_length, model.dtype)
-        self._cache = cache if mesh is None else sharding.shard_cache(cache, mesh)
         self.kv_bytes_per_token = runtime.kv_bytes_per_token(model.dtype.itemsize)
+        self._pool_bytes = max_batch_size * max_sequence_length * self.kv_bytes_per_token
+        self._devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+        self._step_budget = self._check_pool_fits(memory_limit_bytes)
+        self._cache: KVCache | None = self._new_pool()
+        if memory_limit_bytes is None:
+            free = _free_device_bytes(self._devices)
+            self._step_budget = None if free is None else int(_FREE_FRACTION * free)
+        self._needs: dict[tuple, int] = {}
         self._free = list(range(max_batch_size))
+        self._dirty: set[int] = set()
         self._live: dict[str, _Sequence] = {}
         self._stats = _Stats()
         self._last_operation: float | None = None
+        self._failure = ""
         shown = model.config
         self._info = ModelInfo(
             model_id=model_id or model.source,
@@ -278,11 +458,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         max_sequence_length: int = 2048,
         dtype: str = "float32",
         mesh: jax.sharding.Mesh | None = None,
+        memory_limit_bytes: int | None = None,
     ) -> JaxModelExecutor:
         """Loads an HF directory, a `.gguf` file or an orbax directory (None: SmolLM2)."""
         from ferrum_jax.checkpoint import load_model
 
         model_dtype(dtype)
+        max_batch_size = _count("max_batch_size", max_batch_size)
+        max_sequence_length = _count("max_sequence_length", max_sequence_length)
         loaded = load_model(model, dtype=dtype, mesh=mesh)
         if max_sequence_length > loaded.config.max_position_embeddings:
             raise FerrumError.config(
@@ -294,26 +477,62 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             max_batch_size=max_batch_size,
             max_sequence_length=max_sequence_length,
             mesh=mesh,
+            memory_limit_bytes=memory_limit_bytes,
         )
 
-    # -----------------------------------------------------------------------------------------
-    # Host-side validation
+    def _check_pool_fits(self, limit: int | None) -> int | None:
+        """Refuses a pool the device cannot hold, before allocating it; returns the step
+        budget implied by an explicit `limit` (None: measured after the allocation)."""
+        share = self._pool_bytes // len(self._devices)  # an even split over a mesh
+        if limit is None:
+            free = _free_device_bytes(self._devices)
+            budget = None if free is None else int(_FREE_FRACTION * free)
+        else:
+            budget = limit
+        if budget is not None and share > budget:
+            raise FerrumError.resource_exhausted(
+                f"a KV pool of max_batch_size {self.max_batch_size} x max_sequence_length "
+                f"{self.max_sequence_length} needs {_mib(share)} per device "
+                f"({self.kv_bytes_per_token} bytes per token), only {_mib(budget)} available; "
+                "lower max_batch_size or max_sequence_length"
+            )
+        return None if limit is None else limit - share
 
-    def _check_open(self) -> None:
+    def _new_pool(self) -> KVCache:
+        runtime = self.model.runtime_config
+        cache = init_cache(runtime, self.max_batch_size, self.max_sequence_length, self.model.dtype)
+        return cache if self.mesh is None else sharding.shard_cache(cache, self.mesh)
+
+    # -----------------------------------------------------------------------------------------
+    # Mechanism 1: host-side validation (no state changes; callers hold `_host`)
+
+    def _ensure_ready(self) -> None:
         if self._state is ExecutorState.SHUTDOWN:
             raise FerrumError.backend("executor is shut down; create a new one")
         if self._state is ExecutorState.ERROR:
-            raise FerrumError.backend("executor is in the Error state after a failed device step")
+            try:
+                self._rebuild()
+            except Exception as e:
+                raise FerrumError.backend(
+                    f"executor is in the Error state ({self._failure}); rebuilding the pool "
+                    f"failed again: {e}"
+                ) from e
+            self._state = ExecutorState.READY
 
     def _is_live(self, cache_id: str) -> bool:
         return self._state is not ExecutorState.SHUTDOWN and cache_id in self._live
 
-    def _lookup(self, handle: KvCacheHandle) -> _Sequence:
-        if not isinstance(handle, JaxKvCacheHandle) or handle.executor is not self:
+    def _lookup(self, handle: Any) -> _Sequence:
+        if not isinstance(handle, JaxKvCacheHandle):
+            raise FerrumError.invalid_parameter(
+                f"kv_cache must be a cache handle of this executor, got {handle!r}"
+            )
+        if handle.executor is not self:
             raise FerrumError.invalid_parameter(
                 f"cache handle {handle.cache_id()!r} belongs to another executor"
             )
-        self._check_open()
+        if self._state is ExecutorState.SHUTDOWN:
+            raise FerrumError.backend("executor is shut down; create a new one")
         record = self._live.get(handle.cache_id())
         if record is None:
             raise FerrumError.not_found(
@@ -321,12 +540,29 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             )
         return record
 
+    @staticmethod
+    def _host_array(x: Any, what: str) -> np.ndarray:
+        """`x` as a numpy array; ragged or non-numeric inputs are refused by name."""
+        try:
+            array = as_numpy(x)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise FerrumError.invalid_parameter(
+                f"{what} is not a rectangular numeric array: {e}"
+            ) from e
+        if array.dtype.kind not in "biuf":
+            raise FerrumError.invalid_parameter(
+                f"{what} must be numeric, got dtype {array.dtype} ({array.ravel()[:4]})"
+            )
+        return array
+
     def _token_array(self, x: Any, what: str) -> np.ndarray:
-        ids = engine.check_token_ids(as_numpy(x), self.model.config.vocab_size, what)
+        ids = engine.check_token_ids(self._host_array(x, what), self.model.config.vocab_size, what)
         return np.asarray(ids, np.int32)
 
-    def _prompt_rows(self, input: PrefillInput) -> tuple[np.ndarray, np.ndarray]:
+    def _prompt_rows(self, input: Any) -> tuple[np.ndarray, np.ndarray]:
         """`input_ids [b, s]` and per-row lengths from the attention mask (right padding)."""
+        if not isinstance(input, PrefillInput):
+            raise FerrumError.invalid_parameter(f"expected a PrefillInput, got {input!r}")
         ids = self._token_array(input.input_ids, "input_ids")
         if ids.ndim == 1:
             ids = ids[None]
@@ -339,10 +575,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             raise FerrumError.request_validation("empty prompt: input_ids has no tokens")
         lengths = np.full((b,), s, np.int32)
         if input.attention_mask is not None:
-            mask = as_numpy(input.attention_mask)
+            mask = self._host_array(input.attention_mask, "attention_mask")
             if mask.shape != (b, s):
                 raise FerrumError.invalid_parameter(
                     f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}"
+                )
+            if not np.all((mask == 0) | (mask == 1)):
+                bad = mask[(mask != 0) & (mask != 1)].ravel()[:4]
+                raise FerrumError.invalid_parameter(
+                    f"attention_mask must hold only 0 and 1, got {bad.tolist()}"
                 )
             mask = mask.astype(bool)
             lengths = mask.sum(axis=1).astype(np.int32)
@@ -351,16 +592,21 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             if np.any(lengths == 0):
                 raise FerrumError.request_validation("empty prompt: a row's attention_mask is 0")
         if input.position_ids is not None:
-            positions = as_numpy(input.position_ids)
+            positions = self._host_array(input.position_ids, "position_ids")
             if positions.shape != (b, s) or np.any(positions != np.arange(s)[None]):
-                raise FerrumError.unsupported("prefill position_ids must be 0..seq-1")
+                raise FerrumError.unsupported(
+                    f"prefill position_ids must be 0..{s - 1} in every row "
+                    f"(shape {(b, s)}), got shape {positions.shape}"
+                )
         if s > self.max_sequence_length:
             raise FerrumError.request_validation(
                 f"prompt of {s} tokens exceeds max_sequence_length {self.max_sequence_length}"
             )
         return ids, lengths
 
-    def _decode_rows(self, input: DecodeInput) -> tuple[_Sequence, np.ndarray]:
+    def _decode_rows(self, input: Any) -> tuple[_Sequence, np.ndarray]:
+        if not isinstance(input, DecodeInput):
+            raise FerrumError.invalid_parameter(f"expected a DecodeInput, got {input!r}")
         record = self._lookup(input.kv_cache)
         ids = self._token_array(input.input_ids, "input_ids")
         rows = len(record.slots)
@@ -372,7 +618,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 f"(expected [{rows}, 1])"
             )
         if input.position_ids is not None:
-            positions = as_numpy(input.position_ids).reshape(-1)
+            positions = self._host_array(input.position_ids, "position_ids").reshape(-1)
             if positions.shape != (rows,) or np.any(positions != np.asarray(record.lengths)):
                 raise FerrumError.invalid_parameter(
                     f"position_ids {positions.tolist()} differ from the cached lengths "
@@ -386,79 +632,330 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
         return record, ids
 
-    def _take_slots(self, needed: int) -> list[int]:
-        taken, self._free = self._free[:needed], self._free[needed:]
-        return taken
+    def _drafts(self, draft_tokens: Any) -> np.ndarray:
+        """Draft ids: a 1-D sequence of integers in the vocabulary (floats and bools refused,
+        as for prompts)."""
+        if draft_tokens is None or isinstance(draft_tokens, str | bytes):
+            raise FerrumError.invalid_parameter(
+                f"draft_tokens must be a sequence of token ids, got {draft_tokens!r}"
+            )
+        drafts = self._host_array(draft_tokens, "draft_tokens")
+        if drafts.size == 0:
+            drafts = drafts.astype(np.int32)
+        if drafts.ndim != 1:
+            raise FerrumError.invalid_parameter(
+                f"draft_tokens must be 1-D, got shape {drafts.shape}"
+            )
+        return self._token_array(drafts, "draft_tokens")
+
+    @staticmethod
+    def _threshold(value: Any) -> float:
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+            raise FerrumError.invalid_parameter(
+                f"acceptance_threshold must be a number, got {value!r}"
+            )
+        if not math.isfinite(value):
+            raise FerrumError.invalid_parameter(
+                f"acceptance_threshold must be finite, got {value!r}"
+            )
+        return float(value)
 
     # -----------------------------------------------------------------------------------------
-    # Device steps (run under the lock, off the event loop)
+    # Mechanism 1: device memory, from XLA's memory analysis of each compiled program
 
-    async def _run(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.to_thread(self._locked, fn)
+    def _need(self, key: tuple) -> int:
+        """Device bytes program `key` needs beyond its arguments (temporaries and outputs that
+        do not alias the donated pool), per device; compiled once per shape and cached.
 
-    def _locked(self, fn: Callable[[], Any]) -> Any:
-        with self._lock:
-            self._check_open()
-            out = fn()
-            self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
-            return out
+        Compiling here costs nothing extra: the jitted call that follows reuses the program.
+        """
+        if key not in self._needs:
+            analysis = self._lower(key).compile().memory_analysis()
+            self._needs[key] = (
+                0
+                if analysis is None
+                else analysis.temp_size_in_bytes
+                + analysis.output_size_in_bytes
+                - analysis.alias_size_in_bytes
+            )
+        return self._needs[key]
 
-    def _device_step(self, kind: str, tokens: int, rows: int, step: Callable[[], Any]) -> Any:
+    def _lower(self, key: tuple) -> Any:
+        kind, rows, length = key
+        i32 = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        g, p, cache = self._graphdef, self._params, self._cache
+        if kind == "prefill":
+            return engine.prefill_step.lower(g, p, cache, tokens, i32, i32, True)
+        if kind == "extend":
+            return engine.extend_step.lower(g, p, cache, tokens, i32, i32)
+        if kind == "forward":
+            return engine.forward_step.lower(g, p, tokens, i32)
+        active = jax.ShapeDtypeStruct((rows,), jnp.bool_)  # decode; `length` 0: no gather
+        return engine.decode_step.lower(g, p, cache, i32, None if length == 0 else i32, active)
+
+    def _fits(self, key: tuple, extra: int = 0) -> bool:
+        return self._step_budget is None or self._need(key) + extra <= self._step_budget
+
+    def _require(self, what: str, key: tuple) -> None:
+        if not self._fits(key):
+            raise FerrumError.resource_exhausted(
+                f"{what} needs {_mib(self._need(key))} of device memory in one step, "
+                f"{_mib(self._step_budget)} are free for steps"
+            )
+
+    def _plan_prefill(self, rows: int, seq: int) -> int:
+        """The chunk length a prefill of `rows` prompts of up to `seq` tokens runs in.
+
+        The whole prompt bucket when its program fits the step budget; else the largest
+        power-of-two chunk whose programs fit together with the all-logits result assembled
+        across chunks (chunks after the first attend to the cache, so no step builds the
+        `seq x seq` score matrix). Refuses a prefill that fits in no chunking.
+        """
+        r = engine.bucket(rows, self.max_batch_size)
+        s = engine.bucket_length(seq, self.max_sequence_length)
+        if self._fits(("prefill", r, s)):
+            return s
+        logits = r * s * self.model.config.vocab_size * 4  # float32, kept across chunks
+        chunk = s // 2
+        # The assembled logits and their padding-filled copy alone must fit before any
+        # chunk program is compiled to ask.
+        while chunk >= engine.MIN_BUCKET and 2 * logits <= self._step_budget:
+            if self._fits(("prefill", r, chunk), 2 * logits) and self._fits(
+                ("extend", r, chunk), 2 * logits
+            ):
+                return chunk
+            chunk //= 2
+        raise FerrumError.resource_exhausted(
+            f"a prefill of {rows} row(s) x {seq} tokens needs {_mib(self._need(('prefill', r, s)))}"
+            f" of device memory in one step and does not fit in chunks either (its logits "
+            f"alone take {_mib(logits)}); {_mib(self._step_budget)} are free for steps: send "
+            "fewer or shorter prompts"
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Mechanisms 3 and 5: device work, the pool hand-off, recovery
+
+    def _donate(self, program: Callable[[KVCache], tuple[T, KVCache]]) -> T:
+        """Runs `program(pool) -> (out, pool')`: the one place the pool is handed to a
+        donating program. While it is out, `_cache` is None and views wait (`_slot_view`)."""
+        with self._host:
+            cache, self._cache = self._cache, None
+        try:
+            out, cache = program(cache)
+        finally:
+            with self._host:
+                self._cache = cache
+                self._host.notify_all()
+        return out
+
+    def _device(
+        self, kind: str | None, tokens: int, rows: int, txn: _Txn, fn: Callable[[], T]
+    ) -> T:
+        """Runs one call's device work (mechanism 3). On failure the pool is restored
+        (`_resync`), the state stays READY, and the error is a `FerrumError`; `kind` None
+        records no statistics (warmup)."""
         self._state = ExecutorState.BUSY
         start = time.perf_counter()
         try:
-            out = jax.block_until_ready(step())
-        except FerrumError:
-            self._state = ExecutorState.READY
-            raise
+            out = jax.block_until_ready(fn())
         except Exception as e:
-            self._state = ExecutorState.ERROR
-            raise FerrumError.internal(f"{kind} failed on the device: {e}") from e
-        ms = (time.perf_counter() - start) * 1e3
-        self._stats.record(kind, ms, tokens, rows)
-        self._last_operation = time.monotonic()
+            self._recover(kind or "warmup", txn, e)
+        if kind is not None:
+            self._stats.record(kind, (time.perf_counter() - start) * 1e3, tokens, rows)
+            self._last_operation = time.monotonic()
         self._state = ExecutorState.READY
         return out
 
-    def _prefill_rows(self, rows: list[np.ndarray], slots: list[int]) -> jax.Array:
-        """One jitted prefill of `rows` (1-D prompts) into `slots`; logits `[rows, s, vocab]`."""
-        batch = self._pack_rows(rows, slots)
-        return self._run_rows(engine.prefill_step, batch, True)[: batch.rows, : batch.seq]
+    def _recover(self, kind: str, txn: _Txn, error: Exception) -> NoReturn:
+        try:
+            self._resync(txn.rows)
+        except Exception as again:
+            self._state = ExecutorState.ERROR
+            self._failure = (
+                f"{kind} failed on the device: {error}; restoring the pool failed: {again}"
+            )
+            raise FerrumError.device(f"{self._failure} (the next call retries)") from again
+        self._state = ExecutorState.READY
+        if isinstance(error, FerrumError):
+            raise error
+        build = (
+            FerrumError.resource_exhausted
+            if "RESOURCE_EXHAUSTED" in str(error)
+            else FerrumError.device
+        )
+        raise build(
+            f"{kind} failed on the device: {error}; the request was dropped, every other "
+            "sequence is intact"
+        ) from error
+
+    def _pool_intact(self) -> bool:
+        cache = self._cache
+        if cache is None:
+            return False
+        leaves = jax.tree.leaves(cache)
+        if any(x.is_deleted() for x in leaves):
+            return False
+        try:
+            jax.block_until_ready(leaves)
+        except Exception:
+            return False
+        return True
+
+    def _resync(self, rows: dict[int, bool]) -> None:
+        """Makes pool rows `rows` agree with the host records again (after a failed or
+        rolled-back call); rebuilds the whole pool when the failure consumed it."""
+        if not self._pool_intact():
+            self._rebuild()
+            return
+        if not rows:
+            return
+        with self._host:
+            owners = {
+                slot: row
+                for record in self._live.values()
+                for slot, row in zip(record.slots, record.tokens, strict=True)
+            }
+        slots = sorted(rows)
+        replay = [s for s in slots if rows[s] and s in owners]
+        if replay:
+            replay_rows = [np.asarray(owners[s], np.int32) for s in replay]
+            chunk = self._plan_prefill(len(replay), max(map(len, replay_rows)))
+            self._write_rows(replay_rows, replay, chunk)
+        lengths = [len(owners.get(s, ())) for s in slots]
+        self._donate(lambda cache: (None, engine.set_lengths(cache, slots, lengths)))
+
+    def _rebuild(self) -> None:
+        """A fresh pool with every live row's tokens replayed into its slot (mechanism 3)."""
+        with self._host:
+            old, self._cache = self._cache, None
+        for x in jax.tree.leaves(old):
+            if not x.is_deleted():
+                x.delete()
+        fresh = self._new_pool()
+        with self._host:
+            self._cache = fresh
+            self._host.notify_all()
+            rows = [
+                (slot, np.asarray(row, np.int32))
+                for record in self._live.values()
+                for slot, row in zip(record.slots, record.tokens, strict=True)
+            ]
+        self._dirty = set()
+        if rows:
+            slots, tokens = [s for s, _ in rows], [t for _, t in rows]
+            self._write_rows(tokens, slots, self._plan_prefill(len(rows), max(map(len, tokens))))
+            lengths = [len(t) for t in tokens]
+            self._donate(lambda cache: (None, engine.set_lengths(cache, slots, lengths)))
+        jax.block_until_ready(self._cache)
+
+    def _roll_back(self, txn: _Txn | None) -> None:
+        """Undoes a committed call whose caller is gone (mechanism 4)."""
+        if txn is None:
+            return
+        with self._host:
+            for slots, undo in reversed(txn.undo):
+                if not undo():
+                    for slot in slots:
+                        txn.rows.pop(slot, None)  # a later call owns it now: leave it
+        try:
+            self._resync(txn.rows)
+        except Exception as e:
+            self._state = ExecutorState.ERROR
+            self._failure = f"rolling back a cancelled call failed: {e}"
+
+    # -----------------------------------------------------------------------------------------
+    # Mechanisms 4 and 5: the worker thread, cancellation
+
+    async def _run(self, work: Callable[[_Txn], T], *, opening: bool = True) -> T:
+        """Runs `work(txn)` on the worker thread, in call order; see `_Call`."""
+        if self._state is ExecutorState.SHUTDOWN:
+            raise FerrumError.backend("executor is shut down; create a new one")
+        call = _Call()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self._worker, self._execute, call, work, opening
+            )
+        except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            raise FerrumError.backend("executor is shut down; create a new one") from e
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if call.abandon():
+                with contextlib.suppress(RuntimeError):  # the executor shut down meanwhile
+                    self._worker.submit(self._roll_back, call.txn)
+            raise
+
+    def _execute(self, call: _Call, work: Callable[[_Txn], T], opening: bool) -> T:
+        if not call.begin():
+            raise FerrumError.cancelled("the call was cancelled before it ran")
+        if opening:
+            self._ensure_ready()
+        txn = _Txn()
+        result = work(txn)
+        with self._host:
+            self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
+        if not call.finish(txn):
+            self._roll_back(txn)
+            raise FerrumError.cancelled("the call was cancelled while it ran; it was rolled back")
+        return result
+
+    # -----------------------------------------------------------------------------------------
+    # Device programs (worker thread only)
 
     def _pack_rows(self, rows: list[np.ndarray], slots: list[int]) -> engine.RowBatch:
         return engine.pack_rows(
             rows, slots, pool_rows=self.max_batch_size, max_len=self.max_sequence_length
         )
 
-    def _run_rows(self, step: Callable, batch: engine.RowBatch, *static: Any) -> jax.Array:
-        """Runs `prefill_step` or `extend_step` on `batch`, updating the pool in place."""
-        logits, self._cache = step(
-            self._graphdef,
-            self._params,
-            self._cache,
-            jnp.asarray(batch.tokens),
-            jnp.asarray(batch.lengths),
-            jnp.asarray(batch.slots),
-            *static,
-        )
-        return logits
+    def _scrub(self, slots: list[int]) -> None:
+        """Zeroes pool rows `slots` before new tokens go in (mechanism 6)."""
+        padded = np.full((engine.bucket(len(slots), self.max_batch_size),), self.max_batch_size)
+        padded[: len(slots)] = slots
+        index = jnp.asarray(padded, jnp.int32)
+        self._donate(lambda cache: (None, _zero_rows(cache, index)))
+
+    def _write_rows(self, rows: list[np.ndarray], slots: list[int], chunk: int) -> jax.Array:
+        """Prefills `rows` (1-D prompts) into `slots` in chunks of `chunk` tokens (one chunk
+        when `chunk` covers the bucket); logits `[rows, seq, vocab]`, padding positions
+        repeating each row's last real logits."""
+        dirty = [s for s in slots if s in self._dirty]
+        if dirty:
+            self._scrub(dirty)
+        self._dirty.update(slots)
+        batch = self._pack_rows(rows, slots)
+        g, p = self._graphdef, self._params
+        lengths, row_slots = jnp.asarray(batch.lengths), jnp.asarray(batch.slots)
+        if chunk >= batch.tokens.shape[1]:
+            tokens = jnp.asarray(batch.tokens)
+            logits = self._donate(
+                lambda c: engine.prefill_step(g, p, c, tokens, lengths, row_slots, True)
+            )
+            return logits[: batch.rows, : batch.seq]
+        parts = []
+        for start in range(0, batch.seq, chunk):
+            tokens = jnp.asarray(batch.tokens[:, start : start + chunk])
+            real = jnp.asarray(np.clip(batch.lengths - start, 0, chunk).astype(np.int32))
+            step = _prefill_all_logits if start == 0 else engine.extend_step
+            parts.append(
+                self._donate(lambda c, s=step, t=tokens, n=real: s(g, p, c, t, n, row_slots))
+            )
+        logits = jnp.concatenate(parts, axis=1)[: batch.rows, : batch.seq]
+        n = lengths[: batch.rows]
+        last = jnp.take_along_axis(logits, (n - 1)[:, None, None], axis=1)
+        return jnp.where((jnp.arange(batch.seq) < n[:, None])[:, :, None], logits, last)
 
     def _run_tokens(self, batch: engine.TokenBatch) -> jax.Array:
         """Runs `decode_step` on `batch`, updating the pool in place."""
-        logits, self._cache = engine.decode_step(
-            self._graphdef,
-            self._params,
-            self._cache,
-            jnp.asarray(batch.tokens),
-            None if batch.slots is None else jnp.asarray(batch.slots),
-            jnp.asarray(batch.active),
-        )
-        return logits
+        g, p = self._graphdef, self._params
+        tokens, active = jnp.asarray(batch.tokens), jnp.asarray(batch.active)
+        slots = None if batch.slots is None else jnp.asarray(batch.slots)
+        return self._donate(lambda c: engine.decode_step(g, p, c, tokens, slots, active))
 
-    def _decode_slots(self, tokens: np.ndarray, slots: list[int]) -> jax.Array:
-        """One jitted decode step for `slots`; logits `[len(slots), vocab]`."""
-        batch = engine.pack_tokens(tokens, slots, pool_rows=self.max_batch_size)
-        return self._run_tokens(batch)[batch.order]
+    def _decode_program(self, rows: int) -> tuple:
+        pool = self.max_batch_size
+        whole = rows == pool
+        return ("decode", pool if whole else engine.bucket(rows, pool), 0 if whole else 1)
 
     # -----------------------------------------------------------------------------------------
     # ModelExecutor
@@ -470,47 +967,56 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return (await self.batch_prefill([input]))[0]
 
     async def batch_prefill(self, inputs: Sequence[PrefillInput]) -> list[PrefillOutput]:
-        """All prompts of all inputs in one jitted prefill."""
+        """All prompts of all inputs in one jitted prefill (in chunks when one step would not
+        fit the device)."""
+        inputs = _as_list(inputs, "batch_prefill inputs")
+        if not inputs:
+            return []
 
-        def work() -> list[PrefillOutput]:
-            prompts = [self._prompt_rows(x) for x in inputs]
-            reused: list[_Sequence | None] = []
-            for input, (ids, _) in zip(inputs, prompts, strict=True):
-                if input.kv_cache is None:
-                    reused.append(None)
-                    continue
-                record = self._lookup(input.kv_cache)
-                if len(record.slots) != ids.shape[0]:
-                    raise FerrumError.invalid_parameter(
-                        f"input_ids batch {ids.shape[0]} does not match the handle's "
-                        f"{len(record.slots)} row(s)"
-                    )
-                reused.append(record)
-            new_rows = sum(
-                ids.shape[0] for (ids, _), r in zip(prompts, reused, strict=False) if r is None
-            )
-            if new_rows > len(self._free):
-                raise FerrumError.resource_exhausted(
-                    f"slot pool full: {new_rows} slot(s) needed, {len(self._free)} of "
-                    f"{self.max_batch_size} free"
+        def work(txn: _Txn) -> list[PrefillOutput]:
+            with self._host:
+                prompts = [self._prompt_rows(x) for x in inputs]
+                reused: list[_Sequence | None] = []
+                for input, (ids, _) in zip(inputs, prompts, strict=True):
+                    if input.kv_cache is None:
+                        reused.append(None)
+                        continue
+                    record = self._lookup(input.kv_cache)
+                    if len(record.slots) != ids.shape[0]:
+                        raise FerrumError.invalid_parameter(
+                            f"input_ids batch {ids.shape[0]} does not match the handle's "
+                            f"{len(record.slots)} row(s)"
+                        )
+                    if any(record is r for r in reused):
+                        raise FerrumError.invalid_parameter(
+                            f"cache handle {record.cache_id!r} appears twice in one batch_prefill"
+                        )
+                    reused.append(record)
+                new_rows = sum(
+                    ids.shape[0] for (ids, _), r in zip(prompts, reused, strict=True) if r is None
                 )
-            records = []
-            for (ids, lengths), record in zip(prompts, reused, strict=True):
-                if record is None:
-                    cache_id = f"{self._id}-{next(self._ids)}"
-                    record = _Sequence(cache_id, self._take_slots(ids.shape[0]), [], 0.0)
-                    self._live[cache_id] = record
-                record.lengths = lengths.tolist()
-                record.last_access = time.monotonic()
-                records.append(record)
+                if new_rows > len(self._free):
+                    raise FerrumError.resource_exhausted(
+                        f"slot pool full: {new_rows} slot(s) needed, {len(self._free)} of "
+                        f"{self.max_batch_size} free"
+                    )
+                fresh = iter(list(self._free[:new_rows]))
+            slot_lists = [
+                record.slots if record is not None else [next(fresh) for _ in range(len(ids))]
+                for (ids, _), record in zip(prompts, reused, strict=True)
+            ]
             rows = [
                 row[:n] for ids, lengths in prompts for row, n in zip(ids, lengths, strict=True)
             ]
-            slots = [s for record in records for s in record.slots]
+            slots = [s for group in slot_lists for s in group]
+            seq = max(len(row) for row in rows)
+            chunk = self._plan_prefill(len(rows), seq)
+            txn.writes(slots, overwrite=True)
             tokens = sum(len(row) for row in rows)
-            logits = self._device_step(
-                "prefill", tokens, len(rows), lambda: self._prefill_rows(rows, slots)
+            logits = self._device(
+                "prefill", tokens, len(rows), txn, lambda: self._write_rows(rows, slots, chunk)
             )
+            records = self._commit_prefill(txn, prompts, reused, slot_lists)
             outputs, start = [], 0
             for (ids, _), record in zip(prompts, records, strict=True):
                 b, s = ids.shape
@@ -523,14 +1029,67 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
         return await self._run(work)
 
+    def _commit_prefill(
+        self,
+        txn: _Txn,
+        prompts: list[tuple[np.ndarray, np.ndarray]],
+        reused: list[_Sequence | None],
+        slot_lists: list[list[int]],
+    ) -> list[_Sequence]:
+        now = time.monotonic()
+        records = []
+        with self._host:
+            for (ids, lengths), record, slots in zip(prompts, reused, slot_lists, strict=True):
+                tokens = [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]
+                if record is None:
+                    record = _Sequence(f"{self._id}-{next(self._ids)}", slots, tokens, now)
+                    self._live[record.cache_id] = record
+                    self._free = [s for s in self._free if s not in slots]
+                    txn.undo.append((slots, functools.partial(self._undo_create, record)))
+                else:
+                    old = record.tokens
+                    record.tokens, record.last_access = tokens, now
+                    record.version += 1
+                    undo = functools.partial(self._undo_tokens, record, old, record.version)
+                    txn.undo.append((slots, undo))
+                records.append(record)
+        return records
+
+    def _undo_create(self, record: _Sequence) -> bool:
+        if self._live.get(record.cache_id) is not record or record.version != 0:
+            return False
+        del self._live[record.cache_id]
+        self._free = sorted(self._free + record.slots)
+        return True
+
+    def _undo_tokens(self, record: _Sequence, old: list[list[int]], version: int) -> bool:
+        if record.version != version or self._live.get(record.cache_id) is not record:
+            return False
+        record.tokens = old
+        record.version += 1
+        return True
+
+    def _commit_tokens(self, txn: _Txn, record: _Sequence, new: list[list[int]]) -> None:
+        """Appends `new[row]` to each row of `record` (caller holds `_host`)."""
+        old = record.tokens
+        record.tokens = [row + more for row, more in zip(old, new, strict=True)]
+        record.last_access = time.monotonic()
+        record.version += 1
+        undo = functools.partial(self._undo_tokens, record, old, record.version)
+        txn.undo.append((record.slots, undo))
+
     async def decode(self, input: DecodeInput) -> DecodeOutput:
         return (await self.batch_decode([input]))[0]
 
     async def batch_decode(self, inputs: Sequence[DecodeInput]) -> list[DecodeOutput]:
         """One jitted decode step for every row of every input."""
+        inputs = _as_list(inputs, "batch_decode inputs")
+        if not inputs:
+            return []
 
-        def work() -> list[DecodeOutput]:
-            checked = [self._decode_rows(x) for x in inputs]
+        def work(txn: _Txn) -> list[DecodeOutput]:
+            with self._host:
+                checked = [self._decode_rows(x) for x in inputs]
             seen: set[str] = set()
             for record, _ in checked:
                 if record.cache_id in seen:
@@ -540,19 +1099,23 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 seen.add(record.cache_id)
             slots = [s for record, _ in checked for s in record.slots]
             tokens = np.concatenate([ids for _, ids in checked])
-            logits = self._device_step(
-                "decode", len(slots), len(slots), lambda: self._decode_slots(tokens, slots)
-            )
+            self._require(f"a decode of {len(slots)} row(s)", self._decode_program(len(slots)))
+            txn.writes(slots, overwrite=False)
+
+            def step() -> jax.Array:
+                batch = engine.pack_tokens(tokens, slots, pool_rows=self.max_batch_size)
+                return self._run_tokens(batch)[batch.order]
+
+            logits = self._device("decode", len(slots), len(slots), txn, step)
             outputs, start = [], 0
-            now = time.monotonic()
-            for input, (record, _) in zip(inputs, checked, strict=True):
-                record.lengths = [n + 1 for n in record.lengths]
-                record.last_access = now
-                rows = len(record.slots)
-                outputs.append(
-                    DecodeOutput(JaxTensor(logits[start : start + rows]), input.kv_cache)
-                )
-                start += rows
+            with self._host:
+                for input, (record, ids) in zip(inputs, checked, strict=True):
+                    self._commit_tokens(txn, record, [[int(t)] for t in ids])
+                    rows = len(record.slots)
+                    outputs.append(
+                        DecodeOutput(JaxTensor(logits[start : start + rows]), input.kv_cache)
+                    )
+                    start += rows
             return outputs
 
         return await self._run(work)
@@ -569,44 +1132,48 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         last accepted token.
         """
 
-        def work() -> SpeculativeDecodeOutput:
-            record, ids = self._decode_rows(input)
-            if len(record.slots) != 1:
-                raise FerrumError.invalid_parameter(
-                    f"speculative_decode needs a single-row handle, got {len(record.slots)} rows"
-                )
-            drafts = self._token_array(
-                np.asarray(draft_tokens, np.int64).reshape(-1), "draft_tokens"
-            )
-            if not np.isfinite(acceptance_threshold):
-                raise FerrumError.invalid_parameter("acceptance_threshold must be finite")
+        def work(txn: _Txn) -> SpeculativeDecodeOutput:
+            with self._host:
+                record, ids = self._decode_rows(input)
+                if len(record.slots) != 1:
+                    raise FerrumError.invalid_parameter(
+                        "speculative_decode needs a single-row handle, got "
+                        f"{len(record.slots)} rows"
+                    )
+                start = record.lengths[0]
+                slots = list(record.slots)
+            drafts = self._drafts(draft_tokens)
+            threshold = self._threshold(acceptance_threshold)
             k = drafts.shape[0]
-            start = record.lengths[0]
             if start + 1 + k > self.max_sequence_length:
                 raise FerrumError.request_validation(
                     f"{k} draft tokens after {start + 1} tokens exceed max_sequence_length "
                     f"{self.max_sequence_length}"
                 )
             step_tokens = np.concatenate([ids, drafts]).astype(np.int32)
+            batch = self._pack_rows([step_tokens], slots)
+            self._require(f"scoring {k} draft tokens", ("extend", *np.shape(batch.tokens)))
+            txn.writes(slots, overwrite=False)
+            g, p = self._graphdef, self._params
+            args = [jnp.asarray(x) for x in (batch.tokens, batch.lengths, batch.slots)]
 
-            def step() -> jax.Array:
-                batch = self._pack_rows([step_tokens], record.slots)
-                return self._run_rows(engine.extend_step, batch)[0, : k + 1]
+            def step() -> tuple[int, jax.Array]:
+                logits = self._donate(lambda c: engine.extend_step(g, p, c, *args))[0, : k + 1]
+                probs = np.asarray(jax.nn.softmax(logits[:k], axis=-1))
+                accepted = 0
+                for i in range(k):
+                    d = int(drafts[i])
+                    if d == probs[i].argmax() or probs[i, d] >= threshold:
+                        accepted += 1
+                    else:
+                        break
+                kept = [start + 1 + accepted]
+                self._donate(lambda cache: (None, engine.set_lengths(cache, slots, kept)))
+                return accepted, logits
 
-            logits = self._device_step("decode", k + 1, 1, step)
-            probs = np.asarray(jax.nn.softmax(logits[:k], axis=-1))
-            argmax = probs.argmax(axis=-1)
-            accepted = 0
-            for i in range(k):
-                d = int(drafts[i])
-                if d == argmax[i] or probs[i, d] >= acceptance_threshold:
-                    accepted += 1
-                else:
-                    break
-            new_length = start + 1 + accepted
-            self._cache = engine.set_lengths(self._cache, record.slots, [new_length])
-            record.lengths = [new_length]
-            record.last_access = time.monotonic()
+            accepted, logits = self._device("decode", k + 1, 1, txn, step)
+            with self._host:
+                self._commit_tokens(txn, record, [[int(ids[0]), *drafts[:accepted].tolist()]])
             return SpeculativeDecodeOutput(
                 accepted_tokens=[int(t) for t in drafts[:accepted]],
                 next_logits=JaxTensor(logits[accepted][None]),
@@ -619,18 +1186,23 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
     async def forward(self, input: TensorLike) -> TensorLike:
         """Full-sequence logits `[batch, seq, vocab]`; the slot pool is untouched."""
 
-        def work() -> TensorLike:
+        def work(txn: _Txn) -> TensorLike:
             ids = self._token_array(input, "input")
             if ids.ndim == 1:
                 ids = ids[None]
-            if ids.ndim != 2 or ids.shape[1] == 0:
+            if ids.ndim != 2 or 0 in ids.shape:
                 raise FerrumError.invalid_parameter(f"input must be [batch, seq], got {ids.shape}")
-            logits = self._device_step(
-                "prefill",
-                ids.size,
-                ids.shape[0],
-                lambda: engine.forward(self._graphdef, self._params, ids),
+            b, s = ids.shape
+            if s > self.max_sequence_length:
+                raise FerrumError.request_validation(
+                    f"input of {s} tokens exceeds max_sequence_length {self.max_sequence_length}"
+                )
+            self._require(
+                f"a forward of {b} x {s} tokens",
+                ("forward", b, engine.bucket(s, minimum=engine.MIN_BUCKET)),
             )
+            g, p = self._graphdef, self._params
+            logits = self._device("prefill", ids.size, b, txn, lambda: engine.forward(g, p, ids))
             return JaxTensor(logits)
 
         return await self._run(work)
@@ -670,21 +1242,25 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 activation_memory_per_token=4
                 * (2 * c.hidden_size + c.intermediate_size * 2 + c.vocab_size),
                 kv_cache_memory_per_token=self.kv_bytes_per_token // c.num_layers,
-                overhead_memory=self._cache.lengths.nbytes,
+                overhead_memory=4 * self.max_batch_size,  # the int32 lengths
             ),
         )
 
     def _used_bytes(self) -> int:
+        """KV bytes of live tokens (caller holds `_host`)."""
         return sum(sum(r.lengths) for r in self._live.values()) * self.kv_bytes_per_token
 
     def status(self) -> ExecutorStatus:
         stats = self._stats
-        allocated = self._cache.nbytes if self._state is not ExecutorState.SHUTDOWN else 0
-        used = self._used_bytes()
+        shut = self._state is ExecutorState.SHUTDOWN
+        allocated = 0 if shut else self._pool_bytes + 4 * self.max_batch_size
+        with self._host:
+            used = self._used_bytes()
+            rows = sum(len(r.slots) for r in self._live.values())
         return ExecutorStatus(
             state=self._state,
             is_ready=self._state is ExecutorState.READY,
-            current_batch_size=sum(len(r.slots) for r in self._live.values()),
+            current_batch_size=rows,
             prefill_operations=stats.prefill_ops,
             decode_operations=stats.decode_ops,
             avg_prefill_time_ms=stats.prefill_total_ms / max(stats.prefill_ops, 1),
@@ -702,7 +1278,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         """Performance counters for `ExecutorRegistry.get_metrics`."""
         stats = self._stats
         busy_s = (stats.prefill_total_ms + stats.decode_total_ms) / 1e3
-        allocated = self._cache.nbytes
+        allocated = self._pool_bytes + 4 * self.max_batch_size
+        with self._host:
+            used = self._used_bytes()
         return ExecutorMetrics(
             total_operations=stats.prefill_ops + stats.decode_ops,
             prefill_operations=stats.prefill_ops,
@@ -712,7 +1290,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             p95_prefill_latency=_p95(stats.prefill_ms),
             p95_decode_latency=_p95(stats.decode_ms),
             throughput_tps=stats.tokens / busy_s if busy_s else 0.0,
-            memory_efficiency=self._used_bytes() / allocated if allocated else 0.0,
+            memory_efficiency=used / allocated,
             batch_utilization=(
                 stats.decode_rows / (stats.decode_ops * self.max_batch_size)
                 if stats.decode_ops
@@ -721,74 +1299,127 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         )
 
     async def warmup(self) -> dict[str, list[tuple[int, int]]]:
-        """Compiles every (row bucket, prompt bucket) prefill, every decode row bucket and the
-        speculative step for up to `MIN_BUCKET - 1` drafts.
+        """Compiles every program serving can run: each (row bucket, prompt bucket) prefill
+        (or, where one step would not fit the device, its chunk programs), every decode row
+        bucket, the slot scrub per row bucket and the speculative step for up to
+        `MIN_BUCKET - 1` drafts.
 
         Each program runs once on padding rows that point past the pool, so nothing is
-        written. Returns what was compiled as `(rows, tokens)` per program kind. Progress:
-        a bar over the programs on a terminal, and stage lines on the `ferrum_jax` logger
-        (see `ferrum_jax.progress`).
+        written and live sequences are untouched. Returns what was compiled as
+        `(rows, tokens)` per program kind; `"skipped"` lists the prefill buckets no chunking
+        fits (serving refuses those requests). Progress: a bar over the programs on a
+        terminal, and stage lines on the `ferrum_jax` logger (see `ferrum_jax.progress`).
         """
 
-        def work() -> dict[str, list[tuple[int, int]]]:
-            compiled: dict[str, list[tuple[int, int]]] = {"prefill": [], "decode": [], "extend": []}
+        def work(txn: _Txn) -> dict[str, list[tuple[int, int]]]:
+            compiled: dict[str, list[tuple[int, int]]] = {
+                "prefill": [],
+                "decode": [],
+                "extend": [],
+                "scrub": [],
+                "skipped": [],
+            }
             pool, max_len = self.max_batch_size, self.max_sequence_length
-            row_buckets = engine.buckets(pool)
+            g, p = self._graphdef, self._params
+
+            done: set[tuple[str, int, int]] = set()
+
+            def run(kind: str, rows: int, length: int) -> None:
+                if (kind, rows, length) in done:
+                    return
+                done.add((kind, rows, length))
+                if kind in ("decode", "whole-pool decode"):
+                    gather = kind == "decode"
+                    batch = engine.padding_tokens(rows, pool_rows=pool, gather=gather)
+                    self._device(None, 0, 0, txn, lambda: self._run_tokens(batch))
+                elif kind == "scrub":
+                    self._device(None, 0, 0, txn, lambda: self._scrub([pool] * rows))
+                else:
+                    b = engine.padding_rows(rows, length, pool_rows=pool)
+                    args = [jnp.asarray(x) for x in (b.tokens, b.lengths, b.slots)]
+                    step = _prefill_all_logits if kind == "prefill" else engine.extend_step
+                    program = functools.partial(step, g, p)
+                    self._device(None, 0, 0, txn, lambda: self._donate(lambda c: program(c, *args)))
+                if kind in compiled:
+                    compiled[kind].append((rows, length))
+
             len_buckets = engine.buckets(max_len, minimum=engine.MIN_BUCKET)
-            total = 2 + len(row_buckets) * (len(len_buckets) + 1)
+            plan: list[tuple[str, int, int]] = [("extend", 1, len_buckets[0])]
+            for rows in engine.buckets(pool):
+                for length in len_buckets:
+                    try:
+                        chunk = self._plan_prefill(rows, length)
+                    except FerrumError:
+                        compiled["skipped"].append((rows, length))
+                        continue
+                    plan.append(("prefill", rows, chunk))
+                    if chunk < length:
+                        plan.append(("extend", rows, chunk))
+                plan += [("decode", rows, 1), ("scrub", rows, max_len)]
+            plan.append(("whole-pool decode", pool, 1))
+            plan = list(dict.fromkeys(plan))
             start = time.perf_counter()
-            progress.logger.info("warmup: compiling %d programs", total)
-            with progress.bar(total, "warmup", "program") as bar:
-
-                def done(kind: str, rows: int, tokens: int) -> None:
-                    compiled[kind].append((rows, tokens))
-                    bar.set_postfix_str(f"{kind} {rows}x{tokens}", refresh=False)
+            progress.logger.info("warmup: compiling %d programs", len(plan))
+            with progress.bar(len(plan), "warmup", "program") as bar:
+                for kind, rows, length in plan:
+                    run(kind, rows, length)
+                    bar.set_postfix_str(f"{kind} {rows}x{length}", refresh=False)
                     bar.update()
-
-                drafts = engine.padding_rows(1, len_buckets[0], pool_rows=pool)
-                self._run_rows(engine.extend_step, drafts)
-                done("extend", 1, len_buckets[0])
-                for rows in row_buckets:
-                    for length in len_buckets:
-                        batch = engine.padding_rows(rows, length, pool_rows=pool)
-                        self._run_rows(engine.prefill_step, batch, True)
-                        done("prefill", rows, length)
-                    self._run_tokens(engine.padding_tokens(rows, pool_rows=pool))
-                    done("decode", rows, 1)
-                self._run_tokens(engine.padding_tokens(pool, pool_rows=pool, gather=False))
-                bar.update()  # the whole-pool decode program, reported with the row bucket
-                jax.block_until_ready(self._cache)
             progress.logger.info(
-                "warmup: %d programs in %.1f s", total, time.perf_counter() - start
+                "warmup: %d programs in %.1f s", len(plan), time.perf_counter() - start
             )
             return compiled
 
         return await self._run(work)
 
     async def shutdown(self) -> None:
-        """Frees the pool and params; every later call fails with a clear error."""
-        with self._lock:
-            if self._state is ExecutorState.SHUTDOWN:
-                return
-            for x in jax.tree.leaves(self._cache):
-                x.delete()
-            self._live.clear()
-            self._free = []
-            self._state = ExecutorState.SHUTDOWN
+        """Frees the pool and params; every later call fails with a clear error. Waits for
+        the call in progress, if any."""
+        if self._state is ExecutorState.SHUTDOWN:
+            return
+
+        def work(txn: _Txn) -> None:
+            with self._host:
+                if self._state is ExecutorState.SHUTDOWN:
+                    return
+                for x in jax.tree.leaves(self._cache):
+                    if not x.is_deleted():
+                        x.delete()
+                self._live.clear()
+                self._free = []
+                self._state = ExecutorState.SHUTDOWN
+                self._host.notify_all()
+
+        await self._run(work, opening=False)
+        self._worker.shutdown(wait=False)
 
     def release_cache(self, cache_id: str) -> None:
-        """Frees the handle's slots; idempotent, unknown ids change nothing."""
-        with self._lock:
+        """Frees the handle's slots; idempotent, unknown ids change nothing. Never waits for
+        device work (mechanism 5); the slots are scrubbed before their next use."""
+        with self._host:
             record = self._live.pop(cache_id, None)
             if record is not None:
-                self._free.extend(record.slots)
-                self._free.sort()
+                self._free = sorted(self._free + record.slots)
 
     def _slot_view(self, handle: JaxKvCacheHandle, layer: int, *, keys: bool) -> TensorLike:
-        with self._lock:
+        with self._host:
+            self._host.wait_for(
+                lambda: self._cache is not None or self._state is ExecutorState.SHUTDOWN
+            )
             record = self._lookup(handle)
             layers = self.model.runtime_config.num_layers
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise FerrumError.invalid_parameter(f"layer must be an integer, got {layer!r}")
             if not 0 <= layer < layers:
                 raise FerrumError.invalid_parameter(f"layer {layer} out of range [0, {layers})")
-            rows = self._cache.layer_kv(layer, jnp.asarray(record.slots))[0 if keys else 1]
+            try:
+                rows = self._cache.layer_kv(layer, jnp.asarray(record.slots))[0 if keys else 1]
+            except RuntimeError as e:  # the pool was lost in a device failure, not rebuilt yet
+                raise FerrumError.backend(f"the KV pool is being rebuilt: {e}") from e
             return JaxTensor(rows[:, :, : max(record.lengths)])
+
+
+def _as_list(inputs: Any, what: str) -> list[Any]:
+    if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
+        raise FerrumError.invalid_parameter(f"{what} must be a sequence, got {inputs!r}")
+    return list(inputs)

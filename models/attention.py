@@ -80,6 +80,12 @@ class PageLayout:
             for array, new in zip(pool, (k, v), strict=True)
         )
 
+    def zero(self, pool: Pool, pages: jax.Array) -> Pool:
+        """`pool` with `pages` (ids past the pool are ignored) set to zero."""
+        if self.name == "combined":
+            return (pool[0].at[pages].set(0, mode="drop"),)
+        return tuple(x.at[:, pages].set(0, mode="drop") for x in pool)
+
     def read(self, pool: Pool, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of `pages: [V, n]`, each `[V, n * page_size, kv_heads, d]`."""
         num_pages, page_size, kv_heads, d = self.geometry(pool)

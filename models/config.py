@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,16 @@ _ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
 }
 _MODEL_TYPES = frozenset(_ARCHITECTURES.values())
+_MAX_POSITION = 2**31 - 1
+"""Positions, lengths and windows are int32 on the device."""
+
+
+def _finite(name: str, value: float, *, minimum: float, inclusive: bool) -> None:
+    """Refuses NaN, infinities and values below `minimum` (or equal, unless `inclusive`)."""
+    ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+    if not ok:
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise FerrumError.config(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +43,25 @@ class RopeScaling:
     """llama3: wavelengths below `original_max_position_embeddings / high_freq_factor` are kept."""
     original_max_position_embeddings: int = 8192
     """llama3: context length the model was pretrained with."""
+
+    def __post_init__(self) -> None:
+        _finite("rope scaling factor", self.factor, minimum=0, inclusive=False)
+        if self.kind == "llama3":
+            _finite(
+                "rope scaling low_freq_factor", self.low_freq_factor, minimum=0, inclusive=False
+            )
+            if not self.high_freq_factor > self.low_freq_factor or not math.isfinite(
+                self.high_freq_factor
+            ):
+                raise FerrumError.config(
+                    f"rope scaling high_freq_factor ({self.high_freq_factor}) must be finite and "
+                    f"greater than low_freq_factor ({self.low_freq_factor})"
+                )
+            if not 1 <= self.original_max_position_embeddings <= _MAX_POSITION:
+                raise FerrumError.config(
+                    "rope scaling original_max_position_embeddings must be in "
+                    f"[1, {_MAX_POSITION}], got {self.original_max_position_embeddings}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +115,13 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
             if getattr(self, name) <= 0:
                 raise FerrumError.config(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.head_dim <= 0:
-            raise FerrumError.config("num_heads, num_kv_heads and head_dim must be positive")
+        for name, hf_name in (
+            ("num_heads", "num_attention_heads"),
+            ("num_kv_heads", "num_key_value_heads"),
+            ("head_dim", "head_dim"),
+        ):
+            if getattr(self, name) <= 0:
+                raise FerrumError.config(f"{hf_name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise FerrumError.config(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
@@ -94,6 +129,17 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise FerrumError.config(f"head_dim must be even for rotary, got {self.head_dim}")
+        _finite("rope_theta", self.rope_theta, minimum=0, inclusive=False)
+        _finite("rms_norm_eps", self.rms_norm_eps, minimum=0, inclusive=True)
+        if self.sliding_window is not None and not 1 <= self.sliding_window <= _MAX_POSITION:
+            raise FerrumError.config(
+                f"sliding_window must be in [1, {_MAX_POSITION}], got {self.sliding_window}"
+            )
+        if not 1 <= self.max_position_embeddings <= _MAX_POSITION:
+            raise FerrumError.config(
+                f"max_position_embeddings must be in [1, {_MAX_POSITION}], got "
+                f"{self.max_position_embeddings}"
+            )
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise FerrumError.config(
                 f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
@@ -150,7 +196,9 @@ class ModelConfig:
         heads = _required_int(hf, "num_attention_heads")
         if heads <= 0:
             raise FerrumError.config(f"num_attention_heads must be positive, got {heads}")
-        head_dim = _optional_int(hf, "head_dim") or hidden // heads
+        head_dim = _optional_int(hf, "head_dim")
+        kv_heads = _optional_int(hf, "num_key_value_heads")
+        max_positions = _optional_int(hf, "max_position_embeddings")
         attention_bias = bool(hf.get("attention_bias", False))
         theta, scaling = _rope(hf)
         window, layer_types = _sliding_window(hf, model_type)
@@ -166,8 +214,9 @@ class ModelConfig:
             intermediate_size=_required_int(hf, "intermediate_size"),
             num_layers=_required_int(hf, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=_optional_int(hf, "num_key_value_heads") or heads,
-            head_dim=head_dim,
+            # Absent means the default; 0 is an error (`or` would turn it into the default).
+            num_kv_heads=heads if kv_heads is None else kv_heads,
+            head_dim=hidden // heads if head_dim is None else head_dim,
             rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6, "config"),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -177,7 +226,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_window=window,
             layer_types=layer_types,
-            max_position_embeddings=_optional_int(hf, "max_position_embeddings") or 2048,
+            max_position_embeddings=2048 if max_positions is None else max_positions,
             bos_token_id=None if bos is None else _token_id(hf, "bos_token_id", bos),
             eos_token_ids=eos_ids,
         )
@@ -314,11 +363,13 @@ def _sliding_window(hf: Mapping[str, Any], model_type: str) -> tuple[int | None,
     for kind in layer_types:
         if kind not in ("full_attention", "sliding_attention"):
             raise FerrumError.unsupported(f"layer_types entry {kind!r} is not supported")
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise FerrumError.config(f"config key 'sliding_window' must be an integer, got {window!r}")
     if not layer_types and model_type in ("qwen2", "qwen3"):
         # Qwen: only layers from max_window_layers on use the window.
-        first = int(hf.get("max_window_layers", 0))
-        layers = int(hf["num_hidden_layers"])
+        first = _optional_int(hf, "max_window_layers") or 0
+        layers = _required_int(hf, "num_hidden_layers")
         layer_types = tuple(
             "sliding_attention" if i >= first else "full_attention" for i in range(layers)
         )
-    return int(window), layer_types
+    return window, layer_types

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import require_reference, tiny_hf_model
@@ -13,6 +14,7 @@ from conftest import require_reference, tiny_hf_model
 from ferrum_jax.checkpoint import default_model_path, load_gguf, load_model
 from ferrum_jax.engine import forward
 from ferrum_jax.models.config import ModelConfig, RopeScaling
+from ferrum_jax.models.llama import abstract_model
 
 QT = gguf.GGMLQuantizationType
 ENCODINGS = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -169,11 +171,21 @@ def test_config_from_metadata(hf_models, tmp_path, arch):
 
 
 def test_rope_scaling_and_bfloat16(hf_models, tmp_path):
+    """Linear rope scaling from GGUF metadata is applied (logits equal HF's scaled model and
+    differ from the unscaled one), and a bf16 load computes in bf16 close to float32."""
     path = tmp_path / "m.gguf"
-    write_gguf(path, hf_models["llama"], QT.F16, rope_scaling_factor=4.0)
-    loaded = load_gguf(path, dtype="bfloat16")
+    state = write_gguf(path, hf_models["llama"], QT.F16, rope_scaling_factor=4.0)
+    loaded = load_gguf(path)
     assert loaded.config.rope_scaling == RopeScaling(kind="linear", factor=4.0)
-    assert {str(leaf.dtype) for leaf in jax.tree.leaves(loaded.params)} == {"bfloat16"}
+    ours = np.asarray(forward(loaded.graphdef, loaded.params, TOKENS))
+    scaled = tiny_hf_model("llama", rope_scaling={"rope_type": "linear", "factor": 4.0}, **SIZES)
+    np.testing.assert_allclose(ours, reference_logits(scaled, state), rtol=0, atol=1e-4)
+    assert np.abs(ours - reference_logits(hf_models["llama"], state)).max() > 1e-3
+    bf16 = load_gguf(path, dtype="bfloat16")
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(bf16.params)} == {"bfloat16"}
+    ours16 = np.asarray(forward(bf16.graphdef, bf16.params, TOKENS))
+    assert np.abs(ours16 - ours).max() / np.abs(ours).max() < 0.04  # measured 0.027
+    assert np.mean(ours16.argmax(-1) == ours.argmax(-1)) >= 0.9
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +216,39 @@ def test_default_model_matches_transformers_gguf_loader(smollm2):
     with torch.no_grad():
         reference = hf_model(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-3)
+
+
+SMOLLM2_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a screw press adapted from wine making. "
+    "Within fifty years, presses were running in more than two hundred cities across Europe, "
+    "and the price of books fell so far that ordinary merchants could own a small library. "
+    "Scholars argue about how quickly literacy spread, but nobody doubts that the flood of "
+    "pamphlets, bibles and almanacs changed how ideas travelled, how arguments were settled "
+    "and how people thought about authority, memory and the written word itself. Printers "
+    "became publishers, editors and booksellers at once, and their shops turned into meeting "
+    "places where scholars, artists and merchants argued late into the night."
+)
+
+
+@pytest.mark.slow
+def test_default_model_bfloat16_agrees_with_float32(smollm2):
+    """SmolLM2 in bf16 (params and compute), teacher-forced on 129 tokens of real text: the
+    next-token argmax agrees with float32 at >= 95% of the 128 positions (measured 97%), and
+    only where float32's top two are a near-tie (measured margins <= 0.03)."""
+    ids = np.asarray(smollm2.tokenizer.encode(SMOLLM2_TEXT)[:129], np.int32)[None]
+    assert ids.shape == (1, 129)
+    graphdef16, _ = abstract_model(smollm2.config, param_dtype=jnp.bfloat16)
+    # load_model(dtype="bfloat16") dequantises to float32 and casts each tensor: the same.
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), smollm2.params)
+    l32 = np.asarray(forward(smollm2.graphdef, smollm2.params, ids))[0, :-1]
+    l16 = np.asarray(forward(graphdef16, params16, ids))[0, :-1]
+    agree = l16.argmax(-1) == l32.argmax(-1)
+    p32 = np.exp(l32 - l32.max(-1, keepdims=True))
+    p32 /= p32.sum(-1, keepdims=True)
+    top2 = np.sort(p32, axis=-1)[:, -2:]
+    margins = (top2[:, 1] - top2[:, 0])[~agree]
+    print(f"\nSmolLM2 bf16 vs fp32: agreement {agree.mean():.1%}, near-tie margins {margins}")
+    assert agree.mean() >= 0.95
+    assert np.all(margins < 0.05)
+    assert np.abs(l16 - l32).max() / np.abs(l32).max() < 0.03  # measured 0.021

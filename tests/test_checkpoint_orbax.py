@@ -3,7 +3,9 @@ shardings on restore; an interrupted save (SIGKILL) never leaves a loadable dire
 
 from __future__ import annotations
 
+import json
 import select
+import shutil
 import subprocess
 import sys
 
@@ -193,3 +195,27 @@ def test_version_1_checkpoints_still_load(saved, tmp_path):
     assert want.keys() == got.keys()
     for path, array in want.items():
         np.testing.assert_array_equal(got[path], array, err_msg=str(path))
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"num_hidden_layers": 10**6}, ["num_hidden_layers is 1000000", "hold 2 layers"]),
+        ({"num_hidden_layers": 1}, ["num_hidden_layers is 1", "hold 2 layers"]),
+        ({"intermediate_size": 96}, ["do not match config.json", "mlp"]),
+    ],
+    ids=["a_million_layers", "too_few_layers", "other_shapes"],
+)
+def test_config_contradicting_the_saved_params(saved, tmp_path, changes, words):
+    """A `config.json` edited after the save is refused from the params' metadata, before
+    anything is built: a million layers used to run for over 10 minutes."""
+    _, src = saved
+    dst = tmp_path / "edited"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(FerrumError) as e:
+        load_orbax(dst)
+    assert e.value.kind is ErrorKind.MODEL, e.value
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))

@@ -266,6 +266,13 @@ BAD_INPUTS = [
         "not a ferrum-jax orbax checkpoint",
     ),
     (
+        "convert-under-a-file",
+        "convert {root}/bad.gguf {root}/long.txt/orbax",
+        None,
+        2,
+        "long.txt is a file, not a directory",
+    ),
+    (
         "bench-batch",
         "bench --batch 0",
         None,

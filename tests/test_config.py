@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import require_reference, tiny_hf_model
 
+from ferrum_jax.checkpoint.hf_config import parse_config
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig, RopeScaling
 
@@ -332,3 +333,45 @@ def test_num_params_matches_hf(name):
     model = tiny_hf_model(arch, **overrides)
     hf_count = sum(p.numel() for p in model.parameters())  # shared tensors counted once
     assert ModelConfig.from_hf(model.config.to_dict()).num_params == hf_count
+
+
+# ------------------------------------------------------------------------------------------
+# Values that used to be accepted and silently broke the model (red-team finding 6).
+
+MISTRAL = {**llama_4x(), "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+BROKEN_VALUES = {
+    "window_zero": ({**MISTRAL, "sliding_window": 0}, "sliding_window"),
+    "window_negative": ({**MISTRAL, "sliding_window": -4}, "sliding_window"),
+    "window_overflows_int32": ({**MISTRAL, "sliding_window": 10**30}, "sliding_window"),
+    "window_float": ({**MISTRAL, "sliding_window": 4.5}, "sliding_window"),
+    "theta_zero": (llama_4x(rope_theta=0), "rope_theta"),
+    "theta_negative": (llama_4x(rope_theta=-10000.0), "rope_theta"),
+    "theta_nan": (llama_4x(rope_theta=float("nan")), "rope_theta"),
+    "theta_infinite": (llama_4x(rope_theta=float("inf")), "rope_theta"),
+    "eps_negative": (llama_4x(rms_norm_eps=-1e-6), "rms_norm_eps"),
+    "eps_nan": (llama_4x(rms_norm_eps=float("nan")), "rms_norm_eps"),
+    "linear_factor_zero": (
+        llama_4x(rope_scaling={"rope_type": "linear", "factor": 0.0}),
+        "factor",
+    ),
+    "llama3_factor_negative": (
+        llama_4x(rope_scaling={**LLAMA3_ROPE, "factor": -8.0}),
+        "factor",
+    ),
+    "llama3_equal_freq_factors": (
+        llama_4x(rope_scaling={**LLAMA3_ROPE, "high_freq_factor": 1.0}),
+        "high_freq_factor",
+    ),
+    "kv_heads_zero": (llama_4x(num_key_value_heads=0), "num_key_value_heads"),
+    "head_dim_zero": (llama_4x(head_dim=0), "head_dim"),
+    "max_positions_zero": (llama_4x(max_position_embeddings=0), "max_position_embeddings"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_VALUES)
+def test_values_that_break_the_model_are_config_errors(name):
+    """`num_key_value_heads: 0` silently became MHA; `sliding_window: 10**30` raised an
+    OverflowError on the first step; the others built a model with NaN or nonsense logits."""
+    hf, key = BROKEN_VALUES[name]
+    with raises_kind(ErrorKind.CONFIG, key):
+        parse_config(hf, "config.json")

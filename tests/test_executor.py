@@ -15,7 +15,7 @@ from conftest import params_from_hf, tiny_hf_model
 
 from ferrum_jax import engine
 from ferrum_jax.errors import ErrorKind, FerrumError
-from ferrum_jax.executor import JaxModelExecutor
+from ferrum_jax.executor import JaxKvCacheHandle, JaxModelExecutor
 from ferrum_jax.interfaces import (
     AttentionType,
     DataType,
@@ -193,6 +193,104 @@ def test_full_pool_decode_uses_slot_order(model, isolated):
         assert next_token(out.logits)[0] == isolated(reqs[i], 2)[1]
 
 
+@pytest.mark.parametrize("n", [3, 5, 6, 7])
+def test_odd_row_batches_next_to_a_live_sequence(model, isolated, n):
+    """`batch_prefill` and `batch_decode` of 3, 5, 6 and 7 rows run in a 4- or 8-row bucket,
+    so padding rows execute; a live sequence in slot 0 stays bit-identical to a twin's.
+
+    Mutation guarded: executor prefill padding rows written to slot 0 instead of dropped.
+    """
+    executor, twin = make_executor(model, max_batch_size=8), make_executor(model, max_batch_size=8)
+    live = [5, 6, 7, 8, 9, 10]  # six tokens in slot 0
+    (a, ta), (b, tb) = _start(executor, live), _start(twin, live)
+    reqs = [[3 + i, 40 + i, 7, 11 + i][: 1 + i % 4] for i in range(n)]
+    outs = run(executor.batch_prefill([PrefillInput(np.asarray([r])) for r in reqs]))
+    tokens = [next_token(o.last_token_logits())[0] for o in outs]
+    assert tokens == [isolated(r, 1)[0] for r in reqs]
+    assert a.num_tokens() == len(live)
+    decoded = run(
+        executor.batch_decode(
+            [DecodeInput(np.asarray([[t]]), o.kv_cache) for t, o in zip(tokens, outs, strict=True)]
+        )
+    )
+    assert [next_token(d.logits)[0] for d in decoded] == [isolated(r, 2)[1] for r in reqs]
+    got = run(executor.decode(DecodeInput(np.asarray([[ta]]), a)))
+    want = run(twin.decode(DecodeInput(np.asarray([[tb]]), b)))
+    np.testing.assert_array_equal(np.asarray(got.logits.array), np.asarray(want.logits.array))
+
+
+def test_same_handle_twice_in_batch_decode_is_refused(model):
+    """Mutation guarded: the executor's "same handle twice in batch_decode" check removed."""
+    executor = make_executor(model)
+    handle, token = _start(executor, [5, 6, 7])
+    twice = [DecodeInput(np.asarray([[token]]), handle)] * 2
+    with pytest.raises(FerrumError) as e:
+        run(executor.batch_decode(twice))
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER and handle.cache_id() in str(e.value)
+    assert handle.num_tokens() == 3 and executor.status().decode_operations == 0
+
+
+@pytest.mark.parametrize(
+    ("mask", "kind"),
+    [
+        ([[0, 0, 1, 1], [1, 1, 1, 1]], ErrorKind.UNSUPPORTED),  # left padding
+        ([[1, 0, 1, 0], [1, 1, 1, 1]], ErrorKind.UNSUPPORTED),  # holes
+        ([[1, 1, 1], [1, 1, 1]], ErrorKind.INVALID_PARAMETER),  # wrong shape
+        ([[0, 0, 0, 0], [1, 1, 1, 1]], ErrorKind.REQUEST_VALIDATION),  # an all-zero row
+    ],
+    ids=["left_padded", "holes", "wrong_shape", "all_zero_row"],
+)
+def test_attention_masks_other_than_right_padding_are_refused(model, mask, kind):
+    """Mutation guarded: the executor's left-padded attention mask check removed."""
+    executor = make_executor(model)
+    ids = np.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with pytest.raises(FerrumError) as e:
+        run(executor.prefill(PrefillInput(ids, attention_mask=np.asarray(mask))))
+    assert e.value.kind is kind, e.value
+    assert executor.status().current_batch_size == 0
+    assert executor.status().prefill_operations == 0
+
+
+def test_position_ids_must_match_what_the_cache_holds(model):
+    """Prefill `position_ids` 0..s-1 and decode `position_ids` equal to the cached lengths are
+    accepted (and change nothing); any other value is refused before device work.
+
+    Mutation guarded: the executor's decode `position_ids` mismatch check removed.
+    """
+    executor, plain = make_executor(model), make_executor(model)
+    ids = np.asarray([[5, 6, 7, 8]])
+    with_positions = run(executor.prefill(PrefillInput(ids, position_ids=np.arange(4)[None])))
+    without = run(plain.prefill(PrefillInput(ids)))
+    np.testing.assert_array_equal(
+        np.asarray(with_positions.logits.array), np.asarray(without.logits.array)
+    )
+    with pytest.raises(FerrumError) as e:
+        run(executor.prefill(PrefillInput(ids, position_ids=np.arange(1, 5)[None])))
+    assert e.value.kind is ErrorKind.UNSUPPORTED
+    handle = with_positions.kv_cache
+    token = next_token(with_positions.last_token_logits())[0]
+    for wrong in ([[3]], [[5]], [[4], [4]]):
+        with pytest.raises(FerrumError) as e:
+            run(executor.decode(DecodeInput(np.asarray([[token]]), handle, np.asarray(wrong))))
+        assert e.value.kind is ErrorKind.INVALID_PARAMETER and "position_ids" in str(e.value)
+    assert handle.num_tokens() == 4 and executor.status().decode_operations == 0
+    out = run(executor.decode(DecodeInput(np.asarray([[token]]), handle, np.asarray([[4]]))))
+    ref = run(plain.decode(DecodeInput(np.asarray([[token]]), without.kv_cache)))
+    np.testing.assert_array_equal(np.asarray(out.logits.array), np.asarray(ref.logits.array))
+
+
+def test_warmup_while_sequences_are_live_changes_nothing(model):
+    """`warmup()` runs every program on padding rows: live sequences are untouched."""
+    executor, twin = make_executor(model), make_executor(model)
+    started = [_start(executor, p) for p in ([5, 6, 7], [8, 9])]
+    twin_started = [_start(twin, p) for p in ([5, 6, 7], [8, 9])]
+    run(executor.warmup())
+    for (h, t), (th, tt) in zip(started, twin_started, strict=True):
+        got = run(executor.decode(DecodeInput(np.asarray([[t]]), h)))
+        want = run(twin.decode(DecodeInput(np.asarray([[tt]]), th)))
+        np.testing.assert_array_equal(np.asarray(got.logits.array), np.asarray(want.logits.array))
+
+
 # ---------------------------------------------------------------------------------------------
 # Handles
 
@@ -292,14 +390,34 @@ def test_speculative_stops_at_first_bad_draft(model, isolated):
     )
 
 
-def test_speculative_threshold_accepts_likely_non_argmax(model, isolated):
+def test_speculative_threshold_between_0_and_1(model):
+    """A threshold in (0, 1) accepts a non-argmax draft at least that likely and rejects a
+    less likely one; at 0.5 no non-argmax draft can pass (its probability is below the
+    argmax's, so below 0.5).
+
+    Mutation guarded: speculative acceptance threshold ignored for values in (0, 1).
+    """
+    _, graphdef, params = model
     executor = make_executor(model)
     prompt = [21, 22, 23]
-    greedy = isolated(prompt, 4)
-    handle, token = _start(executor, prompt)
-    wrong = (greedy[1] + 1) % 256
-    out = run(executor.speculative_decode(DecodeInput(np.asarray([[token]]), handle), [wrong], 0.0))
-    assert out.accepted_tokens == [wrong]  # threshold 0 accepts anything
+    handles = [_start(executor, prompt) for _ in range(3)]
+    token = handles[0][1]
+    logits = np.asarray(engine.forward(graphdef, params, np.asarray([[*prompt, token]])))[0, -1]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    second, unlikely = order[1], order[-1]
+    assert probs[unlikely] < 0.5 * probs[second] and probs[second] < 0.5
+    threshold = 0.99 * float(probs[second])  # 1% below: robust to rounding between programs
+
+    def speculate(handle, draft, threshold):
+        inp = DecodeInput(np.asarray([[token]]), handle)
+        return run(executor.speculative_decode(inp, [int(draft)], threshold)).accepted_tokens
+
+    assert speculate(handles[0][0], second, threshold) == [second]
+    assert speculate(handles[1][0], unlikely, threshold) == []
+    assert speculate(handles[2][0], second, 0.5) == []
+    assert [h.num_tokens() for h, _ in handles] == [5, 4, 4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,10 +647,44 @@ def test_soak_randomized_operations(model, isolated):
     executor = make_executor(model)
     live: dict[str, dict] = {}  # cache_id -> {"handle", "prompt", "tokens"}
     finished: list[dict] = []
-    errors = 0
+
+    def any_live() -> JaxKvCacheHandle:
+        return next(iter(live.values()))["handle"]
+
+    bad_cases = {  # name -> (expected kind, call)
+        "token_past_vocab": (
+            ErrorKind.INVALID_PARAMETER,
+            lambda: executor.prefill(PrefillInput(np.asarray([[300]]))),
+        ),
+        "negative_token": (
+            ErrorKind.INVALID_PARAMETER,
+            lambda: executor.prefill(PrefillInput(np.asarray([[-3]]))),
+        ),
+        "empty_prompt": (
+            ErrorKind.REQUEST_VALIDATION,
+            lambda: executor.prefill(PrefillInput(np.zeros((1, 0), np.int32))),
+        ),
+        "unknown_handle": (
+            ErrorKind.NOT_FOUND,
+            lambda: executor.decode(
+                DecodeInput(np.asarray([[1]]), JaxKvCacheHandle(executor, "x"))
+            ),
+        ),
+        "decode_bad_token": (
+            ErrorKind.INVALID_PARAMETER,
+            lambda: executor.decode(DecodeInput(np.asarray([[256]]), any_live())),
+        ),
+        "bad_draft": (
+            ErrorKind.INVALID_PARAMETER,
+            lambda: executor.speculative_decode(
+                DecodeInput(np.asarray([[1]]), any_live()), [1.5], 1.0
+            ),
+        ),
+    }
+    needs_live = {"decode_bad_token", "bad_draft"}
+    bad_seen = dict.fromkeys(bad_cases, 0)
 
     async def soak():
-        nonlocal errors
         for _ in range(2000):
             op = rng.choice(["prefill", "decode", "batch", "spec", "release", "bad", "bad"])
             try:
@@ -575,37 +727,22 @@ def test_soak_randomized_operations(model, isolated):
                     executor.release_cache(cache_id)
                     finished.append(live.pop(cache_id))
                 elif op == "bad":
-                    bad = rng.choice(
-                        [
-                            lambda: executor.prefill(PrefillInput(np.asarray([[300]]))),
-                            lambda: executor.prefill(PrefillInput(np.zeros((1, 0), np.int32))),
-                            lambda: (
-                                executor.decode(
-                                    DecodeInput(
-                                        np.asarray([[1]]),
-                                        type(next(iter(live.values()))["handle"])(executor, "x"),
-                                    )
-                                )
-                                if live
-                                else executor.prefill(PrefillInput(np.asarray([[-3]])))
-                            ),
-                        ]
-                    )
-                    await bad()
+                    name = rng.choice(sorted(set(bad_cases) - (set() if live else needs_live)))
+                    kind, call = bad_cases[name]
+                    with pytest.raises(FerrumError) as e:
+                        await call()
+                    assert e.value.kind is kind, (name, e.value)
+                    bad_seen[name] += 1
             except FerrumError as e:
-                if e.kind is ErrorKind.RESOURCE_EXHAUSTED and op == "prefill":
-                    cache_id = rng.choice(list(live))
-                    executor.release_cache(cache_id)
-                    finished.append(live.pop(cache_id))
-                    continue
-                assert op == "bad", (op, e)
-                errors += 1
+                assert e.kind is ErrorKind.RESOURCE_EXHAUSTED and op == "prefill", (op, e)
+                cache_id = rng.choice(list(live))
+                executor.release_cache(cache_id)
+                finished.append(live.pop(cache_id))
 
     run(soak())
-    assert errors > 100
+    assert min(bad_seen.values()) >= 40, bad_seen  # every bad input, each checked by kind
     status = executor.status()
     assert status.current_batch_size == len(live)
-    assert len(executor._free) + sum(len(r.slots) for r in executor._live.values()) == POOL
     assert (
         status.memory_usage.used_bytes
         == sum(s["handle"].num_tokens() for s in live.values()) * executor.kv_bytes_per_token
@@ -617,7 +754,8 @@ def test_soak_randomized_operations(model, isolated):
         assert s["tokens"] == isolated(s["prompt"], len(s["tokens"])), s["prompt"]
     for cache_id in list(live):
         executor.release_cache(cache_id)
-    assert sorted(executor._free) == list(range(POOL))
+    assert executor.status().current_batch_size == 0
+    run(executor.prefill(PrefillInput(np.ones((POOL, 2), np.int32))))  # every slot is free
 
 
 def test_concurrent_coroutines_equal_sequential(model, isolated):

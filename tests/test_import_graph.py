@@ -35,6 +35,7 @@ FILE_FORMAT_LIBRARIES = ("safetensors", "gguf", "orbax", "mmap")
 NON_MODEL_FILES = {
     "ferrum_jax.bench": "writes the --json report",
     "ferrum_jax.cli": "reads --prompt-file",
+    "ferrum_jax.executor": "reads the host's free memory (/proc/meminfo, the cgroup limit)",
 }
 FILE_CALLS = frozenset(
     {"open", "read_text", "read_bytes", "write_text", "write_bytes", "from_file"}

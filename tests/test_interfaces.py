@@ -739,11 +739,18 @@ def test_default_forward_is_unsupported() -> None:
 
 
 def test_default_lifecycle_hooks_are_noops() -> None:
+    """The trait's own `warmup`, `shutdown` and `release_cache` (the fake overrides none of
+    them) return None and change nothing: decoding works as before, status is unchanged."""
+    for hook in ("warmup", "shutdown", "release_cache", "forward", "batch_decode"):
+        assert getattr(FakeExecutor, hook) is getattr(ModelExecutor, hook), hook
     executor = FakeExecutor()
+    (before,) = asyncio.run(executor.batch_decode(handles("a")))
     assert asyncio.run(executor.warmup()) is None
+    assert executor.release_cache("a") is None
     assert asyncio.run(executor.shutdown()) is None
-    assert executor.release_cache("anything") is None
-    assert executor.decoded == [] and executor.released == []
+    (after,) = asyncio.run(executor.batch_decode(handles("a")))  # shutdown released nothing
+    assert after.kv_cache.cache_id() == before.kv_cache.cache_id() == "a"
+    assert after.logits.shape == before.logits.shape and executor.decoded == ["a", "a"]
     assert executor.status() == status()
     assert executor.info() == model_info() and executor.capabilities() == capabilities()
 
@@ -792,74 +799,77 @@ def test_batch_model_executor_requires_its_methods() -> None:
     assert not executor.supports_batch_size(9)
 
 
-def test_speculative_executor_contract() -> None:
-    class Spec(FakeExecutor, SpeculativeExecutor):
-        async def speculative_decode(
-            self, input: DecodeInput, draft_tokens: Sequence[int], acceptance_threshold: float
-        ) -> SpeculativeDecodeOutput:
-            accepted = [t for t in draft_tokens if t >= acceptance_threshold]
-            return SpeculativeDecodeOutput(accepted, input.input_ids, input.kv_cache, len(accepted))
+@pytest.fixture(scope="module")
+def jax_executor():
+    """The library's executor on a tiny model: where the contract's implementation is ours."""
+    from conftest import params_from_hf, tiny_hf_model
 
+    from ferrum_jax.executor import JaxModelExecutor
+
+    config, graphdef, params = params_from_hf(tiny_hf_model("llama"))
+    return JaxModelExecutor(config, graphdef, params, max_batch_size=2, max_sequence_length=32)
+
+
+def test_speculative_executor_contract(jax_executor) -> None:
+    """`SpeculativeExecutor` is abstract; the library's implementation returns the accepted
+    prefix of the drafts, its count, `[1, vocab]` next logits and the same handle."""
     with pytest.raises(TypeError):
         type("NoSpec", (FakeExecutor, SpeculativeExecutor), {})()
-    (inp,) = handles("s")
-    out = asyncio.run(Spec().speculative_decode(inp, [1, 5, 9], 4.0))
-    assert out.accepted_tokens == [5, 9] and out.acceptance_count == 2
+    assert isinstance(jax_executor, SpeculativeExecutor)
+    prefill = asyncio.run(jax_executor.prefill(PrefillInput(np.asarray([[5, 6, 7]]))))
+    handle = prefill.kv_cache
+    token = prefill.last_token_logits().argmax_last_dim_u32()[0]
+    drafts = [9, 10, 11]
+    out = asyncio.run(
+        jax_executor.speculative_decode(DecodeInput(np.asarray([[token]]), handle), drafts, 1.0)
+    )
+    assert out.accepted_tokens == drafts[: out.acceptance_count]
+    assert out.next_logits.shape == (1, 256) and out.kv_cache is handle
+    assert handle.num_tokens() == 3 + 1 + out.acceptance_count
+    jax_executor.release_cache(handle.cache_id())
 
 
-def test_factory_and_registry_contracts() -> None:
-    class Factory(ModelExecutorFactory):
-        async def create_executor(self, config: ExecutorConfig) -> ModelExecutor:
-            self.validate_config(config)
-            return FakeExecutor()
+def test_batch_model_executor_contract_of_the_library(jax_executor) -> None:
+    assert isinstance(jax_executor, BatchModelExecutor)
+    assert jax_executor.optimal_batch_size() == 2
+    assert jax_executor.supports_batch_size(2) and not jax_executor.supports_batch_size(3)
+    assert not jax_executor.supports_batch_size(0)
+    outs = asyncio.run(
+        jax_executor.batch_prefill(
+            [PrefillInput(np.asarray([[5, 6]])), PrefillInput(np.asarray([[7]]))]
+        )
+    )
+    assert [o.logits.shape for o in outs] == [(1, 2, 256), (1, 1, 256)]
+    for o in outs:
+        jax_executor.release_cache(o.kv_cache.cache_id())
+    assert jax_executor.status().current_batch_size == 0
 
-        async def create_batch_executor(self, config: ExecutorConfig) -> BatchModelExecutor:
-            self.validate_config(config)
-            return FakeBatchExecutor()
 
-        def supported_types(self) -> list[ExecutorType]:
-            return [ExecutorType.SEQUENTIAL, ExecutorType.CONTINUOUS_BATCH]
+def test_factory_and_registry_contracts(jax_executor) -> None:
+    """The library's factory validates configs and names its executor types; its registry
+    tracks executors by name (its own and any other `ModelExecutor`)."""
+    from ferrum_jax.factory import JaxExecutorFactory, JaxExecutorRegistry
 
-        def validate_config(self, config: ExecutorConfig) -> None:
-            if config.max_batch_size == 0:
-                raise FerrumError.config("max_batch_size must be positive")
-
-    class Registry(ExecutorRegistry):
-        def __init__(self) -> None:
-            self.executors: dict[str, ModelExecutor] = {}
-
-        def register(self, name: str, executor: ModelExecutor) -> None:
-            if name in self.executors:
-                raise FerrumError.already_exists(name)
-            self.executors[name] = executor
-
-        def get(self, name: str) -> ModelExecutor | None:
-            return self.executors.get(name)
-
-        def remove(self, name: str) -> ModelExecutor | None:
-            return self.executors.pop(name, None)
-
-        def list_names(self) -> list[str]:
-            return sorted(self.executors)
-
-        def get_metrics(self, name: str) -> ExecutorMetrics | None:
-            return None if name not in self.executors else SERDE_STRUCTS[-1]
-
-    factory, registry = Factory(), Registry()
-    config = executor_config()
-    executor = asyncio.run(factory.create_executor(config))
-    assert isinstance(asyncio.run(factory.create_batch_executor(config)), BatchModelExecutor)
+    factory, registry = JaxExecutorFactory(), JaxExecutorRegistry()
+    config = dataclasses.replace(executor_config(), device=Device.CPU, executor_options={})
+    factory.validate_config(config)
     with pytest.raises(FerrumError) as exc:
         factory.validate_config(dataclasses.replace(config, max_batch_size=0))
     assert exc.value.kind is ErrorKind.CONFIG
     assert ExecutorType.CONTINUOUS_BATCH in factory.supported_types()
+    assert ExecutorType.SPECULATIVE in factory.supported_types()
 
-    registry.register("main", executor)
-    with pytest.raises(FerrumError):
-        registry.register("main", executor)
-    assert registry.list_names() == ["main"] and registry.get("main") is executor
-    assert registry.get_metrics("main") is not None and registry.get_metrics("x") is None
-    assert registry.remove("main") is executor and registry.get("main") is None
+    fake = FakeExecutor()
+    registry.register("main", jax_executor)
+    registry.register("fake", fake)
+    with pytest.raises(FerrumError) as exc:
+        registry.register("main", fake)
+    assert exc.value.kind is ErrorKind.ALREADY_EXISTS
+    assert registry.list_names() == ["fake", "main"] and registry.get("main") is jax_executor
+    assert registry.get_metrics("main") == jax_executor.metrics()
+    assert registry.get_metrics("fake").prefill_operations == status().prefill_operations
+    assert registry.get_metrics("x") is None
+    assert registry.remove("main") is jax_executor and registry.get("main") is None
 
     for abstract in (ModelExecutorFactory, ExecutorRegistry, SpeculativeExecutor):
         with pytest.raises(TypeError):

@@ -1,9 +1,10 @@
 """Numerical parity with HF transformers (torch CPU float32) on tiny random models.
 
 Every case is one architecture feature (GQA, MQA, head_dim != hidden/heads, tied
-embeddings, llama3 / linear rope scaling, Qwen2 biases, Qwen3 q/k norm, Mistral sliding
-window). Each HF model is built once per module (`_CASES`); our programs compile once per
-case and are reused by every test of that case (same cache shape, same bucket).
+embeddings, llama3 / linear rope scaling, Qwen2 biases, Llama attention biases, Qwen3 q/k
+norm, Mistral sliding window, Qwen2 per-layer sliding window). Each HF model is built once
+per module (`_CASES`); our programs compile once per case and are reused by every test of
+that case (same cache shape, same bucket).
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ CASES = {
     "llama3_rope": ("llama", {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 512}),
     "linear_rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "qwen2_bias": ("qwen2", {}),
+    # q/k/v and o_proj biases on Llama (`attention_bias`); o_proj's is Llama-only.
+    "llama_attention_bias": ("llama", {"attention_bias": True}),
+    # Layer 0 full attention, layer 1 a window of 4 (Qwen2 `max_window_layers`).
+    "qwen2_window_layers": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     "qwen3_qk_norm": ("qwen3", {"head_dim": 32}),
     # HF's default (sdpa) attention applies the window: checked in test_sliding_window_matters.
     "mistral_window4": ("mistral", {"sliding_window": 4}),
@@ -282,6 +290,54 @@ def test_sliding_window_matters():
     assert np.abs(windowed - full).max() > 0.1
 
 
+def test_qwen2_window_is_per_layer():
+    """The Qwen2 case really has one full and one windowed layer: HF with both layers full, or
+    both windowed, gives other logits, so `test_*[qwen2_window_layers]` guard the per-layer
+    choice.
+
+    Mutation guarded: Qwen2's per-layer sliding window (`max_window_layers`) ignored.
+    """
+    c = case("qwen2_window_layers")
+    assert c.config.layer_types == ("full_attention", "sliding_attention")
+    assert [c.config.layer_window(i) for i in range(2)] == [None, 4]
+    seq = c.prompts[1]  # 11 tokens > window
+    per_layer = c.hf_logits(seq)
+    try:
+        for kinds in (["full_attention"] * 2, ["sliding_attention"] * 2):
+            c.hf.config.layer_types = kinds
+            for layer, kind in zip(c.hf.model.layers, kinds, strict=True):
+                layer.self_attn.sliding_window = 4 if kind == "sliding_attention" else None
+                layer.self_attn.layer_type = kind
+            assert np.abs(c.hf_logits(seq) - per_layer).max() > 0.05, kinds
+    finally:
+        c.hf.config.layer_types = ["full_attention", "sliding_attention"]
+        for layer, kind in zip(c.hf.model.layers, c.hf.config.layer_types, strict=True):
+            layer.self_attn.sliding_window = 4 if kind == "sliding_attention" else None
+            layer.self_attn.layer_type = kind
+    np.testing.assert_allclose(c.hf_logits(seq), per_layer, rtol=0, atol=0)
+
+
+def test_llama_attention_bias_matters():
+    """The Llama bias case really has an o_proj bias, and it changes HF's logits.
+
+    Mutation guarded: Llama `attention_bias`'s o_proj bias dropped.
+    """
+    c = case("llama_attention_bias")
+    assert c.config.qkv_bias and c.config.o_bias
+    torch, _ = require_reference()
+    seq = c.prompts[0]
+    with_bias = c.hf_logits(seq)
+    bias = c.hf.model.layers[0].self_attn.o_proj.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.zero_()
+    try:
+        assert np.abs(c.hf_logits(seq) - with_bias).max() > 0.05
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
 @pytest.mark.parametrize("name", ["llama3_rope", "linear_rope"])
 def test_rope_scaling_frequencies_match_hf(name):
     """Our scaled inverse frequencies equal HF's and differ from the unscaled ones."""
@@ -329,5 +385,104 @@ def test_bfloat16_agrees_with_float32():
     scale = float(np.abs(l32).max())
     print(f"\nbf16 vs fp32: argmax agreement {agree:.1%}, max abs diff {diff:.3f}, ", end="")
     print(f"max |logit| {scale:.2f}, relative {diff / scale:.3f}")
-    assert agree >= 0.9
-    assert diff / scale < 0.05  # measured 0.013 (max abs 0.04 on logits up to 3)
+    # Measured here: 98.4% and 0.013 (max abs 0.04 on logits up to 3); over 4 seeds x 128
+    # tokens: 97.7-100% and 0.014-0.018.
+    assert agree >= 0.95
+    assert diff / scale < 0.025
+
+
+def test_bfloat16_matches_hf_bfloat16():
+    """Our bf16 forward vs HF's bf16 forward (eager attention: RMSNorm and softmax upcast to
+    float32, as ours), 4 models x 64 tokens: the mean relative logits difference.
+
+    Measured 0.0102-0.0113 per model (0.0108 on average); with RMSNorm computed in bf16 it
+    is 0.0138-0.0149 (0.0144).
+
+    Mutation guarded: RMSNorm (and softmax) computed in bf16 instead of float32.
+    """
+    torch, _ = require_reference()
+    diffs = []
+    for seed in range(4):
+        hf = tiny_hf_model("llama", seed=seed, attn_implementation="eager")
+        _, graphdef16, params16 = params_from_hf(hf, param_dtype=jnp.bfloat16)
+        seq = np.random.default_rng(seed).integers(3, 256, 64)
+        with torch.no_grad():
+            ref = hf.to(torch.bfloat16)(torch.tensor(seq[None])).logits[0].float().numpy()
+        ours = np.asarray(engine.forward(graphdef16, params16, seq[None]))[0]
+        diffs.append(np.abs(ours - ref).mean() / np.abs(ref).mean())
+    print("\nbf16 vs HF bf16: mean relative logits diff", [f"{d:.4f}" for d in diffs])
+    assert np.mean(diffs) < 0.0125
+
+
+def exact_scores_model(seed: int):
+    """A one-layer HF Llama whose attention scores are exact in float32 but not in bf16.
+
+    Every weight is a small integer / 8, the embeddings are 8 x one-hot (so RMSNorm is the
+    identity), the MLP is zero and rope_theta 1e30 leaves the used head dims unrotated: q and
+    k are exact small integers in bf16 too, and each score is an odd quarter in [64, 128),
+    where bf16's spacing is 0.5. Only a float32 softmax over float32 scores matches HF.
+    """
+    torch, transformers = require_reference()
+    rng = np.random.default_rng(seed)
+    e, heads, kv, d, vocab = 64, 4, 2, 16, 256
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=e,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=d,
+        rope_theta=1e30,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    embed = np.zeros((vocab, e))
+    embed[np.arange(vocab), np.arange(vocab) % e] = 8.0
+    q, k, v = np.zeros((heads * d, e)), np.zeros((kv * d, e)), np.zeros((kv * d, e))
+    used = np.arange(1, 8)  # dim 0 pairs with the one fast rotary frequency
+    for head in range(heads):
+        q[head * d + used] = np.array([1, 2, 2, 2, 2, 2, 2])[:, None] / 8
+    for head in range(kv):
+        k[head * d + used] = rng.integers(16, 25, (7, e)) / 8
+        v[head * d : (head + 1) * d] = rng.integers(-4, 5, (d, e)) / 8
+    weights = {
+        "model.embed_tokens.weight": embed,
+        "model.layers.0.self_attn.q_proj.weight": q,
+        "model.layers.0.self_attn.k_proj.weight": k,
+        "model.layers.0.self_attn.v_proj.weight": v,
+        "model.layers.0.self_attn.o_proj.weight": rng.integers(-1, 2, (e, heads * d)) / 8,
+        "lm_head.weight": np.asarray(
+            jnp.asarray(rng.standard_normal((vocab, e)), jnp.bfloat16).astype(jnp.float32)
+        ),
+    }
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in weights:
+                tensor.copy_(torch.tensor(weights[name]))
+            elif "mlp" in name:
+                tensor.zero_()
+            else:
+                tensor.fill_(1.0)  # the norms
+    return model
+
+
+def test_bfloat16_softmax_resolves_what_bf16_cannot():
+    """bf16 params and compute vs HF float32 on `exact_scores_model`: measured max relative
+    logits difference 0.0033-0.0035; with the softmax over bf16 scores, 0.06-0.08.
+
+    Mutation guarded: softmax computed in bf16 instead of float32.
+    """
+    torch, _ = require_reference()
+    for seed in range(3):
+        hf = exact_scores_model(seed)
+        _, graphdef16, params16 = params_from_hf(hf, param_dtype=jnp.bfloat16)
+        seq = np.random.default_rng(seed).integers(3, 256, 64)
+        with torch.no_grad():
+            ref = hf(torch.tensor(seq[None])).logits[0].numpy()
+        ours = np.asarray(engine.forward(graphdef16, params16, seq[None]))[0]
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.01, seed

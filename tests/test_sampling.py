@@ -17,6 +17,7 @@ from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import init_model
 from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.streaming import stream_tokens
 
 N = 4096  # draws per statistical check
 sample_jit = jax.jit(sample)
@@ -72,6 +73,21 @@ def test_top_k_per_row():
     tokens = draw(temperature=1.0, top_k=ks)
     for k in (1, 2, 4):
         assert set(tokens[ks == k].tolist()) == set(ORDER[:k].tolist())
+
+
+def test_filtered_and_unfiltered_rows_in_one_batch():
+    """Rows with `top_k=1` or a one-token nucleus stay on the most likely token while other
+    rows of the same batch sample the whole vocabulary.
+
+    Mutation guarded: sampling's "any sampled row needs the vocab sort" flipped to "all rows".
+    """
+    filtered = np.resize([True, False], N)
+    tokens = draw(temperature=1.0, top_k=np.where(filtered, 1, 0))
+    assert set(tokens[filtered].tolist()) == {ORDER[0]}
+    assert chi_square(tokens[~filtered], PROBS) < CHI2_BOUND
+    tokens = draw(temperature=1.0, top_p=np.where(filtered, 0.3, 1.0))
+    assert set(tokens[filtered].tolist()) == {ORDER[0]}
+    assert chi_square(tokens[~filtered], PROBS) < CHI2_BOUND
 
 
 @pytest.mark.parametrize(
@@ -284,3 +300,30 @@ def test_generate_rows_independent_of_batch(gen_model):
     assert np.array_equal(alone[0], batch[0])
     other = sampled(graphdef, params, GEN_PROMPTS[[0, 2, 1]], GEN_LENGTHS[[0, 2, 1]], [42, 1, 2])
     assert np.array_equal(other[0], batch[0])
+
+
+def test_stream_tokens_samples_what_generate_samples(gen_model):
+    """Sampled `stream_tokens` (one jitted step per token) and `generate` (one while_loop) draw
+    the same tokens from the same seed: both fold the step into each row's key."""
+    graphdef, params = gen_model
+    sp = SamplingParams.make(1, temperature=1.0, top_k=40, top_p=0.95)
+    prompt = GEN_PROMPTS[1].tolist()
+    for seed in (0, 11):
+        out = engine.generate(
+            graphdef,
+            params,
+            np.asarray([prompt]),
+            max_new_tokens=24,
+            stop_tokens=[],
+            sampling=sp,
+            seed=seed,
+        )
+        streamed = list(
+            stream_tokens(
+                graphdef, params, prompt, max_new_tokens=24, sampling=sp, seed=seed, stop_tokens=[]
+            )
+        )
+        assert [t.token_id for t in streamed] == np.asarray(out.tokens[0]).tolist()
+        np.testing.assert_allclose(
+            [t.logprob for t in streamed], np.asarray(out.logprobs[0]), rtol=0, atol=1e-4
+        )

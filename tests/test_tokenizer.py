@@ -399,6 +399,48 @@ def test_template_errors_become_ferrum_errors():
     assert render_chat_template("{{ strftime_now('%Y') | length }}", []) == "4"
 
 
+HOSTILE_TEMPLATES = {
+    # Each was a hang, a raw Python error or a huge allocation before the render limits.
+    "nested_ranges": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "limit",
+    ),
+    "loops_over_a_string": (
+        "{% set s = 'x' * 10000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+        "limit",
+    ),
+    "huge_list": ("{{ ([1] * 10**9) | length }}", "repeated sequence"),
+    "huge_string": ("{{ 'x' * 10**9 }}", "repeated sequence"),
+    "huge_power": ("{{ 7 ** 100000000 }}", "too large"),
+    "recursive_macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+    "tojson_indent": ("{{ messages | tojson(indent=10**8) }}", "indent"),
+    "center_filter": ("{{ 'x' | center(10**9) }}", "width"),
+    "ljust_method": ("{{ 'x'.ljust(10**9) }}", "width"),
+    "printf_width": ("{{ '%1000000000d' % 1 }}", "width"),
+    "format_width": ("{{ '{:>1000000000}'.format(1) }}", "width"),
+    "output_too_long": (
+        "{% for i in range(9) %}{{ 'x' * 1000000 }}{% endfor %}",
+        "rendered prompt",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
+def test_hostile_templates_fail_within_limits(monkeypatch, name):
+    """Chat templates run under limits (time, output size, recursion, sizes of what one
+    operation builds) and break them with one FerrumError; the sandbox still holds."""
+    from ferrum_jax.text import chat_template
+
+    monkeypatch.setattr(chat_template._Limits, "SECONDS", 0.2)  # 2 s by default
+    source, words = HOSTILE_TEMPLATES[name]
+    with pytest.raises(FerrumError) as e:
+        render_chat_template(source, [{"role": "user", "content": "hi"}])
+    assert e.value.kind is ErrorKind.TOKENIZER and words in e.value.message, e.value
+    # Within the limits nothing changes: the same sizes just below them render.
+    assert render_chat_template("{{ ('ab' * 1000) | length }}", []) == "2000"
+    assert render_chat_template("{{ [1] | tojson(indent=64) }}", []).count(" ") == 64
+
+
 def test_no_chat_template(tok):
     bare = Tokenizer(tok.backend, special_tokens=tok.special_tokens)
     with pytest.raises(FerrumError) as e:
@@ -547,3 +589,12 @@ def test_stream_window_stays_small(tok):
     text = "".join(stream.push(i) for i in ids) + stream.flush()
     assert text == tok.decode(ids)
     assert len(ids) > 500 and max(lengths) <= 8
+
+
+@pytest.mark.parametrize("bad", [-1, 2**40, 1.0, True, "5", None])
+def test_decode_refuses_ids_that_are_not_token_ids(tok, bad):
+    """`decode([-1])` raised a raw OverflowError from the Rust library."""
+    with pytest.raises(FerrumError) as e:
+        tok.decode([5, bad])
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER and repr(bad) in e.value.message
+    assert tok.decode([tok.vocab_size + 7]) == ""  # past the vocabulary: nothing, as HF

@@ -49,16 +49,23 @@ Shardings = Callable[[tuple[str | int, ...]], jax.sharding.Sharding] | Mapping[A
 pure dict) whose leaves are Shardings."""
 
 
-def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Raises `already_exists` unless `save_orbax(..., dst, overwrite=overwrite)` may write.
+def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+    """`dst` as a path `save_orbax(..., dst, overwrite=overwrite)` may write (checked before
+    any weight is loaded); `already_exists` or `io` otherwise.
 
-    A new path is always fine. With `overwrite`, so is an empty directory or a completed
-    ferrum-jax orbax checkpoint; anything else (a file, a directory of other things) is
-    never replaced, so a mistyped destination cannot delete someone's data.
+    A new path is fine unless a file stands where one of its parent directories would go.
+    With `overwrite`, so is an empty directory or a completed ferrum-jax orbax checkpoint;
+    anything else (a file, a directory of other things) is never replaced, so a mistyped
+    destination cannot delete someone's data.
     """
     dst = pathlib.Path(dst)
     if not (dst.exists() or dst.is_symlink()):
-        return
+        for parent in dst.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise FerrumError.io(f"{dst}: {parent} is a file, not a directory")
+                break
+        return dst
     if not overwrite:
         raise FerrumError.already_exists(f"{dst}: already exists; choose a new directory")
     if dst.is_symlink() or not dst.is_dir():
@@ -68,6 +75,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> Non
             f"{dst}: exists and is not a ferrum-jax orbax checkpoint ({ORBAX_MARKER} is "
             "missing); not replaced"
         )
+    return dst
 
 
 def save_orbax(model: Model, dst: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -77,10 +85,12 @@ def save_orbax(model: Model, dst: str | os.PathLike, *, overwrite: bool = False)
     existing checkpoint or empty directory at `dst` (see `check_destination`): the new save
     is complete before the old one is moved aside and deleted.
     """
-    dst = pathlib.Path(dst)
-    check_destination(dst, overwrite=overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    dst = check_destination(dst, overwrite=overwrite)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as e:
+        raise FerrumError.io(f"{dst}: cannot create the checkpoint directory: {e}") from e
     try:
         _write(model, tmp)
         old = _move_aside(dst) if overwrite else None
@@ -188,6 +198,23 @@ def _sharding(shardings: Shardings | None, path: tuple[str | int, ...]) -> jax.s
     return node.get_value() if isinstance(node, nnx.Variable) else node
 
 
+def _saved_shapes(params: pathlib.Path) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The saved params' shapes by path, read from the checkpoint's metadata (no arrays)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(params)
+    # Orbax raises many exception types for a damaged checkpoint.
+    except Exception as e:
+        raise FerrumError.invalid_format(f"{params}: cannot read the params' metadata: {e}") from e
+    finally:
+        checkpointer.close()
+    tree = getattr(metadata, "item_metadata", metadata)
+    return {
+        tuple(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape)
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def load_orbax(
     path: str | os.PathLike, *, dtype: str = "float32", shardings: Shardings | None = None
 ) -> Model:
@@ -199,9 +226,27 @@ def load_orbax(
     root = pathlib.Path(path)
     version = read_marker(root)["version"]
     config = read_config(root)
+    saved = _saved_shapes(root / _PARAMS)
+    layers = {key[1] for key in saved if len(key) > 1 and key[0] == "layers"}
+    # Before building anything sized by the config: a bogus num_hidden_layers (10**6) would
+    # otherwise build a million-layer abstract model first.
+    if len(layers) != config.num_layers:
+        raise FerrumError.model(
+            f"{root / 'config.json'}: num_hidden_layers is {config.num_layers}, the saved "
+            f"params hold {len(layers)} layers"
+        )
     graphdef, abstract = abstract_model(config, param_dtype=target, dtype=target)
-    if version == 1:
+    if version == 1:  # other param names and shapes: checked as they are fused
         return _load_v1(root, config, graphdef, abstract, target, shardings)
+    expected = {
+        tuple(str(k.key) for k in keys): tuple(leaf.shape)
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))
+    }
+    if expected != saved:
+        wrong = sorted(set(expected.items()) ^ set(saved.items()))[:3]
+        raise FerrumError.model(
+            f"{root}: the saved params do not match config.json (param, shape): {wrong}"
+        )
     wanted = jax.tree_util.tree_map_with_path(
         lambda keys, leaf: jax.ShapeDtypeStruct(
             leaf.shape, target, sharding=_sharding(shardings, tuple(k.key for k in keys))

@@ -29,21 +29,40 @@ def pad_slot(pool_rows: int) -> int:
 def check_token_ids(tokens, vocab: int, what: str = "token ids") -> np.ndarray | jax.Array:
     """`tokens` as an integer array, every id in `[0, vocab)`.
 
-    Host arrays (numpy, lists, `TensorLike`) are range-checked; a `jax.Array` only has its
-    dtype checked, since reading it back would synchronise with the device.
+    Host arrays (numpy, lists, `TensorLike`) are range-checked directly; a concrete
+    `jax.Array` by reading back its min and max (a small sync: an out-of-range id would
+    otherwise be clamped into NaN logits, or a negative one wrap silently). Only a traced
+    array, inside a caller's own jit, is checked for its dtype alone.
     """
     if isinstance(tokens, jax.Array):
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise FerrumError.invalid_parameter(f"{what} must be integers, got {tokens.dtype}")
+        if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+            return tokens
+        low, high = (int(v) for v in jax.device_get((tokens.min(), tokens.max())))
+        _check_range(low, high, vocab, what)
         return tokens
-    ids = as_numpy(tokens)
+    try:
+        ids = as_numpy(tokens)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise FerrumError.invalid_parameter(f"{what} is not a rectangular array: {e}") from e
     if ids.dtype.kind not in "iu":
         raise FerrumError.invalid_parameter(f"{what} must be integers, got {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise FerrumError.invalid_parameter(
-            f"{what} must be in [0, {vocab}), got [{ids.min()}, {ids.max()}]"
-        )
+    if ids.size:
+        _check_range(int(ids.min()), int(ids.max()), vocab, what)
     return ids
+
+
+def _check_range(low: int, high: int, vocab: int, what: str) -> None:
+    if low < 0 or high >= vocab:
+        raise FerrumError.invalid_parameter(f"{what} must be in [0, {vocab}), got [{low}, {high}]")
+
+
+def host_values(x) -> np.ndarray | None:
+    """`x` read back to the host, or None when it is traced (inside a caller's own jit)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(jax.device_get(x))
 
 
 @dataclasses.dataclass(frozen=True)

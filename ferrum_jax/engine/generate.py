@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ferrum_jax.cache import init_cache
@@ -141,7 +142,14 @@ def generate(
     if stop.shape[1] == 0:
         stop = jnp.full((b, 1), -1, jnp.int32)  # -1 never matches a token
     sampling = SamplingParams.greedy(b) if sampling is None else sampling
+    if not isinstance(sampling, SamplingParams) or sampling.temperature.shape != (b,):
+        raise FerrumError.invalid_parameter(
+            f"sampling must be SamplingParams for {b} rows, got "
+            f"{getattr(getattr(sampling, 'temperature', None), 'shape', sampling)}"
+        )
     keys = row_keys(seed, b) if keys is None else keys
+    if np.shape(keys) != (b,):
+        raise FerrumError.invalid_parameter(f"keys must be [{b}] PRNG keys, got {np.shape(keys)}")
     return generate_step(
         graphdef,
         params,

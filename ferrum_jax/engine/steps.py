@@ -5,8 +5,11 @@ closed over), so new weights with the same shapes reuse the compiled program. Ca
 donated, so each step updates them in place. Prompt lengths are padded to power-of-two
 buckets: prefill compiles once per bucket, decode once per (cache shape, batch).
 
-The wrappers validate shapes on the host; token values are checked where they already live
-on the host (numpy or lists), since JAX would silently clamp an out-of-range id.
+The wrappers validate on the host before any device work: shapes, token ids (JAX would
+silently clamp an out-of-range id), slots, lengths, and that no row is written past the
+cache's `max_len` (the write would be dropped and the logits wrong). Values given as
+concrete jax arrays are read back for this (a small sync); only traced values, inside a
+caller's own jit, go unchecked.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax.cache import KVCache, init_cache
-from ferrum_jax.engine.batch import check_token_ids
+from ferrum_jax.engine.batch import check_token_ids, host_values
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models import attention
@@ -155,12 +158,16 @@ def token_ids(tokens: ArrayLike, vocab: int, ndim: int) -> jax.Array | np.ndarra
 def row_lengths(lengths: ArrayLike | None, batch: int, seq: int) -> jax.Array:
     if lengths is None:
         return jnp.full((batch,), seq, jnp.int32)
-    if not isinstance(lengths, jax.Array):
-        lengths = np.asarray(lengths)
-        if lengths.shape != (batch,) or np.any(lengths < 1) or np.any(lengths > seq):
-            raise FerrumError.invalid_parameter(
-                f"lengths must be [{batch}] with values in [1, {seq}], got {lengths}"
-            )
+    values = host_values(lengths)
+    if values is not None and (
+        values.shape != (batch,)
+        or values.dtype.kind not in "iu"
+        or np.any(values < 1)
+        or np.any(values > seq)
+    ):
+        raise FerrumError.invalid_parameter(
+            f"lengths must be [{batch}] integers in [1, {seq}], got {values.tolist()}"
+        )
     return jnp.asarray(lengths, jnp.int32)
 
 
@@ -171,15 +178,44 @@ def _slots(slots: ArrayLike | None, batch: int, cache: KVCache) -> jax.Array:
                 f"batch {batch} exceeds the cache's {cache.batch} rows"
             )
         return jnp.arange(batch, dtype=jnp.int32)
-    if not isinstance(slots, jax.Array):
-        slots = np.asarray(slots)
-        if slots.shape != (batch,) or np.any(slots < 0) or np.any(slots >= cache.batch):
-            raise FerrumError.invalid_parameter(
-                f"slots must be [{batch}] rows of a {cache.batch}-row cache, got {slots}"
-            )
-        if len(set(slots.tolist())) != batch:
-            raise FerrumError.invalid_parameter(f"slots must be distinct, got {slots}")
+    values = host_values(slots)
+    if values is not None and values.shape != (batch,):
+        raise FerrumError.invalid_parameter(
+            f"slots must be [{batch}] rows of a {cache.batch}-row cache, got {values.tolist()}"
+        )
+    _check_slots(values, cache, f"[{batch}]")
     return jnp.asarray(slots, jnp.int32)
+
+
+def _check_slots(values: np.ndarray | None, cache: KVCache, shape: str) -> None:
+    if values is None:
+        return
+    if (
+        values.ndim != 1
+        or values.dtype.kind not in "iu"
+        or np.any(values < 0)
+        or np.any(values >= cache.batch)
+    ):
+        raise FerrumError.invalid_parameter(
+            f"slots must be {shape} rows of a {cache.batch}-row cache, got {values.tolist()}"
+        )
+    if len(set(values.tolist())) != len(values):
+        raise FerrumError.invalid_parameter(f"slots must be distinct, got {values.tolist()}")
+
+
+def _check_room(cache: KVCache, rows: ArrayLike, added: ArrayLike, what: str) -> None:
+    """Refuses a step that would write cache `rows` past `max_len` (the write would be
+    dropped and the logits silently wrong)."""
+    lengths, rows, added = host_values(cache.lengths), host_values(rows), host_values(added)
+    if lengths is None or rows is None or added is None:
+        return
+    end = lengths[rows] + added
+    over = end > cache.max_len
+    if np.any(over):
+        raise FerrumError.request_validation(
+            f"{what}: cache row(s) {rows[over].tolist()} would hold {end[over].tolist()} "
+            f"tokens, past the cache's max_len {cache.max_len}"
+        )
 
 
 def pad_to(tokens, length: int):
@@ -229,13 +265,14 @@ def extend(
     """Appends `tokens: [b, k]` after each row's cached tokens in one forward.
 
     Scores k draft tokens for speculative decoding (or a prompt chunk). Returns logits
-    `[b, k, vocab]`; the caller keeps rows within `max_len` and may roll rows back with
-    `set_lengths`.
+    `[b, k, vocab]`; a row that would pass `max_len` is refused. Rows may be rolled back
+    with `set_lengths`.
     """
     tokens = token_ids(tokens, vocab_size(params), 2)
     b, k = tokens.shape
     lengths = row_lengths(lengths, b, k)
     slots = _slots(slots, b, cache)
+    _check_room(cache, slots, lengths, "extend")
     padded = pad_to(tokens, bucket_length(k, cache.max_len))
     logits, cache = extend_step(graphdef, params, cache, padded, lengths, slots)
     return logits[:, :k], cache
@@ -252,7 +289,8 @@ def decode(
     """One token per row: `tokens: [b]` into cache rows `slots: [b]` (default: all rows).
 
     Each row continues at its own length. Rows with `active` False write nothing and keep
-    their length. Returns logits `[b, vocab]` and the updated cache.
+    their length; an active row already holding `max_len` tokens is refused. Returns logits
+    `[b, vocab]` and the updated cache.
     """
     tokens = jnp.asarray(token_ids(tokens, vocab_size(params), 1), jnp.int32)
     b = tokens.shape[0]
@@ -264,11 +302,27 @@ def decode(
     else:
         slots = _slots(slots, b, cache)
     active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
+    if active.shape != (b,):
+        raise FerrumError.invalid_parameter(f"active must be [{b}], got {active.shape}")
+    rows = jnp.arange(b) if slots is None else slots
+    _check_room(cache, rows, active.astype(jnp.int32), "decode")
     return decode_step(graphdef, params, cache, tokens, slots, active)
 
 
 def set_lengths(cache: KVCache, slots: ArrayLike, lengths: ArrayLike) -> KVCache:
     """Sets the token count of rows `slots` (rolls back rejected speculative tokens)."""
+    rows, counts = host_values(slots), host_values(lengths)
+    _check_slots(rows, cache, "distinct")
+    if counts is not None and (
+        (rows is not None and counts.shape != rows.shape)
+        or counts.dtype.kind not in "iu"
+        or np.any(counts < 0)
+        or np.any(counts > cache.max_len)
+    ):
+        raise FerrumError.invalid_parameter(
+            f"lengths must be one integer in [0, {cache.max_len}] per slot, got "
+            f"{counts.tolist()} for slots {None if rows is None else rows.tolist()}"
+        )
     lengths = cache.lengths.at[jnp.asarray(slots, jnp.int32)].set(jnp.asarray(lengths, jnp.int32))
     return dataclasses.replace(cache, lengths=lengths)
 

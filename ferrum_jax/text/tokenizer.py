@@ -9,8 +9,9 @@ pre-tokenizer (`tokenizer.ggml.pre`); the splitting regexes behind each name are
 from __future__ import annotations
 
 import json
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tokenizers
@@ -80,9 +81,31 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[int]": lambda v: (
+        isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    ),
+}
+
+
+def _field(reader: Any, key: str, kind: str, default: Any = None) -> Any:
+    """GGUF metadata `key`, which must be of `kind` (a corrupt file may hold anything there)."""
     field = reader.get_field(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        value = field.contents()
+    except (ValueError, IndexError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise FerrumError.tokenizer(f"GGUF metadata {key!r} cannot be read: {e}") from e
+    if not _KINDS[kind](value):
+        raise FerrumError.tokenizer(
+            f"GGUF metadata {key!r} must be {kind}, got {type(value).__name__} {str(value)[:40]!r}"
+        )
+    return value
 
 
 def _unique(ids: Sequence[int | None]) -> tuple[int, ...]:
@@ -177,21 +200,22 @@ class Tokenizer:
         never split inside them. BOS is added when `tokenizer.ggml.add_bos_token` says so; without
         the key, llama.cpp's default for the pre-tokenizer applies (on for Llama 3 only).
         """
-        model = _field(reader, "tokenizer.ggml.model")
+        model = _field(reader, "tokenizer.ggml.model", "str")
         if model != "gpt2":
             raise FerrumError.unsupported(f"GGUF tokenizer model {model!r} (only 'gpt2' BPE)")
-        pre = _field(reader, "tokenizer.ggml.pre") or "default"
+        pre = _field(reader, "tokenizer.ggml.pre", "str") or "default"
         if pre not in _PRE_TOKENIZER_SPLITS:
             raise FerrumError.unsupported(
                 f"GGUF pre-tokenizer {pre!r}; supported: {sorted(_PRE_TOKENIZER_SPLITS)}"
             )
-        tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
-        raw_merges: list[str] | None = _field(reader, "tokenizer.ggml.merges")
+        tokens: list[str] = _field(reader, "tokenizer.ggml.tokens", "list[str]")
+        raw_merges: list[str] | None = _field(reader, "tokenizer.ggml.merges", "list[str]")
         if not tokens or raw_merges is None:
             raise FerrumError.tokenizer(
                 "GGUF has no tokenizer.ggml.tokens or tokenizer.ggml.merges"
             )
-        types: list[int] = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        types: list[int] = _field(reader, "tokenizer.ggml.token_type", "list[int]")
+        types = types or [1] * len(tokens)
         if len(types) != len(tokens):
             raise FerrumError.tokenizer(
                 f"GGUF has {len(tokens)} tokens but {len(types)} tokenizer.ggml.token_type entries"
@@ -220,9 +244,14 @@ class Tokenizer:
                 raise FerrumError.tokenizer(f"GGUF merge {merge!r} is not two tokens")
             merges.append((merge[:cut], merge[cut + 1 :]))
 
-        backend = tokenizers.Tokenizer(
-            models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_NAMES)
-        )
+        try:
+            bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_NAMES)
+        # The Rust library raises a bare Exception for merges naming unknown tokens.
+        except Exception as e:
+            raise FerrumError.tokenizer(
+                f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {e}"
+            ) from e
+        backend = tokenizers.Tokenizer(bpe)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(r), behavior="isolated")
@@ -234,7 +263,7 @@ class Tokenizer:
         backend.add_tokens(added)
 
         def token(key: str) -> str | None:
-            idx = _field(reader, f"tokenizer.ggml.{key}")
+            idx = _field(reader, f"tokenizer.ggml.{key}", "int")
             return spelled[idx] if idx is not None and 0 <= idx < len(spelled) else None
 
         special = {
@@ -243,18 +272,18 @@ class Tokenizer:
             "unk_token": token("unknown_token_id"),
             "pad_token": token("padding_token_id"),
         }
-        add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", pre in _LLAMA3_NAMES))
-        add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+        add_bos = _field(reader, "tokenizer.ggml.add_bos_token", "bool", pre in _LLAMA3_NAMES)
+        add_eos = _field(reader, "tokenizer.ggml.add_eos_token", "bool", False)
         backend.post_processor = _template_processor(
             special["bos_token"] if add_bos else None,
             special["eos_token"] if add_eos else None,
             backend,
         )
         # End-of-turn / end-of-message ids are llama.cpp's other end-of-generation markers.
-        extra_eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+        extra_eos = [_field(reader, f"tokenizer.ggml.{k}_token_id", "int") for k in ("eot", "eom")]
         return cls(
             backend,
-            chat_template=_field(reader, "tokenizer.chat_template"),
+            chat_template=_field(reader, "tokenizer.chat_template", "str"),
             special_tokens=special,
             eos_token_ids=extra_eos,
         )
@@ -296,8 +325,17 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        """The text of `ids`; incomplete UTF-8 sequences decode to U+FFFD."""
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; incomplete UTF-8 sequences decode to U+FFFD.
+
+        Ids past the vocabulary decode to nothing, as in the Rust library (models often pad
+        their logits beyond the tokenizer); an id that is not a non-negative integer is
+        refused (the library raised a raw OverflowError for -1).
+        """
+        ids = list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2**32:
+                raise FerrumError.invalid_parameter(f"token id {i!r} is not an integer >= 0")
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
         """A detokenizer that turns ids pushed one at a time into text as it completes."""
