@@ -117,8 +117,13 @@ def test_continuous_batching_matches_isolated_runs(model, isolated):
 
     done = run(serve())
     if MESH:
-        assert len(executor._cache.keys[0].sharding.device_set) == 8
-        assert len(executor._params["embed"][...].sharding.device_set) == 8
+        (handle,) = [
+            out.kv_cache
+            for out in run(executor.batch_prefill([PrefillInput(np.asarray([[5, 6]]))]))
+        ]
+        assert len(handle.key_cache(0).array.sharding.device_set) == 8
+        assert len(executor.model.params["embed"][...].sharding.device_set) == 8
+        executor.release_cache(handle.cache_id())
     for r, prompt in enumerate(requests):
         assert done[r][: budgets[r]] == isolated(prompt, budgets[r])[: budgets[r]], r
     status = executor.status()

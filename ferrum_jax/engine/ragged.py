@@ -127,9 +127,11 @@ def ragged_step(
     page_table: jax.Array,
     logits_at: jax.Array,
     attention_impl: str = "xla",
-) -> tuple[jax.Array, tuple[attention.Pool, ...]]:
+) -> tuple[jax.Array, jax.Array, tuple[attention.Pool, ...]]:
     """One forward over a packed ragged batch (see `pack_ragged`): logits `[R, vocab]` of the
-    token rows `logits_at` and the pages with this step's keys/values written (donated)."""
+    token rows `logits_at`, the final hidden states `[T, embed]` of every token (for the LM
+    head on other rows later, e.g. lazily read prefill logits), and the pages with this
+    step's keys/values written (donated)."""
     model = nnx.merge(graphdef, params)
     layout = attention.IMPLEMENTATIONS[attention_impl].layout
     num_pages, page_size, _, _ = layout.geometry(pages[0])
@@ -141,7 +143,8 @@ def ragged_step(
         page_size=page_size,
         num_pages=num_pages,
     )
-    return model(tokens, meta, pages, logits_at, attention_impl)
+    hidden, pages = model.hidden(tokens, meta, pages, attention_impl)
+    return model.head(hidden[logits_at]), hidden, pages
 
 
 def run_ragged(
@@ -153,7 +156,7 @@ def run_ragged(
 ) -> tuple[list[jax.Array], tuple[attention.Pool, ...]]:
     """`ragged_step` on a packed batch: per real item its logits `[rows, vocab]` (rows as
     asked for), and the updated pages."""
-    logits, pages = ragged_step(
+    logits, _, pages = ragged_step(
         graphdef,
         params,
         pages,
