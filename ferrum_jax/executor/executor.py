@@ -3,7 +3,7 @@
 The executor owns the params and one pool of KV pages (`max_kv_tokens` tokens in pages of
 `block_size`). A sequence takes pages as it grows and gives them back when released; its
 handle's `block_table()` lists them. Every call becomes ragged steps of the engine
-(`engine.ragged_step`): prompts, prompt chunks continuing at any offset, decodes and draft
+(`engine.ragged_forward`): prompts, prompt chunks continuing at any offset, decodes and draft
 verification all pack into one flat batch whose cost follows its live tokens. A prompt
 longer than the step's token budget is chunked across steps. `max_batch_size` bounds the
 concurrent sequences, not memory.
@@ -628,7 +628,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         key = (tokens, items)
         if key not in self._programs:
             i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-            self._programs[key] = engine.ragged_step.lower(
+            self._programs[key] = engine.ragged_forward.lower(
                 self._graphdef,
                 self._params,
                 self._pages,
@@ -1712,7 +1712,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
 
 def _unpack(out: tuple[jax.Array, jax.Array, Any]) -> tuple[tuple[jax.Array, jax.Array], Any]:
-    """`ragged_step`'s `(logits, hidden, pages)` as `_donate` wants it: `((logits, hidden),
+    """`ragged_forward`'s `(logits, hidden, pages)` as `_donate` wants it: `((logits, hidden),
     pages)`."""
     logits, hidden, pages = out
     return (logits, hidden), pages
