@@ -9,6 +9,8 @@ import os
 # other processes writing the same directory: a segfault in JAX's cache writer was seen).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,23 @@ def tiny_chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-chat") / "orbax"
     save_orbax(Model.init(config, seed=0, tokenizer=tokenizer), path)
     return path
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collects the name of every XLA program compiled inside the block (any entry point,
+    eager ops included), from JAX's compile events."""
+    import jax
+    from jax._src import dispatch
+
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

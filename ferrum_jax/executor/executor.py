@@ -126,7 +126,7 @@ _MODEL_TYPES = {
 _MIN_STEP_TOKENS = 16
 """The smallest token budget a step may shrink to before a request is refused."""
 _VERIFY_TOKENS = 16
-"""Most draft tokens + 1 whose logits warmup compiles the LM head for."""
+"""Most draft tokens + 1 whose all-rows verify steps warmup compiles."""
 
 T = TypeVar("T")
 
@@ -149,12 +149,13 @@ class _Work:
     tokens: np.ndarray
     start: int
     want: str = "last"
-    """`"last"`: logits of the last token; `"hidden"`: final hidden states of every token;
-    `"none"`."""
-    logits: jax.Array | None = None
-    """`[vocab]` once run, for `"last"`."""
-    hidden: list[jax.Array] = dataclasses.field(default_factory=list)
-    """Per chunk `[n, embed]`, for `"hidden"`."""
+    """`"last"`: logits of the last token; `"hidden"`: those, and references to the final
+    hidden states of every token; `"all"`: logits of every token; `"none"`."""
+    logits: np.ndarray | None = None
+    """On the host once run: `[vocab]` (`"last"`, `"hidden"`) or `[n, vocab]` (`"all"`)."""
+    hidden: list[tuple[jax.Array, int, int]] = dataclasses.field(default_factory=list)
+    """Per chunk `(step hidden [T, embed], first row, rows)`, for `"hidden"`: references,
+    never sliced on the device (a slice per prompt length would compile per length)."""
 
 
 _copy_pages = jax.jit(
@@ -182,6 +183,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         model_config: ModelConfig | None = None,
         memory_limit_bytes: int | None = None,
         max_kv_tokens: int | None = None,
+        kv_memory_fraction: float | None = None,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = False,
         attention_impl: str = "auto",
@@ -193,6 +195,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         - `max_sequence_length`: tokens one sequence may hold (`kv_capacity()`);
         - `max_kv_tokens`: tokens the page pool holds over all sequences (default
           `max_batch_size * max_sequence_length`); `block_size` tokens per page;
+        - `kv_memory_fraction`: or size the pool as this share of the device memory free
+          now (the smaller of the two when both are given);
         - `max_num_batched_tokens`: tokens one ragged step runs (rounded down to a power of
           two); longer prompts are chunked;
         - `memory_limit_bytes`: device memory (per device) the pool and each step's
@@ -215,9 +219,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         max_num_batched_tokens = _count(
             "max_num_batched_tokens", max_num_batched_tokens, minimum=_MIN_STEP_TOKENS
         )
-        if max_kv_tokens is None:
+        if kv_memory_fraction is not None and (
+            isinstance(kv_memory_fraction, bool)
+            or not isinstance(kv_memory_fraction, numbers.Real)
+            or not 0 < kv_memory_fraction <= 1
+        ):
+            raise FerrumError.config(
+                f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction!r}"
+            )
+        if max_kv_tokens is None and kv_memory_fraction is None:
             max_kv_tokens = max_batch_size * max_sequence_length
-        max_kv_tokens = _count("max_kv_tokens", max_kv_tokens)
+        if max_kv_tokens is not None:
+            max_kv_tokens = _count("max_kv_tokens", max_kv_tokens)
         if memory_limit_bytes is not None:
             memory_limit_bytes = _count("memory_limit_bytes", memory_limit_bytes)
         if not isinstance(enable_prefix_caching, bool):
@@ -242,15 +255,21 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self.params_version = 0
         runtime = model.runtime_config
         self.kv_bytes_per_token = runtime.kv_bytes_per_token(model.dtype.itemsize)
+        self._devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+        if kv_memory_fraction is not None:
+            max_kv_tokens = self._tokens_in_memory(kv_memory_fraction, max_kv_tokens)
         self._num_pages = attention.pages_for(max_kv_tokens, block_size)
         self._pages_per_seq = attention.pages_for(max_sequence_length, block_size)
         self._pool_bytes = self._num_pages * block_size * self.kv_bytes_per_token
-        self._devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
         self._step_budget = self._check_pool_fits(memory_limit_bytes)
         self._pages: tuple[attention.Pool, ...] | None = self._new_pool()
         if memory_limit_bytes is None:
             self._step_budget = memory.budget(self._devices)
-        self._token_budget = 1 << (max_num_batched_tokens.bit_length() - 1)
+        # No step holds more than every row's whole sequence: no program past that bucket.
+        self._token_budget = min(
+            1 << (max_num_batched_tokens.bit_length() - 1),
+            engine.bucket(max_batch_size * max_sequence_length),
+        )
         self._programs: dict[tuple[int, int], Any] = {}
         self._allocator = PageAllocator(self._num_pages)
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
@@ -316,6 +335,21 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             mesh=mesh,
             **options,
         )
+
+    def _tokens_in_memory(self, fraction: float, cap: int | None) -> int:
+        """KV tokens `fraction` of the devices' free memory holds (the pool spreads over
+        every device of the mesh: pages over `data`, KV heads over `model`)."""
+        free = memory.free_device_bytes(self._devices)
+        if free is None:
+            raise FerrumError.config(
+                "kv_memory_fraction needs a device that reports its memory; give max_kv_tokens"
+            )
+        tokens = int(fraction * free * len(self._devices)) // self.kv_bytes_per_token
+        if tokens < self.block_size:
+            raise FerrumError.resource_exhausted(
+                f"{fraction:g} of the free device memory ({memory.mib(free)}) holds no KV page"
+            )
+        return tokens if cap is None else min(tokens, cap)
 
     def _check_pool_fits(self, limit: int | None) -> int | None:
         """Refuses a pool the device cannot hold, before allocating it; returns the step
@@ -597,7 +631,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         src = np.full((n,), self._num_pages, np.int32)
         dst = np.full((n,), self._num_pages, np.int32)
         src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
-        s, d = jnp.asarray(src), jnp.asarray(dst)
+        s, d = jax.device_put(src), jax.device_put(dst)
         self._donate(lambda pages: (None, _copy_pages(pages, self._layout, s, d)))
 
     def _release_rows(self, rows: Sequence[Row]) -> None:
@@ -608,24 +642,54 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             self._allocator.release(row.pages)
             row.pages = []
 
-    def _borrow_prefix(self, row: Row, tokens: np.ndarray) -> int:
-        """Prefix-cache hit for a fresh row: its leading full pages; returns tokens reused."""
+    def _borrow_prefix(self, row: Row, tokens: np.ndarray, final: bool = True) -> int:
+        """Prefix-cache hit for a row about to take `tokens`: cached full pages that continue
+        its borrowed ones take over the row's own pages at those places (same tokens, same
+        positions: the same keys and values) and the `tokens` they hold are not computed
+        again; returns the tokens reused. Chunks need not be page-aligned: a chunk that ended
+        inside a page borrows that page once a later chunk completes it in the cache. A
+        `final` chunk keeps at least one token to compute (its logits are wanted)."""
         if self._prefix is None:
             return 0
-        limit = (len(tokens) - 1) // self.block_size  # at least one token left to compute
-        pages = self._prefix.lookup(tokens.tolist(), max_pages=limit)
-        row.pages, row.shared = list(pages), len(pages)
-        reused = len(pages) * self.block_size
-        row.tokens = tokens[:reused].tolist()
+        full = [*row.tokens, *tokens.tolist()]
+        limit = (len(full) - 1 if final else len(full)) // self.block_size
+        if limit * self.block_size <= len(row):
+            return 0
+        pages = self._prefix.lookup(full, max_pages=limit, held=row.shared)
+        end = row.shared + len(pages)
+        if end * self.block_size <= len(row):
+            self._allocator.release(pages)
+            return 0
+        for j, page in enumerate(pages, start=row.shared):
+            if j < len(row.pages):
+                self._allocator.release([row.pages[j]])
+                row.pages[j] = page
+            else:
+                row.pages.append(page)
+        row.shared = end
+        reused = end * self.block_size - len(row)
+        row.tokens.extend(tokens[:reused].tolist())
+        self._stats.prefill_tokens_reused += reused
         return reused
+
+    def _unborrow(self, row: Row, reused: int) -> None:
+        """Takes back `_borrow_prefix`'s `reused` tokens of a row that existed before a
+        failed call; the borrowed pages stay (they hold the row's own tokens' keys and
+        values), past-the-end ones go with `_shrink`."""
+        if reused:
+            self._stats.prefill_tokens_reused -= reused
+            del row.tokens[-reused:]
+            row.shared = min(row.shared, len(row) // self.block_size)
 
     # -----------------------------------------------------------------------------------------
     # Mechanism 1: device memory, from XLA's memory analysis of each compiled step
 
-    def _program(self, tokens: int, items: int) -> Any:
-        """The compiled (tokens, items) ragged step, compiled once and kept: the executor
-        calls it directly, so the compile that measures its memory is the one that runs."""
-        key = (tokens, items)
+    def _program(self, tokens: int, items: int, rows: int | None = None) -> Any:
+        """The compiled ragged step of `tokens` tokens, `items` items and `rows` logit rows
+        (default one per item; `tokens` for all-rows verify steps), compiled once and kept:
+        the executor calls it directly, so the compile that measures its memory is the one
+        that runs."""
+        key = (tokens, items, items if rows is None else rows)
         if key not in self._programs:
             i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
             self._programs[key] = engine.ragged_forward.lower(
@@ -636,14 +700,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 i32(items + 1),
                 i32(items),
                 i32(items, self._pages_per_seq),
-                i32(items),
+                i32(key[2]),
                 self._impl,
             ).compile()
         return self._programs[key]
 
-    def _need(self, tokens: int, items: int) -> int:
-        """Device bytes the (tokens, items) step needs beyond its arguments, per device."""
-        analysis = self._program(tokens, items).memory_analysis()
+    def _need(self, tokens: int, items: int, rows: int) -> int:
+        """Device bytes the step needs beyond its arguments, per device."""
+        analysis = self._program(tokens, items, rows).memory_analysis()
         if analysis is None:
             return 0
         return (
@@ -652,12 +716,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             - analysis.alias_size_in_bytes
         )
 
-    def _fits(self, tokens: int, items: int) -> bool:
-        return self._step_budget is None or self._need(tokens, items) <= self._step_budget
+    def _fits(self, tokens: int, items: int, rows: int | None = None) -> bool:
+        rows = items if rows is None else rows
+        return self._step_budget is None or self._need(tokens, items, rows) <= self._step_budget
 
     @property
-    def compiled_programs(self) -> list[tuple[int, int]]:
-        """`(token bucket, item bucket)` of every ragged step compiled so far."""
+    def compiled_programs(self) -> list[tuple[int, int, int]]:
+        """`(token bucket, item bucket, logit rows)` of every ragged step compiled so far."""
         return sorted(self._programs)
 
     # -----------------------------------------------------------------------------------------
@@ -682,13 +747,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         consecutive steps. A step whose program would not fit the device halves the budget
         (more, smaller chunks), down to `_MIN_STEP_TOKENS`. Fills each work's `logits` /
         `hidden`."""
+        works = [w for w in works if len(w.tokens)]  # wholly reused chunks compute nothing
         if not works:
             return
         budget = self._token_budget
         while True:
             steps = self._chunk(works, budget)
             batches = [self._pack(step) for step in steps]
-            if all(self._fits(len(b.tokens), len(b.kv_lens)) for b in batches):
+            if all(self._fits(*_shape(b)) for b in batches):
                 break
             budget //= 2
             if budget < _MIN_STEP_TOKENS:
@@ -697,9 +763,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     f"{memory.mib(self._step_budget or 0)} free for steps"
                 )
         for step, batch in zip(steps, batches, strict=True):
-            program = self._program(len(batch.tokens), len(batch.kv_lens))
+            program = self._program(*_shape(batch))
+            # device_put, not jnp.asarray: asarray stages numpy through a program per shape.
             args = [
-                jnp.asarray(x)
+                jax.device_put(x)
                 for x in (
                     batch.tokens,
                     batch.cu_q_lens,
@@ -713,12 +780,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 lambda pages, a=args, p=params, run=program: _unpack(run(p, pages, *a))
             )
             self._stats.steps += 1
+            host = np.asarray(logits)  # one transfer; rows are picked on the host
             for i, (work, _, n) in enumerate(step):
-                if batch.logit_rows[i]:
-                    work.logits = logits[batch.logit_rows[i][0]]
+                rows = batch.logit_rows[i]
+                if work.want == "all":
+                    part = host[rows]
+                    if work.logits is not None:
+                        part = np.concatenate([work.logits, part])
+                    work.logits = part
+                elif rows:
+                    work.logits = host[rows[0]]
                 if work.want == "hidden":
-                    start = int(batch.cu_q_lens[i])
-                    work.hidden.append(hidden[start : start + n])
+                    work.hidden.append((hidden, int(batch.cu_q_lens[i]), n))
 
     def _chunk(self, works: list[_Work], budget: int) -> list[list[tuple[_Work, int, int]]]:
         """`(work, offset, n)` chunks grouped into steps of at most `budget` tokens and
@@ -741,7 +814,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         items = []
         for work, offset, n in step:
             final = offset + n == len(work.tokens)
-            logits = "last" if final and work.want == "last" else "none"
+            if work.want == "all":
+                logits = "all"
+            else:
+                logits = "last" if final and work.want in ("last", "hidden") else "none"
             chunk = work.tokens[offset : offset + n]
             items.append(engine.RaggedItem(chunk, work.start + offset, work.row.pages, logits))
         return engine.pack_ragged(
@@ -1047,7 +1123,6 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         firsts: list[int],
     ) -> list[PrefillOutput]:
         outputs, k = [], 0
-        embed = self.model.runtime_config.hidden_size
         with self._host:
             self._stats.prefill_tokens_computed += sum(len(w.tokens) for w in works)
             for input, (cache_id, record, ids, lengths, fresh) in zip(inputs, plans, strict=True):
@@ -1064,12 +1139,6 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                         record = self._new_record(txn, cache_id, [w.row for w in mine])
                 self._commit(txn, record)
                 self._cache_full_pages(record.rows)
-                s = ids.shape[1]
-                hidden = jnp.zeros((len(ids), s, embed), self.model.dtype)
-                for r, (work, skip) in enumerate(zip(mine, first, strict=True)):
-                    if work.hidden:
-                        h = jnp.concatenate(work.hidden)
-                        hidden = hidden.at[r, skip : skip + len(h)].set(h.astype(hidden.dtype))
                 prompts = [ids[r, : lengths[r]] for r in range(len(ids))]
                 handle = (
                     input.kv_cache
@@ -1079,27 +1148,30 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 outputs.append(
                     PrefillOutput(
                         LazyLogits(
-                            hidden,
-                            lengths.tolist(),
+                            ids.shape[1],
+                            [w.logits for w in mine],
+                            [w.hidden for w in mine],
                             first,
                             self._head,
                             functools.partial(self._recompute, prompts),
-                            self.model.config.vocab_size,
                         ),
                         handle,
                     )
                 )
         return outputs
 
-    def _head(self, hidden: jax.Array) -> jax.Array:
-        """LM head on `hidden: [n, embed]`, padded to a power-of-two bucket of rows."""
-        n = hidden.shape[0]
-        padded = jnp.zeros((engine.bucket(n), hidden.shape[1]), hidden.dtype).at[:n].set(hidden)
-        return lm_head_step(self._graphdef, self._params, padded)[:n]
+    def _head(self, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
+        """LM head on rows `rows` of a step's `hidden: [T, embed]`, the rows padded to a
+        power-of-two bucket (one program per (T, bucket))."""
+        index = np.zeros((engine.bucket(len(rows)),), np.int32)
+        index[: len(rows)] = rows
+        logits = lm_head_step(self._graphdef, self._params, hidden, jax.device_put(index))
+        return np.asarray(logits)[: len(rows)]
 
-    def _recompute(self, prompts: list[np.ndarray], row: int, upto: int) -> jax.Array:
+    def _recompute(self, prompts: list[np.ndarray], row: int, upto: int) -> np.ndarray:
         """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped."""
-        return engine.forward(self._graphdef, self._params, prompts[row][None, :upto])[0]
+        logits = engine.forward(self._graphdef, self._params, prompts[row][None, :upto])
+        return np.asarray(logits)[0]
 
     async def decode(self, input: DecodeInput) -> DecodeOutput:
         return (await self.batch_decode([input]))[0]
@@ -1149,8 +1221,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for work in works[start : start + rows]:
                         work.row.tokens.extend(work.tokens.tolist())
                     self._commit(txn, record)
-                    logits = jnp.stack([w.logits for w in works[start : start + rows]])
-                    outputs.append(DecodeOutput(JaxTensor(logits), input.kv_cache))
+                    logits = np.stack([w.logits for w in works[start : start + rows]])
+                    outputs.append(DecodeOutput(JaxTensor(jax.device_put(logits)), input.kv_cache))
                     start += rows
             return outputs
 
@@ -1183,36 +1255,42 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 plan = self._plan_unified(items)
                 copies: list[tuple[int, int]] = []
                 works = []
+                borrowed = []
                 for item, record, tokens in plan:
+                    txn.touch(item.seq_id, record)
                     row = record.rows[0] if record is not None else Row([], [])
-                    reused = 0
-                    if record is None:
-                        reused = self._borrow_prefix(row, tokens)
+                    reused = self._borrow_prefix(row, tokens, bool(item.is_final_chunk))
+                    borrowed.append(reused)
                     self._grow(row, item.pos_offset + len(tokens), copies)
                     want = "last" if item.is_final_chunk else "none"
                     works.append(_Work(row, tokens[reused:], item.pos_offset + reused, want))
-                    txn.touch(item.seq_id, record)
             tokens = sum(len(w.tokens) for w in works)
             try:
                 self._device("decode", tokens, len(works), lambda: self._run_works(copies, works))
             except BaseException:
                 with self._host:
                     self._release_fresh(plan, works)
-                    self._shrink([w for w, (_, r, _) in zip(works, plan, strict=True) if r])
+                    kept = [
+                        (w, n) for w, n, (_, r, _) in zip(works, borrowed, plan, strict=True) if r
+                    ]
+                    for w, n in kept:
+                        self._unborrow(w.row, n)
+                    self._shrink([w for w, _ in kept])
                 raise
-            final = [w.logits for w in works if w.logits is not None]
-            host = iter(np.asarray(jnp.stack(final), np.float32)) if final else iter(())
             with self._host:
                 for (item, record, tokens), w in zip(plan, works, strict=True):
                     w.row.tokens.extend(w.tokens.tolist())
-                    if record is None:
+                    fresh = record is None
+                    if fresh:
                         record = self._new_record(txn, item.seq_id, [w.row])
-                    if len(tokens) > 1:
+                    # A one-token item continuing a sequence is taken for a decode.
+                    prefill = len(tokens) > 1 or fresh
+                    if prefill:
                         self._stats.prefill_tokens_computed += len(w.tokens)
                     self._commit(txn, record)
-                    if len(tokens) > 1:
+                    if prefill:
                         self._cache_full_pages(record.rows)
-            return [next(host) if w.logits is not None else None for w in works]
+            return [w.logits for w in works]
 
         return await self._run(work)
 
@@ -1311,7 +1389,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 tokens = np.concatenate([ids, drafts]).astype(np.int32)
                 copies: list[tuple[int, int]] = []
                 self._grow(row, len(row) + 1 + k, copies)
-                verify = _Work(row, tokens, len(row), "hidden")
+                verify = _Work(row, tokens, len(row), "all")
                 txn.touch(record.cache_id, record)
             try:
                 self._device("decode", k + 1, 1, lambda: self._run_works(copies, [verify]))
@@ -1319,8 +1397,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 with self._host:
                     self._shrink([verify])
                 raise
-            logits = self._head(jnp.concatenate(verify.hidden))
-            probs = np.asarray(jax.nn.softmax(logits[:k], axis=-1))
+            logits = verify.logits
+            scores = logits[:k].astype(np.float64)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
             accepted = 0
             for i in range(k):
                 d = int(drafts[i])
@@ -1334,7 +1414,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 self._commit(txn, record)
             return SpeculativeDecodeOutput(
                 accepted_tokens=[int(t) for t in drafts[:accepted]],
-                next_logits=JaxTensor(logits[accepted][None]),
+                next_logits=JaxTensor(jax.device_put(logits[accepted][None])),
                 kv_cache=input.kv_cache,
                 acceptance_count=accepted,
             )
@@ -1378,7 +1458,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 self._check_pages(self._pages_needed(row, len(row) + len(tokens)))
                 copies: list[tuple[int, int]] = []
                 self._grow(row, len(row) + len(tokens), copies)
-                verify = _Work(row, tokens, len(row), "hidden")
+                verify = _Work(row, tokens, len(row), "all")
                 txn.touch(record.cache_id, record)
             n = len(tokens)
             try:
@@ -1387,12 +1467,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 with self._host:
                     self._shrink([verify])
                 raise
-            logits = self._head(jnp.concatenate(verify.hidden))
+            logits = verify.logits
             with self._host:
                 row.tokens.extend(tokens.tolist())
                 self._commit(txn, record)
             return [
-                DecodeOutput(JaxTensor(logits[i][None]), x.kv_cache) for i, x in enumerate(inputs)
+                DecodeOutput(JaxTensor(jax.device_put(logits[i][None])), x.kv_cache)
+                for i, x in enumerate(inputs)
             ]
 
         return await self._run(work)
@@ -1596,6 +1677,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 "page_size": self.block_size,
                 "prefix_caching": self._prefix is not None,
                 "prefill_tokens_computed": self._stats.prefill_tokens_computed,
+                "prefill_tokens_reused": self._stats.prefill_tokens_reused,
                 "steps": self._stats.steps,
                 "params_version": self.params_version,
             }
@@ -1607,43 +1689,51 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return None
 
     async def warmup(self) -> dict[str, list]:
-        """Compiles every program serving can run: the ragged step for each (token bucket,
-        item bucket) pair up to the token budget and `max_batch_size`, the LM head for up to
-        16 verified positions, and the page copy.
+        """Compiles every program serving runs: the ragged step for each (token bucket, item
+        bucket) pair up to the token budget and `max_batch_size`, the all-rows verify steps
+        of `speculative_decode` / `forward_verify` up to 16 positions, and the page copies.
+        Serving afterwards compiles nothing (reading prefill logits other than the last
+        position compiles the LM head for that many rows, once).
 
         Each step runs on padding items only (no tokens, no writes), so live sequences are
-        untouched. Returns what was compiled: `"ragged"` `(tokens, items)` pairs, `"lm_head"`
-        row counts, and `"skipped"` pairs that do not fit the device (never served: their
-        requests run at a smaller token budget). Progress: a bar over the programs on a
-        terminal, and stage lines on the `ferrum_jax` logger (see `ferrum_jax.progress`).
+        untouched. Returns what was compiled: `"ragged"` `(tokens, items)` pairs, `"verify"`
+        token buckets, `"copy"` page-copy buckets, and `"skipped"` pairs that do not fit the
+        device (never served: their requests run at a smaller token budget). Progress: a bar
+        over the programs on a terminal, and stage lines on the `ferrum_jax` logger (see
+        `ferrum_jax.progress`).
         """
 
         def work(txn: Txn) -> dict[str, list]:
-            compiled: dict[str, list] = {"ragged": [], "lm_head": [], "skipped": []}
+            compiled: dict[str, list] = {"ragged": [], "verify": [], "copy": [], "skipped": []}
             items = engine.buckets(engine.bucket(self.max_batch_size))
             tokens = engine.buckets(self._token_budget, minimum=engine.MIN_TOKEN_BUCKET)
             pairs = [(t, i) for t in tokens for i in items if i <= t]
-            heads = engine.buckets(_VERIFY_TOKENS)
+            verify = engine.buckets(
+                engine.bucket(_VERIFY_TOKENS, minimum=engine.MIN_TOKEN_BUCKET),
+                minimum=engine.MIN_TOKEN_BUCKET,
+            )
+            copies = engine.buckets(engine.bucket(self.max_batch_size))
             start = time.perf_counter()
-            total = len(pairs) + len(heads) + 1
+            total = len(pairs) + len(verify) + len(copies)
             progress.logger.info("warmup: compiling %d programs", total)
-            embed = self.model.runtime_config.hidden_size
             with progress.bar(total, "warmup", "program") as bar:
                 for t, i in pairs:
                     if not self._fits(t, i):
                         compiled["skipped"].append((t, i))
                     else:
-                        self._device(None, 0, 0, lambda t=t, i=i: self._padding_step(t, i))
+                        self._device(None, 0, 0, lambda t=t, i=i: self._padding_step(t, i, i))
                         compiled["ragged"].append((t, i))
                     bar.update()
-                for n in heads:
-                    self._device(
-                        None, 0, 0, lambda n=n: self._head(jnp.zeros((n, embed), self.model.dtype))
-                    )
-                    compiled["lm_head"].append(n)
+                for t in verify:
+                    if self._fits(t, 1, t):
+                        self._device(None, 0, 0, lambda t=t: self._padding_step(t, 1, t))
+                        compiled["verify"].append(t)
                     bar.update()
-                self._device(None, 0, 0, lambda: self._copy([(0, 0)]))
-                bar.update()
+                pad = self._num_pages  # copies from and to the padding page: dropped
+                for n in copies:
+                    self._device(None, 0, 0, lambda n=n: self._copy([(pad, pad)] * n))
+                    compiled["copy"].append(n)
+                    bar.update()
             progress.logger.info(
                 "warmup: %d programs in %.1f s", total, time.perf_counter() - start
             )
@@ -1651,12 +1741,12 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
         return await self._run(work)
 
-    def _padding_step(self, tokens: int, items: int) -> Any:
-        """The (tokens, items) step on padding only: it compiles the program, writes nothing."""
-        program, params = self._program(tokens, items), self._params
-        zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
-        table = jnp.full((items, self._pages_per_seq), self._num_pages, jnp.int32)
-        args = (zeros(tokens), zeros(items + 1), zeros(items), table, zeros(items))
+    def _padding_step(self, tokens: int, items: int, rows: int) -> Any:
+        """A step on padding only: it compiles the program, writes nothing."""
+        program, params = self._program(tokens, items, rows), self._params
+        zeros = lambda *shape: jax.device_put(np.zeros(shape, np.int32))
+        table = jax.device_put(np.full((items, self._pages_per_seq), self._num_pages, np.int32))
+        args = (zeros(tokens), zeros(items + 1), zeros(items), table, zeros(rows))
         return self._donate(lambda pages: _unpack(program(params, pages, *args)))
 
     async def shutdown(self) -> None:
@@ -1705,10 +1795,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 used = attention.pages_for(len(row), self.block_size)
                 table[r, :used] = row.pages[:used]
             try:
-                kv = self._layout.read(self._pages[layer], jnp.asarray(table))
+                kv = self._layout.read(self._pages[layer], jax.device_put(table))
             except RuntimeError as e:  # the pool was lost in a device failure, not rebuilt yet
                 raise FerrumError.backend(f"the KV pool is being rebuilt: {e}") from e
             return JaxTensor(kv[0 if keys else 1][:, :n].transpose(0, 2, 1, 3))
+
+
+def _shape(batch: engine.RaggedBatch) -> tuple[int, int, int]:
+    """`(tokens, items, logit rows)` of a packed batch: the key of its program."""
+    return len(batch.tokens), len(batch.kv_lens), len(batch.logits_at)
 
 
 def _unpack(out: tuple[jax.Array, jax.Array, Any]) -> tuple[tuple[jax.Array, jax.Array], Any]:

@@ -2,9 +2,11 @@
 
 A 4k-token prompt with a 150k vocabulary would need 2.4 GB of float32 logits; callers
 almost always read only the last position (`PrefillOutput.last_token_logits()`). The
-tensor keeps the final hidden states (`[batch, seq, embed]`, 256x smaller for SmolLM2) and
-runs the LM head on the rows a `view` selects. Positions a prefix-cache hit skipped have no
-hidden state: reading them recomputes the row's prefix with a plain forward.
+tensor keeps each row's last-position logits (the ragged step computed them anyway), and
+references to the steps' final hidden states (`[tokens, embed]`, 256x smaller than the
+logits for SmolLM2), and runs the LM head only on other rows a `view` selects. Positions a
+prefix-cache hit skipped have no hidden state: reading them recomputes the row's prefix
+with a plain forward.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -24,9 +25,16 @@ from ferrum_jax.tensor import JaxTensor
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def lm_head_step(graphdef: nnx.GraphDef, params: nnx.State, hidden: jax.Array) -> jax.Array:
-    """Logits `[n, vocab]` (float32) of final hidden states `[n, embed]`."""
-    return nnx.merge(graphdef, params).head(hidden)
+def lm_head_step(
+    graphdef: nnx.GraphDef, params: nnx.State, hidden: jax.Array, rows: jax.Array
+) -> jax.Array:
+    """Logits `[n, vocab]` (float32) of rows `rows: [n]` of final hidden states `[T, embed]`."""
+    return nnx.merge(graphdef, params).head(hidden[rows])
+
+
+Chunk = tuple[jax.Array, int, int]
+"""`(step hidden [T, embed], first row, rows)`: a prompt chunk's final hidden states, as a
+reference into the ragged step that computed them."""
 
 
 class LazyLogits(JaxTensor):
@@ -34,36 +42,39 @@ class LazyLogits(JaxTensor):
 
     def __init__(
         self,
-        hidden: jax.Array,
-        lengths: Sequence[int],
+        seq: int,
+        last: Sequence[np.ndarray],
+        chunks: Sequence[Sequence[Chunk]],
         first: Sequence[int],
-        head: Callable[[jax.Array], jax.Array],
-        recompute: Callable[[int, int], jax.Array],
-        vocab: int,
+        head: Callable[[jax.Array, np.ndarray], np.ndarray],
+        recompute: Callable[[int, int], np.ndarray],
     ) -> None:
-        """`hidden: [b, s, embed]`; row i has `lengths[i]` real positions, hidden states from
-        position `first[i]` on (earlier ones come from `recompute(row, upto)` ->
-        `[upto, vocab]`); `head(hidden [n, embed]) -> [n, vocab]`."""
-        self._hidden = hidden
-        self._lengths = list(lengths)
+        """`[len(last), seq, vocab]` logits. Row i: `last[i]` (host `[vocab]`) are its last
+        real position's logits, which the step computed; `chunks[i]` hold the hidden states
+        of positions `first[i]` on, in order (earlier ones, skipped by a prefix-cache hit,
+        come from `recompute(row, upto)` -> `[upto, vocab]`); `head(hidden, rows)` runs the
+        LM head on rows of a step's hidden states."""
+        self._seq = seq
+        self._last = [np.asarray(x, np.float32) for x in last]
+        self._chunks = [list(c) for c in chunks]
         self._first = list(first)
+        self._lengths = [f + sum(n for _, _, n in c) for f, c in zip(first, chunks, strict=True)]
         self._head = head
         self._recompute = recompute
-        self._vocab = vocab
+        self._vocab = self._last[0].shape[-1]
         self._full: jax.Array | None = None
 
     @property
     def array(self) -> jax.Array:  # type: ignore[override]
         if self._full is None:
-            b, s = self._hidden.shape[:2]
-            self._full = self._rows([(i, j) for i in range(b) for j in range(s)]).reshape(
-                b, s, self._vocab
-            )
+            b, s = len(self._last), self._seq
+            rows = self._rows([(i, j) for i in range(b) for j in range(s)])
+            self._full = jax.device_put(rows.reshape(b, s, self._vocab))
         return self._full
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self._hidden.shape[:2], self._vocab)
+        return (len(self._last), self._seq, self._vocab)
 
     @property
     def dtype(self) -> DataType:
@@ -71,28 +82,38 @@ class LazyLogits(JaxTensor):
 
     @property
     def device(self) -> Device:
-        return JaxTensor(self._hidden).device
+        for chunks in self._chunks:
+            for hidden, _, _ in chunks:
+                return JaxTensor(hidden).device
+        return Device.CPU
 
     def __repr__(self) -> str:
         return f"LazyLogits(shape={self.shape}, materialised={self._full is not None})"
 
-    def _rows(self, positions: list[tuple[int, int]]) -> jax.Array:
-        """Logits `[len(positions), vocab]` of (row, position) pairs; a padding position
-        repeats its row's last real one."""
-        resolved = [(i, min(j, self._lengths[i] - 1)) for i, j in positions]
-        early = {i: j for i, j in resolved if j < self._first[i]}
-        if early:
-            recomputed = {i: self._recompute(i, self._first[i]) for i in early}
-        flat = self._hidden.reshape(-1, self._hidden.shape[-1])
-        s = self._hidden.shape[1]
-        late = [n for n, (i, j) in enumerate(resolved) if j >= self._first[i]]
-        out = jnp.zeros((len(resolved), self._vocab), jnp.float32)
-        if late:
-            index = jnp.asarray([resolved[n][0] * s + resolved[n][1] for n in late], jnp.int32)
-            out = out.at[jnp.asarray(late)].set(self._head(flat[index]))
-        for n, (i, j) in enumerate(resolved):
-            if j < self._first[i]:
-                out = out.at[n].set(recomputed[i][j])
+    def _rows(self, positions: list[tuple[int, int]]) -> np.ndarray:
+        """Logits `[len(positions), vocab]` (host) of (row, position) pairs; a padding
+        position repeats its row's last real one."""
+        out = np.empty((len(positions), self._vocab), np.float32)
+        wanted: dict[int, tuple[jax.Array, list[tuple[int, int]]]] = {}  # step -> (out, row)
+        early: dict[int, np.ndarray] = {}
+        for n, (i, j) in enumerate(positions):
+            j = min(j, self._lengths[i] - 1)
+            if j == self._lengths[i] - 1:
+                out[n] = self._last[i]
+            elif j < self._first[i]:
+                if i not in early:
+                    early[i] = self._recompute(i, self._first[i])
+                out[n] = early[i][j]
+            else:
+                offset = j - self._first[i]
+                for hidden, start, rows in self._chunks[i]:
+                    if offset < rows:
+                        wanted.setdefault(id(hidden), (hidden, []))[1].append((n, start + offset))
+                        break
+                    offset -= rows
+        for hidden, pairs in wanted.values():
+            at, rows = zip(*pairs, strict=True)
+            out[list(at)] = self._head(hidden, np.asarray(rows, np.int32))
         return out
 
     def view(self, start: Sequence[int], end: Sequence[int]) -> JaxTensor:
@@ -111,9 +132,9 @@ class LazyLogits(JaxTensor):
         rows = [(i, j) for i in range(start[0], end[0]) for j in range(start[1], end[1])]
         shape_out = (end[0] - start[0], end[1] - start[1])
         if not rows:
-            return JaxTensor(jnp.zeros((*shape_out, end[2] - start[2]), jnp.float32))
+            return JaxTensor(jax.device_put(np.zeros((*shape_out, end[2] - start[2]), np.float32)))
         logits = self._rows(rows).reshape(*shape_out, self._vocab)
-        return JaxTensor(logits[:, :, start[2] : end[2]])
+        return JaxTensor(jax.device_put(logits[:, :, start[2] : end[2]]))
 
     @property
     def numel(self) -> int:

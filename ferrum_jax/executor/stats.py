@@ -25,6 +25,8 @@ class Stats:
         """Ragged forwards run."""
         self.prefill_tokens_computed = 0
         """Prompt tokens that went through the model (prefix-cache hits are not computed)."""
+        self.prefill_tokens_reused = 0
+        """Prompt tokens not computed: their keys/values came from the prefix cache."""
 
     def record(self, kind: str, ms: float, tokens: int, rows: int) -> None:
         window = self.prefill_ms if kind == "prefill" else self.decode_ms
