@@ -71,6 +71,8 @@ from ferrum_jax.interfaces import (
     SpeculativeExecutor,
     TensorLike,
     TensorRef,
+    UnifiedBatch,
+    UnifiedBatchItem,
 )
 from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
@@ -133,6 +135,8 @@ __all__ = [
     "TensorLike",
     "TensorRef",
     "Tokenizer",
+    "UnifiedBatch",
+    "UnifiedBatchItem",
     "abstract_model",
     "bucket",
     "bucket_length",

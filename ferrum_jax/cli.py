@@ -122,6 +122,13 @@ def _number(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
 def _temperature(text: str) -> float:
     value = _number(text)
     if value < 0:
@@ -177,6 +184,19 @@ def _sizes(what: str, example: str) -> Callable[[str], list[int]]:
         if not all(part.isdigit() and int(part) >= 1 for part in parts):
             raise argparse.ArgumentTypeError(f"must be {what} >= 1 like {example} (got {text!r})")
         return [int(part) for part in parts]
+
+    return parse
+
+
+def _span(what: str, example: str) -> Callable[[str], list[int]]:
+    """`LO,HI` integers with 1 <= LO <= HI (`--serve-prompts 32,1024`)."""
+    sizes = _sizes(what, example)
+
+    def parse(text: str) -> list[int]:
+        span = sizes(text)
+        if len(span) != 2 or span[0] > span[1]:
+            raise argparse.ArgumentTypeError(f"must be {what} LO,HI like {example} (got {text!r})")
+        return span
 
     return parse
 
@@ -376,6 +396,49 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--json", dest="json_path", metavar="FILE", help="write the report as JSON to FILE"
     )
     bench.add_argument("--plot", metavar="FILE.png", help="plot decode tokens/s vs batch to FILE")
+    serve = bench.add_argument_group(
+        "serving (--serve)",
+        "the Ferrum 0.7 engine loop (unified_decode) against the 0.6 split path, one run",
+    )
+    serve.add_argument(
+        "--serve", action="store_true", help="run the serving benchmark instead of bench rows"
+    )
+    serve.add_argument(
+        "--requests", type=_int_at_least(1), default=64, metavar="N", help="requests served"
+    )
+    serve.add_argument(
+        "--rate",
+        type=_positive,
+        metavar="R",
+        help="Poisson arrivals at R requests/s (default: all arrive at once)",
+    )
+    serve.add_argument(
+        "--serve-prompts",
+        type=_span("prompt lengths", "32,1024"),
+        default=[32, 1024],
+        metavar="LO,HI",
+        help="prompt tokens, uniform in [LO, HI]",
+    )
+    serve.add_argument(
+        "--serve-outputs",
+        type=_span("output lengths", "16,256"),
+        default=[16, 256],
+        metavar="LO,HI",
+        help="output tokens, uniform in [LO, HI]",
+    )
+    serve.add_argument(
+        "--serve-batch",
+        type=_int_at_least(1),
+        default=16,
+        metavar="B",
+        help="sequences served at once (the executor's max_batch_size)",
+    )
+    serve.add_argument(
+        "--max-kv-tokens",
+        type=_int_at_least(1),
+        metavar="N",
+        help="KV tokens of the page pool (default: B x the longest request)",
+    )
     common(bench, quiet=False)
     return parser, subparsers
 
@@ -817,6 +880,16 @@ def _bench(args: argparse.Namespace) -> int:
 
     _mesh(args.mesh)
     context = _context(_model_path(args.model))
+    if args.serve:
+        from ferrum_jax.serve_bench import run_serve_bench
+
+        longest = args.serve_prompts[1] + args.serve_outputs[1]
+        if longest > context:
+            raise _arg_error(
+                f"--serve-prompts and --serve-outputs reach {longest} tokens, more than the "
+                f"model's context of {context} tokens"
+            )
+        return run_serve_bench(args)
     for prompt_len in args.prompt_len:
         check_context_length(
             prompt_len,

@@ -24,20 +24,36 @@ from ferrum_jax.tensor import datatype_of
 
 _DTYPES = {datatype_of(dtype): name for name, dtype in MODEL_DTYPES.items()}
 _PLATFORMS = {DeviceKind.CUDA: "gpu", DeviceKind.ROCM: "gpu", DeviceKind.TPU: "tpu"}
-_OPTIONS = frozenset({"model_path", "mesh"})
+_OPTIONS = frozenset(
+    {
+        "model_path",
+        "mesh",
+        "enable_prefix_caching",
+        "max_kv_tokens",
+        "kv_memory_fraction",
+        "max_num_batched_tokens",
+        "attention_impl",
+    }
+)
+"""`executor_options` keys; all but `model_path` and `mesh` are the executor's keywords."""
 
 
 class JaxExecutorFactory(ModelExecutorFactory):
     """Builds `JaxModelExecutor`s from an `ExecutorConfig`.
 
     `executor_options` may hold `model_path` (HF directory, `.gguf` file or orbax directory;
-    absent: the embedded SmolLM2) and `mesh` (`"data=D,model=M"`).
+    absent: the embedded SmolLM2), `mesh` (`"data=D,model=M"`), and the executor's
+    `enable_prefix_caching`, `max_kv_tokens`, `kv_memory_fraction`, `max_num_batched_tokens`
+    and `attention_impl`. A paged `attention_config.block_size` is the page size.
     """
 
     async def create_executor(self, config: ExecutorConfig) -> JaxModelExecutor:
         self.validate_config(config)
         options = config.executor_options
         mesh = sharding.mesh_from_spec(options["mesh"]) if options.get("mesh") else None
+        keywords = {k: v for k, v in options.items() if k not in ("model_path", "mesh")}
+        if config.attention_config.block_size is not None:
+            keywords["block_size"] = config.attention_config.block_size
         return await asyncio.to_thread(
             JaxModelExecutor.from_pretrained,
             options.get("model_path"),
@@ -45,6 +61,7 @@ class JaxExecutorFactory(ModelExecutorFactory):
             max_sequence_length=config.max_sequence_length,
             dtype=_DTYPES[config.dtype],
             mesh=mesh,
+            **keywords,
         )
 
     async def create_batch_executor(self, config: ExecutorConfig) -> JaxModelExecutor:

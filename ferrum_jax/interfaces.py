@@ -90,6 +90,8 @@ __all__ = [
     "SpeculativeExecutor",
     "TensorLike",
     "TensorRef",
+    "UnifiedBatch",
+    "UnifiedBatchItem",
 ]
 
 
@@ -659,15 +661,24 @@ class KvCacheHandle(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class PrefillInput:
-    """Prompt batch for the prefill phase; `input_ids` is `[batch, seq]`."""
+    """Prompt batch for the prefill phase; `input_ids` is `[batch, seq]`.
+
+    0.7.6: `metadata` (request metadata that can affect execution; serde JSON values).
+    0.7.x engines pass a pre-allocated `kv_cache` and, for a chunk continuing a sequence,
+    `position_ids` starting at its length.
+    """
 
     input_ids: TensorLike
     attention_mask: TensorLike | None = None
     position_ids: TensorLike | None = None
     kv_cache: KvCacheHandle | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def with_kv_cache(self, kv_cache: KvCacheHandle) -> PrefillInput:
         return dataclasses.replace(self, kv_cache=kv_cache)
+
+    def with_metadata(self, metadata: Mapping[str, Any]) -> PrefillInput:
+        return dataclasses.replace(self, metadata=dict(metadata))
 
     def with_attention_mask(self, mask: TensorLike) -> PrefillInput:
         return dataclasses.replace(self, attention_mask=mask)
@@ -705,17 +716,62 @@ class PrefillOutput:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeInput:
-    """One decode step: `input_ids` is `[batch, 1]`, continuing `kv_cache`."""
+    """One decode step: `input_ids` is `[batch, 1]`, continuing `kv_cache`.
+
+    0.7.6: `metadata` (request metadata that can affect execution).
+    """
 
     input_ids: TensorLike
     kv_cache: KvCacheHandle
     position_ids: TensorLike | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def with_position_ids(self, positions: TensorLike) -> DecodeInput:
         return dataclasses.replace(self, position_ids=positions)
 
+    def with_metadata(self, metadata: Mapping[str, Any]) -> DecodeInput:
+        return dataclasses.replace(self, metadata=dict(metadata))
+
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnifiedBatchItem:
+    """One item of a mixed prefill/decode forward (Ferrum 0.7.4).
+
+    A prefill chunk (`q_tokens` the chunk, possibly continuing at `pos_offset > 0`) or a
+    decode step (one token at `pos_offset` = the sequence's length). `is_final_chunk` asks
+    for the logits of the last token (decode items always; a prompt's last chunk).
+    """
+
+    seq_id: str
+    """Identifier of the sequence's model-side KV state (the engine's handle `cache_id()`)."""
+    q_tokens: Sequence[int]
+    """Tokens to process this step (Rust `Vec<u32>`)."""
+    kv_cache: KvCacheHandle
+    """The sequence's handle (the engine allocates its own: it may not be the executor's)."""
+    pos_offset: int
+    """Absolute position of the first token of `q_tokens`."""
+    is_final_chunk: bool
+    """Return the logits of the last token of `q_tokens`."""
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Request metadata that can affect execution."""
+
+
+@dataclasses.dataclass
+class UnifiedBatch:
+    """Any mix of prefill chunks and decode steps, answered by one forward (Ferrum 0.7.4)."""
+
+    items: list[UnifiedBatchItem] = dataclasses.field(default_factory=list)
+
+    def total_q_tokens(self) -> int:
+        """Query tokens over all items (the M dimension of the step's GEMMs)."""
+        return sum(len(item.q_tokens) for item in self.items)
+
+    def num_sampled_items(self) -> int:
+        """Items that produce a logits vector (`is_final_chunk`)."""
+        return sum(1 for item in self.items if item.is_final_chunk)
 
 
 @dataclasses.dataclass
@@ -903,13 +959,31 @@ class ExecutorMetrics(_Serde):
 
 
 class ModelExecutor(abc.ABC):
-    """Tensor-level model execution with separate prefill and decode phases."""
+    """Tensor-level model execution with separate prefill and decode phases.
+
+    The 0.7.x additions (`supports_native_unified_decode`, `kv_capacity`, `batch_prefill`,
+    `unified_decode`, `truncate_kv`, `forward_verify`, `cache_metrics_snapshot`,
+    `lora_metrics_snapshot`) keep Rust's defaults, so a 0.6 executor still satisfies the
+    trait.
+    """
 
     @abc.abstractmethod
     def info(self) -> ModelInfo: ...
 
+    def supports_native_unified_decode(self) -> bool:
+        """Whether `unified_decode` runs one native mixed forward (0.7.7); default False."""
+        return False
+
+    def kv_capacity(self) -> int | None:
+        """Per-request KV capacity in tokens, when below the model's context (0.7.6)."""
+        return None
+
     @abc.abstractmethod
     async def prefill(self, input: PrefillInput) -> PrefillOutput: ...
+
+    async def batch_prefill(self, inputs: Sequence[PrefillInput]) -> list[PrefillOutput]:
+        """Default (0.7.4): one `prefill` per input, in order; the first error propagates."""
+        return [await self.prefill(i) for i in inputs]
 
     @abc.abstractmethod
     async def decode(self, input: DecodeInput) -> DecodeOutput: ...
@@ -918,15 +992,36 @@ class ModelExecutor(abc.ABC):
         """Default: one `decode` per input, in order; the first error propagates."""
         return [await self.decode(i) for i in inputs]
 
+    async def unified_decode(self, batch: UnifiedBatch) -> list[Sequence[float] | None]:
+        """One forward over a mixed batch (0.7.4): per item, the final position's logits
+        (`is_final_chunk`; Rust `Vec<f32>`, any float32 sequence here) or None. Default:
+        unsupported, as in Rust."""
+        raise FerrumError.unsupported("unified_decode not implemented for this executor")
+
     async def forward(self, input: TensorLike) -> TensorLike:
         """Full forward pass; unsupported unless an executor overrides it."""
         raise FerrumError.unsupported("Full forward pass not supported by this executor")
+
+    async def truncate_kv(self, kv_cache: KvCacheHandle, new_len: int) -> None:  # noqa: B027
+        """Rolls a sequence's KV back to `new_len` tokens (0.7.1); default no-op, as in Rust."""
+
+    async def forward_verify(self, inputs: Sequence[DecodeInput]) -> list[DecodeOutput]:
+        """Logits for N+1 positions (0.7.1). Default: one `decode` per input, in order."""
+        return [await self.decode(i) for i in inputs]
 
     @abc.abstractmethod
     def capabilities(self) -> ExecutorCapabilities: ...
 
     @abc.abstractmethod
     def status(self) -> ExecutorStatus: ...
+
+    def cache_metrics_snapshot(self) -> dict[str, Any] | None:
+        """Model-level KV cache counters, as JSON values (0.7.6); default None."""
+        return None
+
+    def lora_metrics_snapshot(self) -> dict[str, Any] | None:
+        """LoRA runtime counters (0.7.6); default None."""
+        return None
 
     async def warmup(self) -> None:  # noqa: B027 - optional hook, no-op as in Rust
         """Load/compile/allocate ahead of traffic; default no-op."""

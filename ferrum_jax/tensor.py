@@ -201,9 +201,15 @@ class JaxTensor(TensorLike):
             raise FerrumError.invalid_parameter("argmax_last_dim_u32 of a scalar tensor")
         if self.shape[-1] == 0:
             raise FerrumError.invalid_parameter("argmax_last_dim_u32 over an empty last dim")
-        # The reduction runs where the logits live; only the indices come to the host.
-        indices = jnp.argmax(self.array, axis=-1)
-        return np.asarray(jax.device_get(indices)).astype(np.uint32).ravel().tolist()
+        array = self.array
+        if all(d.platform == "cpu" for d in array.devices()):
+            # Host memory already: numpy reads it in place, with no program to compile per
+            # batch shape (an engine's sampling loop would otherwise compile at serve time).
+            indices = np.argmax(np.asarray(array), axis=-1)
+        else:
+            # The reduction runs where the logits live; only the indices come to the host.
+            indices = jax.device_get(jnp.argmax(array, axis=-1))
+        return np.asarray(indices).astype(np.uint32).ravel().tolist()
 
 
 def as_jax_array(x: Any) -> jax.Array:

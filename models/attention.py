@@ -80,6 +80,12 @@ class PageLayout:
             for array, new in zip(pool, (k, v), strict=True)
         )
 
+    def copy(self, pool: Pool, src: jax.Array, dst: jax.Array) -> Pool:
+        """`pool` with pages `dst` holding copies of pages `src` (ids past the pool: none)."""
+        if self.name == "combined":
+            return (pool[0].at[dst].set(pool[0].at[src].get(mode="clip"), mode="drop"),)
+        return tuple(x.at[:, dst].set(x.at[:, src].get(mode="clip"), mode="drop") for x in pool)
+
     def zero(self, pool: Pool, pages: jax.Array) -> Pool:
         """`pool` with `pages` (ids past the pool are ignored) set to zero."""
         if self.name == "combined":
@@ -103,6 +109,11 @@ COMBINED = PageLayout("combined")
 TPU kernel's layout, and the pure-JAX one (measured in benchmarks/page_layout.py)."""
 SPLIT = PageLayout("split")
 """Keys and values apart, each `[kv_heads, pages, page_size, d]`: the GPU kernel's layout."""
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages that hold `tokens` tokens."""
+    return -(-tokens // page_size)
 
 
 @jax.tree_util.register_dataclass

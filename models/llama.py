@@ -61,6 +61,35 @@ class Llama(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (e, v), ("embed", "vocab"), param_dtype, "normal")
 
+    def hidden(
+        self,
+        tokens: jax.Array,
+        meta: AttentionMetadata,
+        pages: tuple[Pool, ...],
+        impl: str = "xla",
+    ) -> tuple[jax.Array, tuple[Pool, ...]]:
+        """One ragged step up to the LM head: final-normed hidden states `[T, embed]`, and
+        the per-layer pages with this step's keys/values written."""
+        dtype = jnp.dtype(self.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        rope = rope_angles(meta.positions, self.config, dtype)
+        new_pages = []
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, pool = layer(x, rope, pages[i], meta, impl)
+            new_pages.append(pool)
+        return self.final_norm(x), tuple(new_pages)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Logits `[n, vocab]` (float32) of final hidden states `x: [n, embed]`."""
+        dtype = jnp.dtype(self.dtype)
+        with jax.named_scope("lm_head"):
+            if self.config.tie_word_embeddings:
+                weight, spec = self.embed[...].astype(dtype), "te,ve->tv"
+            else:
+                weight, spec = self.lm_head[...].astype(dtype), "te,ev->tv"
+            return jnp.einsum(spec, x.astype(dtype), weight, preferred_element_type=jnp.float32)
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -71,24 +100,10 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, tuple[Pool, ...]]:
         """One ragged step: `tokens: [T]` -> logits `[T, vocab]` (`[R, vocab]` at token rows
         `logits_at: [R]`), and the per-layer pages with this step's keys/values written."""
-        dtype = jnp.dtype(self.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        rope = rope_angles(meta.positions, self.config, dtype)
-        new_pages = []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer_{i}"):
-                x, pool = layer(x, rope, pages[i], meta, impl)
-            new_pages.append(pool)
+        x, pages = self.hidden(tokens, meta, pages, impl)
         if logits_at is not None:
             x = x[logits_at]  # the LM head runs only on the rows asked for
-        x = self.final_norm(x)
-        with jax.named_scope("lm_head"):
-            if self.config.tie_word_embeddings:
-                head, spec = self.embed[...].astype(dtype), "te,ve->tv"
-            else:
-                head, spec = self.lm_head[...].astype(dtype), "te,ev->tv"
-            logits = jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
-        return logits, tuple(new_pages)
+        return self.head(x), pages
 
 
 @functools.lru_cache(maxsize=64)

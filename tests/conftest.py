@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Tests compile afresh: `cli.main` run in-process turns on the CLI's on-disk compilation
@@ -118,3 +119,23 @@ def tiny_chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-chat") / "orbax"
     save_orbax(Model.init(config, seed=0, tokenizer=tokenizer), path)
     return path
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collects the name of every XLA program compiled inside the block (any entry point,
+    eager ops included), from JAX's compile events."""
+    import jax
+    from jax._src import dispatch
+
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -112,3 +112,32 @@ def test_bench_rows_per_prompt_length_and_max_context(checkpoint, tmp_path, caps
     capsys.readouterr()
     assert main([*argv[:-4], "--max-context", "16", "--new-tokens", "6"]) == 2
     assert "--max-context 16 must hold the padded prompt" in capsys.readouterr().err
+
+
+SERVE_KEYS = {"serve_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"}
+
+
+def test_bench_serve_reports_both_paths(checkpoint, tmp_path, capsys):
+    """`--serve`: the engine loop through `unified_decode` and the 0.6 split path over one
+    request mix (Poisson arrivals here), each with the documented keys; same greedy tokens."""
+    report_path = tmp_path / "serve.json"
+    argv = ["bench", "--model", str(checkpoint), "--serve", "--requests", "6"]
+    argv += ["--serve-prompts", "4,40", "--serve-outputs", "2,8", "--serve-batch", "4"]
+    argv += ["--rate", "50", "--json", str(report_path)]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    for path in ("unified", "split"):
+        row = report[path]
+        assert set(row) >= SERVE_KEYS, row
+        assert all(math.isfinite(row[k]) and row[k] >= 0 for k in SERVE_KEYS)
+        assert row["serve_tok_s"] > 0 and row["ttft_p50_s"] <= row["ttft_p99_s"]
+        assert row["itl_p50_s"] <= row["itl_p99_s"]
+        assert 6 * 2 <= row["output_tokens"] <= 6 * 8
+    assert report["unified"]["output_tokens"] == report["split"]["output_tokens"]
+    assert report["unified_vs_split"] > 0 and report["requests"] == 6 and report["rate"] == 50
+    assert report["same_tokens"] is True
+    capsys.readouterr()
+    assert main([*argv[:6], "--serve-prompts", "40,4"]) == 2
+    assert "--serve-prompts" in capsys.readouterr().err
+    assert main([*argv[:6], "--serve-prompts", "4,100000"]) == 2
+    assert "more than the model's context" in capsys.readouterr().err

@@ -76,12 +76,12 @@ def _in_step(_: jax.Array) -> None:
 
 
 class FaultyLlama(Llama):
-    """The Llama decoder with a host callback after every step's logits."""
+    """The Llama decoder with a host callback after every step's hidden states."""
 
-    def __call__(self, *args, **kwargs):
-        logits, pages = super().__call__(*args, **kwargs)
-        jax.debug.callback(_in_step, logits.sum())
-        return logits, pages
+    def hidden(self, *args, **kwargs):
+        x, pages = super().hidden(*args, **kwargs)
+        jax.debug.callback(_in_step, x.sum())
+        return x, pages
 
 
 @pytest.fixture(autouse=True)
@@ -212,8 +212,10 @@ def test_1c_forward_longer_than_max_sequence_length(model):
 KV_BYTES = 2 * 2 * 2 * 16 * 4
 """KV bytes per token of the tiny model: 2 layers x (keys, values) x 2 heads x 16 x fp32."""
 SMALL = {"max_batch_size": 8, "memory_limit_bytes": 8 * MAX_LEN * KV_BYTES + 2**19}
-"""A pool of 8 and 512 KiB for steps: decodes fit; the all-logits result of 5 prompts of 64
-tokens (8 x 64 x 256 x 4 bytes, twice while padding is filled) does not."""
+"""A pool of 8 and 512 KiB for steps: decodes and small steps fit, the largest token buckets
+(all their rows' hidden states and attention blocks) do not."""
+TINY = {"max_batch_size": 8, "memory_limit_bytes": 8 * MAX_LEN * KV_BYTES + 2**12}
+"""A pool of 8 and 4 KiB for steps: not even a 16-token step fits."""
 
 
 def test_1d_long_batch_prefill_is_chunked(model):
@@ -227,9 +229,10 @@ def test_1d_long_batch_prefill_is_chunked(model):
     twin = make(model, **sizes, memory_limit_bytes=budget)
     live, twin_live = [start(executor, [3, 4, 5])], [start(twin, [3, 4, 5])]
     prompts = np.random.default_rng(0).integers(3, 256, (8, 1000)).astype(np.int32)
-    extend_programs = engine.compile_counts()["extend"]
+    steps = executor.cache_metrics_snapshot()["steps"]
     out = run(executor.prefill(PrefillInput(prompts)))
-    assert engine.compile_counts()["extend"] > extend_programs  # chunks after the first
+    # 8,000 tokens over steps of at most 512 (fewer under the budget), chunks in order.
+    assert executor.cache_metrics_snapshot()["steps"] - steps >= 8000 // 512
     assert out.kv_cache.row_lengths() == [1000] * 8
     last = np.asarray(out.last_token_logits().array).reshape(8, -1)
     for row in (0, 5):
@@ -240,15 +243,21 @@ def test_1d_long_batch_prefill_is_chunked(model):
 
 
 def test_1d_prefill_that_fits_no_chunking_is_refused(model):
-    """A prefill whose logits alone exceed the step budget is refused before device work."""
+    """A prefill no step of the smallest token budget fits is refused before device work
+    (prefill logits are lazy: 5 prompts of 64 tokens no longer need all-rows logits)."""
     executor, live, twin, twin_live = pair(model, **SMALL)
+    out = run(executor.prefill(PrefillInput(np.ones((5, MAX_LEN), np.int32))))
+    executor.release_cache(out.kv_cache.cache_id())
+    assert_untouched(executor, live, twin, twin_live)
+    tiny = make(model, **TINY)
+    before = tiny.cache_metrics_snapshot()
     refused(
         ErrorKind.RESOURCE_EXHAUSTED,
-        lambda: executor.prefill(PrefillInput(np.ones((5, MAX_LEN), np.int32))),
-        "5 row(s) x 64 tokens",
-        "MiB",
+        lambda: tiny.prefill(PrefillInput(np.ones((5, MAX_LEN), np.int32))),
+        "no ragged step",
+        "fits",
     )
-    assert_untouched(executor, live, twin, twin_live)
+    assert tiny.cache_metrics_snapshot() == before
 
 
 def test_1d_chunked_prefill_matches_one_step(model):
@@ -262,9 +271,9 @@ def test_1d_chunked_prefill_matches_one_step(model):
     whole = make(model, **sizes)
     small = make(model, **sizes, memory_limit_bytes=4 * 512 * KV_BYTES + 8 * 2**20)
     a = run(whole.prefill(PrefillInput(ids, attention_mask=mask)))
-    programs = engine.compile_counts()["extend"]
     b = run(small.prefill(PrefillInput(ids, attention_mask=mask)))
-    assert engine.compile_counts()["extend"] > programs, "the small budget did not chunk"
+    steps = (x.cache_metrics_snapshot()["steps"] for x in (whole, small))
+    assert next(steps) < next(steps), "the small budget did not chunk"
     np.testing.assert_allclose(logits_of(a), logits_of(b), rtol=0, atol=1e-4)
     assert b.kv_cache.row_lengths() == [500, 341, 500]
     tokens = np.asarray(a.last_token_logits().argmax_last_dim_u32())
@@ -278,8 +287,8 @@ def test_1e_warmup_skips_what_cannot_fit_and_keeps_the_pool(model):
     pool. Buckets no chunking fits are now skipped and reported; live sequences stay."""
     executor, live, twin, twin_live = pair(model, **SMALL)
     report = run(executor.warmup())
-    assert (8, MAX_LEN) in report["skipped"] and (1, 16) in report["prefill"]
-    assert report["decode"] == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    assert report["skipped"] and (8, 1) in report["ragged"] and (8, 8) in report["ragged"]
+    assert all(pair not in report["ragged"] for pair in report["skipped"])
     assert_untouched(executor, live, twin, twin_live)
 
 
@@ -515,14 +524,14 @@ def test_5a_pool_larger_than_memory_is_refused_before_allocation():
     refused(
         ErrorKind.RESOURCE_EXHAUSTED,
         lambda: JaxModelExecutor(smollm2_shape, max_batch_size=1000, memory_limit_bytes=16 << 30),
-        "max_batch_size 1000",
+        "KV pool of 128000 pages",
         "MiB",
     )
     # Without a limit the device's own free memory decides: no machine has 94 PB.
     refused(
         ErrorKind.RESOURCE_EXHAUSTED,
         lambda: JaxModelExecutor(smollm2_shape, max_batch_size=10**6),
-        "max_batch_size 1000000",
+        "KV pool of 128000000 pages",
     )
 
 

@@ -523,3 +523,21 @@ def test_randomized_soak_keeps_refcounts_exact():
     assert stats["pressure_evictions"] > 50
     assert stats["rejected"] > 5
     assert stats["fork"] > 50 and stats["clear"] == 6
+
+
+def test_lookup_past_held_pages_continues_a_chunked_prompt():
+    """`held`: the caller holds the chain's first pages already (a chunked prompt): only
+    the pages past them are retained, returned and counted as reused."""
+    allocator = PageAllocator(8)
+    cache = PrefixCache(allocator, 4)
+    tokens = list(range(3, 15))  # 3 full pages
+    pages = allocator.allocate(3)
+    cache.insert(tokens, pages)
+    first = cache.lookup(tokens[:4], max_pages=1)
+    assert first == pages[:1] and allocator.refcount(pages[0]) == 3
+    rest = cache.lookup(tokens, max_pages=3, held=1)
+    assert rest == pages[1:] and allocator.refcount(pages[0]) == 3
+    assert [allocator.refcount(p) for p in pages[1:]] == [3, 3]
+    assert cache.metrics()["tokens_reused"] == 3 * 4
+    assert cache.lookup(tokens, max_pages=3, held=3) == []
+    assert cache.metrics()["misses"] == 1

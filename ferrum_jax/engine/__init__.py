@@ -19,7 +19,15 @@ from ferrum_jax.engine.batch import (
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length, buckets
 from ferrum_jax.engine.generate import GenerateOutput, generate, generate_step
 from ferrum_jax.engine.limits import check_context_length
-from ferrum_jax.engine.ragged import RaggedBatch, RaggedItem, pack_ragged, ragged_step, run_ragged
+from ferrum_jax.engine.ragged import (
+    MIN_TOKEN_BUCKET,
+    RaggedBatch,
+    RaggedItem,
+    pack_ragged,
+    ragged_forward,
+    ragged_step,
+    run_ragged,
+)
 from ferrum_jax.engine.steps import (
     decode,
     decode_step,
@@ -48,6 +56,7 @@ def compile_counts() -> dict[str, int]:
 
 __all__ = [
     "MIN_BUCKET",
+    "MIN_TOKEN_BUCKET",
     "GenerateOutput",
     "KVCache",
     "RaggedBatch",
@@ -78,6 +87,7 @@ __all__ = [
     "padding_tokens",
     "prefill",
     "prefill_step",
+    "ragged_forward",
     "ragged_step",
     "run_ragged",
     "set_lengths",

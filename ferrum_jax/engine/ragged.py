@@ -116,6 +116,32 @@ def pack_ragged(
     return RaggedBatch(tokens, cu, kv_lens, table, logits_at, rows)
 
 
+def _forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    pages: tuple[attention.Pool, ...],
+    tokens: jax.Array,
+    cu_q_lens: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    logits_at: jax.Array,
+    attention_impl: str,
+) -> tuple[jax.Array, jax.Array, tuple[attention.Pool, ...]]:
+    model = nnx.merge(graphdef, params)
+    layout = attention.IMPLEMENTATIONS[attention_impl].layout
+    num_pages, page_size, _, _ = layout.geometry(pages[0])
+    meta = attention.metadata(
+        cu_q_lens,
+        kv_lens,
+        page_table,
+        num_tokens=tokens.shape[0],
+        page_size=page_size,
+        num_pages=num_pages,
+    )
+    hidden, pages = model.hidden(tokens, meta, pages, attention_impl)
+    return model.head(hidden[logits_at]), hidden, pages
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention_impl"), donate_argnames="pages")
 def ragged_step(
     graphdef: nnx.GraphDef,
@@ -129,19 +155,31 @@ def ragged_step(
     attention_impl: str = "xla",
 ) -> tuple[jax.Array, tuple[attention.Pool, ...]]:
     """One forward over a packed ragged batch (see `pack_ragged`): logits `[R, vocab]` of the
-    token rows `logits_at` and the pages with this step's keys/values written (donated)."""
-    model = nnx.merge(graphdef, params)
-    layout = attention.IMPLEMENTATIONS[attention_impl].layout
-    num_pages, page_size, _, _ = layout.geometry(pages[0])
-    meta = attention.metadata(
-        cu_q_lens,
-        kv_lens,
-        page_table,
-        num_tokens=tokens.shape[0],
-        page_size=page_size,
-        num_pages=num_pages,
+    token rows `logits_at`, and the pages with this step's keys/values written (donated)."""
+    logits, _, pages = _forward(
+        graphdef, params, pages, tokens, cu_q_lens, kv_lens, page_table, logits_at, attention_impl
     )
-    return model(tokens, meta, pages, logits_at, attention_impl)
+    return logits, pages
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention_impl"), donate_argnames="pages")
+def ragged_forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    pages: tuple[attention.Pool, ...],
+    tokens: jax.Array,
+    cu_q_lens: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    logits_at: jax.Array,
+    attention_impl: str = "xla",
+) -> tuple[jax.Array, jax.Array, tuple[attention.Pool, ...]]:
+    """`ragged_step` that also returns the final hidden states `[T, embed]` of every token,
+    so the LM head can run on other rows later (the executor's lazily read prefill logits)
+    without a second forward."""
+    return _forward(
+        graphdef, params, pages, tokens, cu_q_lens, kv_lens, page_table, logits_at, attention_impl
+    )
 
 
 def run_ragged(

@@ -105,13 +105,18 @@ class PrefixCache:
         """The pages the cache holds a reference on."""
         return frozenset(self._key_of_page)
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray, max_pages: int | None = None) -> list[int]:
+    def lookup(
+        self, tokens: Sequence[int] | np.ndarray, max_pages: int | None = None, held: int = 0
+    ) -> list[int]:
         """Pages of the longest cached full-page prefix of `tokens`, each retained for the caller.
 
         Pass `max_pages=(len(tokens) - 1) // page_size` to keep at least one token to compute
         (its logits are needed to sample). The caller must `release` the returned pages.
+        `held`: the caller already holds the first `held` pages of this prefix (a chunked
+        prompt continuing): only pages past them are retained, returned and counted.
         """
         limit = None if max_pages is None else _as_int(max_pages, "max_pages", 0)
+        held = _as_int(held, "held", 0)
         data = _token_bytes(tokens)
         keys = page_hashes(
             data if limit is None else data[: limit * self._page_size], self._page_size
@@ -124,7 +129,7 @@ class PrefixCache:
             ):
                 break
             chain.append(key)
-        pages = [self._entries[key].page for key in chain]
+        pages = [self._entries[key].page for key in chain][held:]
         self._allocator.retain(pages)
         self._touch(chain)
         self._lookups += 1

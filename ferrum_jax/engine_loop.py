@@ -1,0 +1,237 @@
+"""A Python replica of Ferrum 0.7's continuous-batching engine loop, for tests and the bench.
+
+Two ways to drive an executor over the same requests (greedy sampling on the host):
+
+- `run_unified`: what Ferrum 0.7.4+ does. Each iteration builds ONE `UnifiedBatch`: first the
+  prefill work (newly admitted requests, and prompts still being prefilled) in chunks, then
+  one decode item per running request. A chunk is capped at `decode_chunk` tokens while
+  decodes run (or once a prompt has started), else at `prefill_chunk`; prefill chunks share
+  `token_budget` tokens per iteration. Handles are the engine's own (`EngineHandle`), keyed
+  by request id, as Ferrum's KV manager allocates them.
+- `run_split`: the 0.6 path, for comparison: one `batch_prefill` per new request, then one
+  `batch_decode` of every running request per iteration.
+
+Requests may arrive over time (`Request.arrival`, seconds from the start); a request is
+admitted once it has arrived and fewer than `executor.max_batch_size` run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from ferrum_jax.interfaces import (
+    BlockTable,
+    CacheHandleStats,
+    DecodeInput,
+    Device,
+    KvCacheHandle,
+    PrefillInput,
+    TensorLike,
+    UnifiedBatch,
+    UnifiedBatchItem,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request."""
+
+    id: str
+    prompt: Sequence[int]
+    max_new_tokens: int
+    arrival: float = 0.0
+    """Seconds after the start at which the request arrives."""
+
+
+@dataclasses.dataclass
+class Result:
+    """What one request produced, and when."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    first_token_s: float | None = None
+    """Seconds from arrival to the first token (TTFT)."""
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    """Clock time of every token, for inter-token latencies."""
+
+
+class EngineHandle(KvCacheHandle):
+    """A handle as Ferrum's own KV manager allocates it: the executor knows only its id."""
+
+    def __init__(self, cache_id: str) -> None:
+        self._id = cache_id
+
+    def cache_id(self) -> str:
+        return self._id
+
+    def block_table(self) -> BlockTable:
+        return BlockTable.new(16)
+
+    def device(self) -> Device:
+        return Device.CPU
+
+    def num_tokens(self) -> int:
+        return 0
+
+    def num_layers(self) -> int:
+        return 0
+
+    def num_heads(self) -> int:
+        return 0
+
+    def head_dim(self) -> int:
+        return 0
+
+    def key_cache(self, layer: int) -> TensorLike | None:
+        return None
+
+    def value_cache(self, layer: int) -> TensorLike | None:
+        return None
+
+    def clone_handle(self) -> KvCacheHandle:
+        return EngineHandle(self._id)
+
+    def stats(self) -> CacheHandleStats:
+        return CacheHandleStats(0, 0, 0, 0.0, 0.0)
+
+    def is_valid(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass
+class _Running:
+    request: Request
+    handle: KvCacheHandle
+    prefilled: int = 0
+    result: Result = dataclasses.field(default_factory=Result)
+
+    @property
+    def done(self) -> bool:
+        return len(self.result.tokens) >= self.request.max_new_tokens
+
+
+def _greedy(logits) -> int:
+    return int(np.argmax(np.asarray(logits)))
+
+
+def _admit(waiting: list[Request], running: dict, capacity: int, now: float) -> list[Request]:
+    admitted = []
+    while waiting and waiting[0].arrival <= now and len(running) + len(admitted) < capacity:
+        admitted.append(waiting.pop(0))
+    return admitted
+
+
+async def run_unified(
+    executor,
+    requests: Sequence[Request],
+    *,
+    token_budget: int = 256,
+    decode_chunk: int = 64,
+    prefill_chunk: int = 128,
+) -> dict[str, Result]:
+    """Serves `requests` through `executor.unified_decode`; results by request id."""
+    waiting = sorted(requests, key=lambda r: r.arrival)
+    running: dict[str, _Running] = {}
+    results: dict[str, Result] = {}
+    start = time.perf_counter()
+    while waiting or running:
+        now = time.perf_counter() - start
+        for request in _admit(waiting, running, executor.max_batch_size, now):
+            running[request.id] = _Running(request, EngineHandle(request.id))
+        if not running:
+            time.sleep(max(waiting[0].arrival - now, 0.0))
+            continue
+        decoding = [r for r in running.values() if r.prefilled == len(r.request.prompt)]
+        items, owners, budget = [], [], token_budget
+        for r in running.values():
+            prompt = r.request.prompt
+            if r.prefilled == len(prompt) or budget == 0:
+                continue
+            cap = decode_chunk if decoding or r.prefilled else prefill_chunk
+            n = min(cap, budget, len(prompt) - r.prefilled)
+            chunk = list(prompt[r.prefilled : r.prefilled + n])
+            final = r.prefilled + n == len(prompt)
+            items.append(UnifiedBatchItem(r.request.id, chunk, r.handle, r.prefilled, final))
+            owners.append((r, n))
+            budget -= n
+        for r in decoding:
+            position = len(r.request.prompt) + len(r.result.tokens) - 1
+            items.append(
+                UnifiedBatchItem(r.request.id, [r.result.tokens[-1]], r.handle, position, True)
+            )
+            owners.append((r, 0))
+        outputs = await executor.unified_decode(UnifiedBatch(items))
+        clock = time.perf_counter() - start
+        for (r, n), logits in zip(owners, outputs, strict=True):
+            r.prefilled += n
+            if logits is None:
+                continue
+            _emit(r, _greedy(logits), clock)
+        for r in [r for r in running.values() if r.done]:
+            executor.release_cache(r.request.id)
+            results[r.request.id] = running.pop(r.request.id).result
+    return results
+
+
+async def run_split(executor, requests: Sequence[Request]) -> dict[str, Result]:
+    """Serves `requests` the 0.6 way: a `batch_prefill` per new request, then one
+    `batch_decode` of every running request per iteration."""
+    waiting = sorted(requests, key=lambda r: r.arrival)
+    running: dict[str, _Running] = {}
+    results: dict[str, Result] = {}
+    start = time.perf_counter()
+    while waiting or running:
+        now = time.perf_counter() - start
+        admitted = _admit(waiting, running, executor.max_batch_size, now)
+        if not running and not admitted:
+            time.sleep(max(waiting[0].arrival - now, 0.0))
+            continue
+        for request in admitted:
+            (out,) = await executor.batch_prefill(
+                [PrefillInput(np.asarray([list(request.prompt)], np.int32))]
+            )
+            r = _Running(request, out.kv_cache, len(request.prompt))
+            running[request.id] = r
+            _emit(r, out.last_token_logits().argmax_last_dim_u32()[0], time.perf_counter() - start)
+        decoding = [r for r in running.values() if not r.done]
+        if decoding:
+            inputs = [
+                DecodeInput(np.asarray([[r.result.tokens[-1]]], np.int32), r.handle)
+                for r in decoding
+            ]
+            outputs = await executor.batch_decode(inputs)
+            clock = time.perf_counter() - start
+            for r, out in zip(decoding, outputs, strict=True):
+                _emit(r, out.logits.argmax_last_dim_u32()[0], clock)
+        for r in [r for r in running.values() if r.done]:
+            executor.release_cache(r.handle.cache_id())
+            results[r.request.id] = running.pop(r.request.id).result
+    return results
+
+
+def _emit(r: _Running, token: int, clock: float) -> None:
+    result = r.result
+    if result.first_token_s is None:
+        result.first_token_s = clock - r.request.arrival
+    result.tokens.append(int(token))
+    result.token_times.append(clock)
+
+
+def summary(results: dict[str, Result], wall_s: float) -> dict[str, float]:
+    """`serve_tok_s`, `ttft_p50_s`, `ttft_p99_s`, `itl_p50_s`, `itl_p99_s` of one run."""
+    tokens = sum(len(r.tokens) for r in results.values())
+    ttft = [r.first_token_s for r in results.values()]
+    itl = [float(d) for r in results.values() for d in np.diff(r.token_times)]
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else 0.0
+    return {
+        "serve_tok_s": tokens / wall_s,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "itl_p50_s": pct(itl, 50),
+        "itl_p99_s": pct(itl, 99),
+        "output_tokens": tokens,
+        "wall_s": wall_s,
+    }

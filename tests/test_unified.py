@@ -1,0 +1,456 @@
+"""The executor on pages, as Ferrum 0.7's engine drives it: `unified_decode` with chunked
+prefill, foreign handles, prefix caching, verify + truncate, bad batches, soak, mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import params_from_hf, tiny_hf_model
+
+from ferrum_jax import engine
+from ferrum_jax.engine_loop import EngineHandle, Request, run_unified
+from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.executor import JaxModelExecutor
+from ferrum_jax.interfaces import (
+    DecodeInput,
+    ExecutorState,
+    PrefillInput,
+    UnifiedBatch,
+    UnifiedBatchItem,
+)
+
+MESH = os.environ.get("FERRUM_TEST_MESH")
+"""`data,model`: run on that mesh (set by `test_engine_loop_on_mesh`)."""
+LOOP_REQUESTS = int(os.environ.get("FERRUM_TEST_REQUESTS", "24"))
+"""Requests of the engine-loop test (the mesh run uses fewer: 8 virtual devices on 2 cores)."""
+MAX_LEN, PAGE, NEW = 128, 16, 8
+SYSTEM = [(7 * i) % 250 + 3 for i in range(40)]
+"""A shared system prompt: two full pages and a partial one."""
+
+
+@pytest.fixture(scope="module")
+def model():
+    return params_from_hf(tiny_hf_model("llama", num_hidden_layers=2))
+
+
+def make_executor(model, **kwargs) -> JaxModelExecutor:
+    config, graphdef, params = model
+    kwargs = {
+        "max_batch_size": 8,
+        "max_sequence_length": MAX_LEN,
+        "block_size": PAGE,
+        "max_num_batched_tokens": 64,
+        **kwargs,
+    }
+    if MESH:
+        from ferrum_jax.sharding import make_mesh
+
+        data, model_axis = (int(x) for x in MESH.split(","))
+        kwargs["mesh"] = make_mesh(data=data, model=model_axis)
+    return JaxModelExecutor(config, graphdef, params, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def isolated(model):
+    """First `n <= NEW` greedy tokens of a prompt run alone through the functional API."""
+    _, graphdef, params = model
+    memo: dict[tuple[int, ...], list[int]] = {}
+
+    def run(prompt: list[int], n: int = NEW) -> list[int]:
+        key = tuple(prompt)
+        if key not in memo:
+            out = engine.generate(
+                graphdef, params, np.asarray([prompt]), max_new_tokens=NEW, stop_tokens=[]
+            )
+            memo[key] = np.asarray(out.tokens[0]).tolist()
+        return memo[key][:n]
+
+    return run
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def greedy(logits) -> int:
+    return int(np.argmax(np.asarray(logits)))
+
+
+def requests(rng: random.Random, n: int, prefix: list[int] = ()) -> list[Request]:
+    """Mixed lengths: a third longer than the loop's 48-token budget (several chunks)."""
+    out = []
+    for i in range(n):
+        length = rng.randrange(49, 110 - len(prefix)) if i % 3 == 0 else rng.randrange(1, 30)
+        prompt = [*prefix, *(rng.randrange(3, 256) for _ in range(length))]
+        out.append(Request(f"r{i}", prompt, rng.randrange(2, NEW + 1)))
+    return out
+
+
+def serve(executor, reqs):
+    return run(run_unified(executor, reqs, token_budget=48, decode_chunk=16, prefill_chunk=32))
+
+
+def check_pages(executor) -> None:
+    """free + used == total, and every page's refcount equals its live references (rows
+    holding it, plus one for the prefix cache)."""
+    metrics = executor.cache_metrics_snapshot()
+    assert metrics["pages_free"] + metrics["pages_used"] == metrics["pages_total"]
+    refs = collections.Counter(
+        p for r in executor._live.values() for row in r.rows for p in row.pages
+    )
+    if executor._prefix is not None:
+        refs.update(executor._prefix.cached_pages())
+        executor._prefix.check()
+    executor._allocator.check()
+    for page in range(metrics["pages_total"]):
+        assert executor._allocator.refcount(page) == refs[page], page
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine loop
+
+
+def test_engine_loop_matches_isolated_runs(model, isolated):
+    """24 requests through the Ferrum 0.7 loop replica: prompts chunked while others decode,
+    handles the engine's own; every request's greedy tokens equal its isolated run."""
+    reqs = requests(random.Random(0), LOOP_REQUESTS)
+    executor = make_executor(model)
+    results = serve(executor, reqs)
+    for r in reqs:
+        assert results[r.id].tokens == isolated(list(r.prompt), r.max_new_tokens), r.id
+    metrics = executor.cache_metrics_snapshot()
+    assert metrics["pages_used"] == 0 and metrics["steps"] > 0
+    # Every prompt token once; a chunk of one token continuing a prompt counts as a decode.
+    prompt_tokens = sum(len(r.prompt) for r in reqs)
+    assert prompt_tokens - len(reqs) <= metrics["prefill_tokens_computed"] <= prompt_tokens
+    check_pages(executor)
+    assert executor.status().current_batch_size == 0
+
+
+def test_prefix_caching_shares_the_system_prompt(model, isolated):
+    """The same loop with a shared system prompt: identical tokens, prefix-cache hits, and
+    the prefill tokens computed drop by exactly the tokens reused."""
+    reqs = requests(random.Random(1), 24, prefix=SYSTEM)
+    plain = make_executor(model)
+    cached = make_executor(model, enable_prefix_caching=True)
+    want = serve(plain, reqs)
+    got = serve(cached, reqs)
+    for r in reqs:
+        assert got[r.id].tokens == want[r.id].tokens == isolated(list(r.prompt), r.max_new_tokens)
+    off, on = plain.cache_metrics_snapshot(), cached.cache_metrics_snapshot()
+    assert on["hits"] > 0 and on["tokens_reused"] >= on["hits"] * PAGE
+    saved = off["prefill_tokens_computed"] - on["prefill_tokens_computed"]
+    assert saved == on["prefill_tokens_reused"] > 0 and off["prefill_tokens_reused"] == 0
+    # Requests admitted once the first ones prefilled hold both full system-prompt pages
+    # (chunks ending inside a page swap it for the cached one; fewer tokens are saved).
+    assert on["tokens_reused"] >= 16 * 2 * PAGE
+    assert on["pages_cached"] > 0 and on["pages_used"] == len(cached._prefix.cached_pages())
+    check_pages(cached)
+
+
+class PlainHandle(EngineHandle):
+    """A handle written by someone else (Ferrum's KV manager): the executor knows its id."""
+
+
+def test_foreign_handles_keyed_by_seq_id(model, isolated):
+    executor = make_executor(model)
+    prompt = [5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45]
+    handle = PlainHandle("engine-7")
+    first = UnifiedBatchItem("engine-7", prompt[:6], handle, 0, False)
+    assert run(executor.unified_decode(UnifiedBatch([first]))) == [None]
+    final = UnifiedBatchItem("engine-7", prompt[6:], handle, 6, True)
+    (logits,) = run(executor.unified_decode(UnifiedBatch([final])))
+    assert logits.dtype == np.float32 and logits.shape == (model[0].vocab_size,)
+    tokens = [greedy(logits)]
+    # The 0.6 API continues the same sequence through the foreign handle.
+    out = run(executor.decode(DecodeInput(np.asarray([[tokens[-1]]]), handle)))
+    tokens.append(out.logits.argmax_last_dim_u32()[0])
+    step = UnifiedBatchItem("engine-7", [tokens[-1]], handle, len(prompt) + 1, True)
+    tokens.append(greedy(run(executor.unified_decode(UnifiedBatch([step])))[0]))
+    assert tokens == isolated(prompt, 3)
+    assert executor.cache_metrics_snapshot()["pages_used"] == 1
+    executor.release_cache("engine-7")
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0
+    # Released: continuing it is refused, starting it over at 0 works.
+    with pytest.raises(FerrumError) as e:
+        run(executor.unified_decode(UnifiedBatch([step])))
+    assert e.value.kind is ErrorKind.NOT_FOUND
+    again = UnifiedBatchItem("engine-7", prompt, handle, 0, True)
+    assert greedy(run(executor.unified_decode(UnifiedBatch([again])))[0]) == tokens[0]
+
+
+def test_chunked_prefill_through_prefill_position_ids(model, isolated):
+    """`prefill(PrefillInput(ids, kv_cache=h, position_ids=offset..))` appends a chunk."""
+    executor = make_executor(model)
+    prompt = [(3 * i) % 250 + 3 for i in range(70)]
+    out = run(executor.prefill(PrefillInput(np.asarray([prompt[:30]]))))
+    handle = out.kv_cache
+    for lo, hi in ((30, 47), (47, 70)):
+        out = run(
+            executor.prefill(
+                PrefillInput(
+                    np.asarray([prompt[lo:hi]]),
+                    kv_cache=handle,
+                    position_ids=np.arange(lo, hi)[None],
+                )
+            )
+        )
+        assert out.kv_cache.cache_id() == handle.cache_id()
+    assert handle.num_tokens() == 70 and handle.block_table().num_blocks() == 5
+    assert out.last_token_logits().argmax_last_dim_u32()[0] == isolated(prompt, 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding on pages
+
+
+def test_forward_verify_and_truncate_reproduce_greedy(model, isolated):
+    """The engine's speculative loop: verify [last, drafts...] in one forward, keep the
+    drafts the target agrees with, `truncate_kv` to the accepted prefix. Half-wrong drafts
+    still give exactly the greedy tokens."""
+    executor = make_executor(model)
+    prompt = [11, 12, 13, 14, 15]
+    want = isolated(prompt)
+    out = run(executor.prefill(PrefillInput(np.asarray([prompt]))))
+    handle = out.kv_cache
+    tokens = [out.last_token_logits().argmax_last_dim_u32()[0]]
+    rng = random.Random(3)
+    while len(tokens) < NEW:
+        drafts = list(want[len(tokens) : len(tokens) + 3])
+        drafts += [3] * (3 - len(drafts))
+        if rng.random() < 0.5:
+            drafts[rng.randrange(3)] = 200  # a wrong draft
+        length = handle.num_tokens()
+        inputs = [DecodeInput(np.asarray([[t]]), handle) for t in [tokens[-1], *drafts]]
+        outs = run(executor.forward_verify(inputs))
+        assert len(outs) == 4 and handle.num_tokens() == length + 4
+        accepted = 0
+        while accepted < 3 and outs[accepted].logits.argmax_last_dim_u32()[0] == drafts[accepted]:
+            accepted += 1
+        tokens += drafts[:accepted]
+        tokens.append(outs[accepted].logits.argmax_last_dim_u32()[0])
+        run(executor.truncate_kv(handle, length + 1 + accepted))
+        assert handle.num_tokens() == length + 1 + accepted
+        check_pages(executor)
+    assert tokens[:NEW] == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _live_pair(executor):
+    """Two live sequences (a: 3 tokens, b: 20 tokens) and their next decode items."""
+    items = [
+        UnifiedBatchItem("a", [5, 6, 7], None, 0, True),
+        UnifiedBatchItem("b", list(range(10, 30)), None, 0, True),
+    ]
+    a, b = (greedy(x) for x in run(executor.unified_decode(UnifiedBatch(items))))
+    return [
+        UnifiedBatchItem("a", [a], None, 3, True),
+        UnifiedBatchItem("b", [b], None, 20, True),
+    ]
+
+
+UNIFIED_BAD = {
+    "unknown_seq_past_0": (ErrorKind.NOT_FOUND, [UnifiedBatchItem("zz", [5], None, 4, True)]),
+    "offset_not_length": (ErrorKind.INVALID_PARAMETER, [UnifiedBatchItem("a", [5], None, 2, True)]),
+    "same_seq_twice": (
+        ErrorKind.INVALID_PARAMETER,
+        [UnifiedBatchItem("n", [5], None, 0, False), UnifiedBatchItem("n", [6], None, 1, True)],
+    ),
+    "empty_q_tokens": (ErrorKind.INVALID_PARAMETER, [UnifiedBatchItem("n", [], None, 0, True)]),
+    "token_out_of_range": (
+        ErrorKind.INVALID_PARAMETER,
+        [UnifiedBatchItem("n", [5, 256], None, 0, True)],
+    ),
+    "past_kv_capacity": (
+        ErrorKind.REQUEST_VALIDATION,
+        [UnifiedBatchItem("a", [5] * (MAX_LEN - 2), None, 3, True)],
+    ),
+    "more_pages_than_free": (
+        ErrorKind.RESOURCE_EXHAUSTED,
+        [UnifiedBatchItem(f"p{i}", [5] * 60, None, 0, True) for i in range(3)],
+    ),
+}
+
+
+SOAK_BAD = [
+    *(bad for name, (_, bad) in UNIFIED_BAD.items() if name != "more_pages_than_free"),
+    [UnifiedBatchItem(f"p{i}", [5] * 100, None, 0, True) for i in range(4)],  # > the pool
+]
+
+
+@pytest.mark.parametrize("case", [*UNIFIED_BAD, "truncate_past_length", "after_shutdown"])
+def test_bad_unified_input_changes_nothing(model, case):
+    """Each bad batch is refused whole with its own error before device work: no page
+    leaked, and the live sequences' next logits bit-identical to a twin's that never saw it."""
+    executor = make_executor(model, max_kv_tokens=8 * PAGE)
+    twin = make_executor(model, max_kv_tokens=8 * PAGE)
+    nxt, twin_next = _live_pair(executor), _live_pair(twin)
+    before = executor.cache_metrics_snapshot()
+    ops = executor.status()
+    if case == "truncate_past_length":
+        with pytest.raises(FerrumError) as e:
+            run(executor.truncate_kv(EngineHandle("a"), 4))
+        assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    elif case == "after_shutdown":
+        run(executor.shutdown())
+        with pytest.raises(FerrumError) as e:
+            run(executor.unified_decode(UnifiedBatch(nxt)))
+        assert "shut down" in str(e.value) and executor.status().state is ExecutorState.SHUTDOWN
+        return
+    else:
+        kind, bad = UNIFIED_BAD[case]
+        with pytest.raises(FerrumError) as e:
+            # The good items come first: refusing the batch must undo nothing of theirs.
+            run(executor.unified_decode(UnifiedBatch([nxt[1], *bad])))
+        assert e.value.kind is kind, e.value
+    after = executor.cache_metrics_snapshot()
+    assert after == before
+    status = executor.status()
+    assert status.decode_operations == ops.decode_operations
+    check_pages(executor)
+    got = run(executor.unified_decode(UnifiedBatch(nxt)))
+    want = run(twin.unified_decode(UnifiedBatch(twin_next)))
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soak
+
+
+def test_soak_3000_operations(model, isolated):
+    """3,000 randomized operations over a small pool with prefix caching: unified batches
+    (chunked prompts, decodes), 0.6 prefills/decodes, verify + truncate, releases, shared
+    prefixes and bad input. Afterwards the page accounting is exact and greedily decoded
+    sequences equal their isolated runs."""
+    rng = random.Random(2026)
+    executor = make_executor(model, max_kv_tokens=24 * PAGE, enable_prefix_caching=True)
+    seqs: dict[str, dict] = {}  # seq_id -> prompt, fed (prompt tokens in), tokens, greedy
+    checked, refused, names = 0, collections.Counter(), iter(range(10**9))
+
+    def prompt() -> list[int]:
+        tail = [rng.randrange(3, 256) for _ in range(rng.randrange(1, 40))]
+        return [*SYSTEM[: rng.choice([0, 16, 32, 40])], *tail]
+
+    def length(s) -> int:
+        return s["fed"] + len(s["tokens"]) - (1 if s["tokens"] else 0)
+
+    async def soak():
+        nonlocal checked
+        for _ in range(3000):
+            op = rng.choice(["unified"] * 4 + ["verify", "release", "prefill06", "bad"])
+            try:
+                if op == "unified":
+                    items, owners = [], []
+                    if len(seqs) < 8 and rng.random() < 0.5:
+                        sid = f"s{next(names)}"
+                        seqs[sid] = {"prompt": prompt(), "fed": 0, "tokens": [], "greedy": True}
+                    for sid, s in rng.sample(list(seqs.items()), min(len(seqs), 4)):
+                        if s["fed"] < len(s["prompt"]):
+                            n = min(rng.randrange(1, 33), len(s["prompt"]) - s["fed"])
+                            q = s["prompt"][s["fed"] : s["fed"] + n]
+                            final = s["fed"] + n == len(s["prompt"])
+                            items.append(UnifiedBatchItem(sid, q, None, s["fed"], final))
+                            owners.append((sid, n))
+                        elif length(s) + 1 < MAX_LEN and len(s["tokens"]) < NEW:
+                            items.append(
+                                UnifiedBatchItem(sid, [s["tokens"][-1]], None, length(s), True)
+                            )
+                            owners.append((sid, 0))
+                    if items:
+                        outs = await executor.unified_decode(UnifiedBatch(items))
+                        for (sid, n), logits in zip(owners, outs, strict=True):
+                            s = seqs[sid]
+                            s["fed"] += n
+                            if logits is not None:
+                                s["tokens"].append(greedy(logits))
+                elif op == "verify" and seqs:
+                    sid, s = rng.choice(list(seqs.items()))
+                    if s["tokens"] and length(s) + 4 < MAX_LEN:
+                        handle = EngineHandle(sid)
+                        drafts = [rng.randrange(3, 256) for _ in range(3)]
+                        start = length(s)
+                        inputs = [
+                            DecodeInput(np.asarray([[t]]), handle)
+                            for t in [s["tokens"][-1], *drafts]
+                        ]
+                        assert len(await executor.forward_verify(inputs)) == 4
+                        keep = rng.randrange(0, 4)
+                        await executor.truncate_kv(handle, start + 1 + keep)
+                        s["tokens"] += drafts[:keep]
+                        s["tokens"].append(rng.randrange(3, 256))
+                        s["greedy"] = False
+                elif op == "release" and seqs:
+                    sid = rng.choice(list(seqs))
+                    s = seqs.pop(sid)
+                    done = s["fed"] == len(s["prompt"]) and s["greedy"] and len(s["tokens"]) > 1
+                    if done and checked < 12:
+                        assert s["tokens"] == isolated(s["prompt"], len(s["tokens"])), sid
+                        checked += 1
+                    executor.release_cache(sid)
+                elif op == "prefill06" and len(seqs) < 8:
+                    p = prompt()
+                    out = await executor.prefill(PrefillInput(np.asarray([p])))
+                    token = out.last_token_logits().argmax_last_dim_u32()[0]
+                    sid = out.kv_cache.cache_id()
+                    seqs[sid] = {"prompt": p, "fed": len(p), "tokens": [token], "greedy": True}
+                elif op == "bad":
+                    bad = rng.choice(SOAK_BAD)
+                    await executor.unified_decode(UnifiedBatch(bad))
+                    raise AssertionError(f"accepted {bad}")
+            except FerrumError as e:
+                refused[e.kind] += 1
+                if op != "bad":
+                    assert e.kind is ErrorKind.RESOURCE_EXHAUSTED, e
+                    # Out of pages: the engine would preempt; the soak releases one.
+                    if seqs:
+                        victim = rng.choice(list(seqs))
+                        del seqs[victim]
+                        executor.release_cache(victim)
+
+    run(soak())
+    check_pages(executor)
+    for sid in list(seqs):
+        executor.release_cache(sid)
+    check_pages(executor)
+    metrics = executor.cache_metrics_snapshot()
+    assert metrics["pages_used"] == len(executor._prefix.cached_pages())
+    assert metrics["hits"] > 0 and metrics["lookups"] == metrics["hits"] + metrics["misses"]
+    status = executor.status()
+    assert status.current_batch_size == 0 and status.state is ExecutorState.READY
+    assert checked >= 5 and sum(refused.values()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+
+
+def test_engine_loop_on_mesh():
+    """The engine-loop equivalence test on a (2, 4) mesh of 8 devices (10 requests, chunked
+    prompts among them): the same tokens as one device's isolated runs."""
+    env = {
+        **os.environ,
+        "FERRUM_TEST_MESH": "2,4",
+        "FERRUM_TEST_REQUESTS": "10",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    test = f"{__file__}::test_engine_loop_matches_isolated_runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout
