@@ -5,7 +5,8 @@ Two layers of public API:
 - the pure-functional core: `load_model` gives a `Model` (configs, graphdef, params,
   tokenizer), `init_model` a random `(graphdef, params)`;
   `init_cache`, `prefill`, `extend`, `decode`, `generate`, `forward` are jitted steps over a
-  static KV cache; `SamplingParams` / `sample` are pure sampling;
+  static KV cache; `SamplingParams` / `sample` are pure sampling; `score` and
+  `rolling_loglikelihood` give continuation and whole-text log-probabilities (evaluation);
 - the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
   `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
 """
@@ -26,6 +27,7 @@ from ferrum_jax.checkpoint import (
 )
 from ferrum_jax.engine import (
     GenerateOutput,
+    Score,
     bucket,
     bucket_length,
     compile_counts,
@@ -34,6 +36,9 @@ from ferrum_jax.engine import (
     forward,
     generate,
     prefill,
+    rolling_loglikelihood,
+    rolling_windows,
+    score,
     set_lengths,
 )
 from ferrum_jax.errors import ErrorKind, FerrumError
@@ -127,6 +132,7 @@ __all__ = [
     "PrefillOutput",
     "RopeScaling",
     "SamplingParams",
+    "Score",
     "SpeculativeDecodeOutput",
     "SpeculativeExecutor",
     "StreamedToken",
@@ -153,10 +159,13 @@ __all__ = [
     "params_from_checkpoint",
     "prefill",
     "progress",
+    "rolling_loglikelihood",
+    "rolling_windows",
     "row_keys",
     "sample",
     "sample_step",
     "save_orbax",
+    "score",
     "set_lengths",
     "sharding",
     "stream_tokens",

@@ -20,6 +20,13 @@ from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length, buckets
 from ferrum_jax.engine.generate import GenerateOutput, generate, generate_step
 from ferrum_jax.engine.limits import check_context_length
 from ferrum_jax.engine.ragged import RaggedBatch, RaggedItem, pack_ragged, ragged_step, run_ragged
+from ferrum_jax.engine.score import (
+    Score,
+    rolling_loglikelihood,
+    rolling_windows,
+    score,
+    score_step,
+)
 from ferrum_jax.engine.steps import (
     decode,
     decode_step,
@@ -42,6 +49,7 @@ def compile_counts() -> dict[str, int]:
         "forward": forward_step,
         "generate": generate_step,
         "ragged": ragged_step,
+        "score": score_step,
     }
     return {name: fn._cache_size() for name, fn in fns.items()}
 
@@ -53,6 +61,7 @@ __all__ = [
     "RaggedBatch",
     "RaggedItem",
     "RowBatch",
+    "Score",
     "TokenBatch",
     "bucket",
     "bucket_length",
@@ -79,6 +88,10 @@ __all__ = [
     "prefill",
     "prefill_step",
     "ragged_step",
+    "rolling_loglikelihood",
+    "rolling_windows",
     "run_ragged",
+    "score",
+    "score_step",
     "set_lengths",
 ]
