@@ -222,8 +222,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--model",
             metavar="PATH",
-            help="HF directory (config.json + safetensors), .gguf file or orbax directory "
-            "(default: the embedded SmolLM2-135M-Instruct)",
+            help="HF directory (config.json + safetensors), .gguf file, orbax directory or "
+            "hub name org/name (from the Hugging Face cache, downloaded unless HF_HUB_OFFLINE "
+            "is set) (default: the embedded SmolLM2-135M-Instruct)",
+        )
+        p.add_argument("--revision", metavar="REV", help="branch, tag or commit of a hub --model")
+        p.add_argument(
+            "--gguf-file",
+            metavar="NAME",
+            help="the .gguf file of a hub --model that holds several",
         )
         p.add_argument(
             "--dtype", choices=DTYPE_NAMES, default="float32", help="parameter and compute dtype"
@@ -455,17 +462,35 @@ def _mesh(spec: str | None) -> Mesh | None:
     return sharding.make_mesh(data=data, model=model)
 
 
-def _model_path(value: str | None, flag: str = "--model") -> str | None:
-    """`value` once it names something `load_model` can read (None: the embedded model)."""
+def _model_path(
+    value: str | None,
+    flag: str = "--model",
+    *,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+) -> str | None:
+    """The local path of what `value` names once `load_model` can read it (None: the
+    embedded model); a hub name resolves to its files in the Hugging Face cache."""
     if value is None:
+        if revision is not None or gguf_file is not None:
+            raise _arg_error("--revision and --gguf-file need a hub name in --model (org/name)")
         return None  # a missing default model is a broken install, reported by the load
     from ferrum_jax.checkpoint import model_format
 
     try:
-        model_format(value)
+        path, _ = model_format(value, revision=revision, gguf_file=gguf_file)
     except FerrumError as e:
+        if e.kind not in (ErrorKind.NOT_FOUND, ErrorKind.INVALID_PARAMETER, ErrorKind.UNSUPPORTED):
+            raise
         raise _arg_error(f"{flag} {e.message}") from None
-    return value
+    if path != pathlib.Path(value):  # a hub name: say which files it is
+        log.info("%s is %s", value, path)
+    return str(path)
+
+
+def _hub_model(args: argparse.Namespace) -> str | None:
+    """`--model` (with `--revision`, `--gguf-file`) as a local path."""
+    return _model_path(args.model, revision=args.revision, gguf_file=args.gguf_file)
 
 
 def _tokenizer(model: str | None, *, chat: bool) -> Tokenizer:
@@ -603,7 +628,7 @@ def _generate(args: argparse.Namespace) -> int:
     text, flag = _prompt_text(args)
     sampling = _sampling(args)
     mesh = _mesh(args.mesh)
-    model_path = _model_path(args.model)
+    model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=args.chat)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -663,7 +688,7 @@ def _chat(args: argparse.Namespace) -> int:
         raise _arg_error("--system is empty")
     sampling = _sampling(args)
     mesh = _mesh(args.mesh)
-    model_path = _model_path(args.model)
+    model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=True)
     model = _load(model_path, args.dtype, mesh)
     session = ChatSession(
@@ -744,7 +769,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from ferrum_jax.checkpoint import describe_model
 
-    described = describe_model(_model_path(args.model))
+    described = describe_model(_hub_model(args))
     config = described.config
     itemsize = model_dtype(args.dtype).itemsize
     kv_per_token = config.kv_bytes_per_token(itemsize)
@@ -816,7 +841,8 @@ def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
     _mesh(args.mesh)
-    context = _context(_model_path(args.model))
+    args.model = _hub_model(args)  # run_bench loads the local path
+    context = _context(args.model)
     for prompt_len in args.prompt_len:
         check_context_length(
             prompt_len,
