@@ -7,11 +7,14 @@ Two layers of public API:
   `init_cache`, `prefill`, `extend`, `decode`, `generate`, `forward` are jitted steps over a
   static KV cache; `SamplingParams` / `sample` are pure sampling; `score` and
   `rolling_loglikelihood` give continuation and whole-text log-probabilities (evaluation);
+- many requests at once: `generate_batch` (continuous batching through an executor) and
+  `generate_jsonl` (the same over a JSONL file, resumable; `ferrum-jax generate --input-file`);
 - the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
   `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
 """
 
 from ferrum_jax import progress, sharding
+from ferrum_jax.batch_generation import GenerationRequest, GenerationResult, generate_batch
 from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.chat import ChatSession
 from ferrum_jax.checkpoint import (
@@ -77,6 +80,7 @@ from ferrum_jax.interfaces import (
     TensorLike,
     TensorRef,
 )
+from ferrum_jax.jsonl_batch import JsonlReport, LineDefaults, generate_jsonl
 from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
 from ferrum_jax.models.llama import Llama, abstract_model, init_model
@@ -110,14 +114,18 @@ __all__ = [
     "ExecutorType",
     "FerrumError",
     "GenerateOutput",
+    "GenerationRequest",
+    "GenerationResult",
     "IncrementalDetokenizer",
     "JaxExecutorFactory",
     "JaxExecutorRegistry",
     "JaxKvCacheHandle",
     "JaxModelExecutor",
     "JaxTensor",
+    "JsonlReport",
     "KVCache",
     "KvCacheHandle",
+    "LineDefaults",
     "Llama",
     "LoadedModel",
     "MemoryRequirements",
@@ -149,6 +157,8 @@ __all__ = [
     "extend",
     "forward",
     "generate",
+    "generate_batch",
+    "generate_jsonl",
     "hf_state_dict",
     "init_cache",
     "init_model",

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument err
 MAX = "max"
 """`--max-new-tokens max`: fill the model's context."""
 
-_SYNONYMS = {"--input": "--prompt", "--text": "--prompt", "--input-file": "--prompt-file"}
+_SYNONYMS = {"--input": "--prompt", "--text": "--prompt"}
 """Flags of other tools that users type for ours; difflib catches plain typos."""
 
 log = progress.logger
@@ -292,7 +292,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "the text ends before it",
         )
 
-    gen = command("generate", "generate text from a prompt, streamed to stdout")
+    gen = command(
+        "generate",
+        "generate text from a prompt, streamed to stdout, or for every line of a JSONL file",
+    )
     gen.add_argument(
         "--prompt", metavar="TEXT", help="the prompt; '-' reads it from standard input"
     )
@@ -300,6 +303,26 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--prompt-file",
         metavar="PATH",
         help="read the prompt from this UTF-8 file (one trailing newline is dropped)",
+    )
+    gen.add_argument(
+        "--input-file",
+        metavar="FILE.jsonl",
+        help='batch mode: one JSON object per line, {"id", "prompt"} or {"id", "messages"}, '
+        "optionally with max_new_tokens, temperature, top_k, top_p, min_p, seed, stop "
+        "(the flags give the defaults); needs --output",
+    )
+    gen.add_argument(
+        "--output",
+        metavar="FILE.jsonl",
+        help='batch mode: appends {"id", "text", "token_ids", "finish_reason"} as each line '
+        "finishes; ids already there are skipped (a killed run resumes)",
+    )
+    gen.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=8,
+        metavar="N",
+        help="batch mode: sequences generated at once (continuous batching)",
     )
     gen.add_argument(
         "--chat", action="store_true", help="send the prompt as a user message of the chat template"
@@ -621,6 +644,8 @@ def _generate(args: argparse.Namespace) -> int:
     from ferrum_jax import sharding
     from ferrum_jax.streaming import stream_tokens
 
+    if args.input_file is not None or args.output is not None:
+        return _generate_file(args)
     if args.system is not None and not args.chat:
         raise _arg_error("--system needs --chat (the system message is part of the chat template)")
     if args.system == "":
@@ -678,6 +703,84 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if answer.finish_reason == "length":
         _stopped(f"max-new-tokens {max_new} reached")
+    return 0
+
+
+def _generate_file(args: argparse.Namespace) -> int:
+    """`generate --input-file --output`: every line of a JSONL file, continuous batching."""
+    from ferrum_jax import jsonl_batch
+    from ferrum_jax.executor import JaxModelExecutor
+
+    if args.input_file is None or args.output is None:
+        raise _arg_error("--input-file and --output go together (batch mode)")
+    for flag, given in (
+        ("--prompt", args.prompt is not None),
+        ("--prompt-file", args.prompt_file is not None),
+        ("--chat", args.chat),
+        ("--system", args.system is not None),
+        ("--json", args.json),
+    ):
+        if given:
+            raise _arg_error(
+                f"{flag} does not go with --input-file (each line holds its prompt or messages)"
+            )
+    input_file, output = pathlib.Path(args.input_file), pathlib.Path(args.output)
+    if output.resolve() == input_file.resolve():
+        raise _arg_error("--output must not be the --input-file")
+    if output.is_dir():
+        raise _arg_error(f"--output {output}: is a directory")
+    mesh = _mesh(args.mesh)
+    model_path = _hub_model(args)
+    tokenizer = _tokenizer(model_path, chat=False)
+    from ferrum_jax.checkpoint import describe_model
+
+    config = describe_model(model_path).config
+    try:
+        done = jsonl_batch.read_done(output)
+    except FerrumError as e:
+        raise _arg_error(e.message) from None
+    defaults = jsonl_batch.LineDefaults(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    batch = jsonl_batch.read_input(
+        input_file,
+        tokenizer,
+        context=config.max_position_embeddings,
+        vocab=config.vocab_size,
+        defaults=defaults,
+        done=done,
+    )
+    for error in batch.errors:
+        print(
+            f"ferrum-jax: {args.input_file}:{error.line}: skipped: {error.message}", file=sys.stderr
+        )
+    if batch.skipped:
+        log.info("%d line(s) already in %s: skipped", batch.skipped, args.output)
+    if batch.requests:
+        from ferrum_jax.engine import bucket
+
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in batch.requests)
+        model = _load(model_path, args.dtype, mesh)
+        executor = JaxModelExecutor(
+            model,
+            max_batch_size=min(args.batch_size, len(batch.requests)),
+            # A power of two: runs with similar lines reuse compiled programs.
+            max_sequence_length=min(bucket(longest, minimum=64), config.max_position_embeddings),
+        )
+        log.info("generating %d line(s), %d at a time", len(batch.requests), args.batch_size)
+        jsonl_batch.run(executor, batch.requests, output, tokenizer=tokenizer)
+    if batch.errors:
+        print(
+            f"ferrum-jax: {len(batch.errors)} line(s) of {args.input_file} skipped (see above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
