@@ -1,4 +1,4 @@
-"""ferrum-jax: generate text, chat, convert checkpoints, describe models and benchmark them.
+"""ferrum-jax: generate text, chat, convert checkpoints, describe, benchmark and evaluate models.
 
 Arguments are checked before any weight loads: flag values and the prompt first, then the
 prompt's length against the model's context, tokenized with the tokenizer read from the
@@ -205,6 +205,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             help=summary,
             description=summary,
             formatter_class=_HelpFormatter,
+            # No prefixes: `--input` (another tool's flag for the prompt) must not silently
+            # become `--input-file`; a typo gets a suggestion instead (`_unknown`).
+            allow_abbrev=False,
         )
         subparsers[name] = sub
         return sub
@@ -356,6 +359,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="replace DST if it is an orbax checkpoint (or an empty directory)",
     )
     common(convert)
+
+    command_eval = commands.add_parser(
+        "eval",
+        help="run lm-eval-harness with this model (lm-eval's own flags; needs the eval extra)",
+        usage="ferrum-jax eval [LM_EVAL_FLAGS ...]",
+        add_help=False,  # --help is lm-eval's
+    )
+    subparsers["eval"] = command_eval
 
     info = command("info", "describe a model from its metadata (no weights are read)")
     model_args(info, mesh=False)
@@ -784,6 +795,15 @@ def _generate_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    """`eval ARGS`: lm-eval's command line with the `ferrum-jax` model registered."""
+    try:
+        from ferrum_jax import eval_harness
+    except ImportError as e:
+        raise FerrumError.unsupported(f"{e} (the eval extra)") from None
+    return eval_harness.run_cli(argv)
+
+
 def _chat(args: argparse.Namespace) -> int:
     from ferrum_jax.chat import ChatSession
 
@@ -970,6 +990,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": _convert,
     "info": _info,
     "bench": _bench,
+    "eval": lambda args: 0,  # handed over to lm-eval before parsing (`main`)
 }
 
 
@@ -999,6 +1020,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if argv[0] == "eval":  # lm-eval parses its own flags
+            with progress.stage_lines():
+                _enable_compilation_cache()
+                return _eval(argv[1:])
         try:
             args, extra = parser.parse_known_args(argv)
         except SystemExit as e:  # --help and --version print, then exit 0
