@@ -231,6 +231,23 @@ def test_tokenizer_fields_and_chat_template_equal_hflm(tiny_dir):
     assert ours.get_model_info()["model_num_parameters"] > 0
 
 
+def test_pretrained_takes_a_hub_name(tiny_dir, tmp_path, monkeypatch):
+    """`pretrained=org/name` (and lm-eval's default `revision=main`) loads from the hub
+    cache, offline."""
+    _, harness = require_lm_eval()
+    from hub_layout import add_snapshot
+
+    cache = tmp_path / "hub"
+    snapshot = add_snapshot(
+        cache, "org/tiny-eval", {p.name: p for p in tiny_dir.iterdir()}, commit="c" * 40
+    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    lm = harness.FerrumJaxLM.create_from_arg_string("pretrained=org/tiny-eval,revision=main")
+    assert lm.model.source == str(snapshot) and lm.tokenizer_name == "org__tiny-eval"
+
+
 def test_model_args_are_checked(tiny_dir):
     _, harness = require_lm_eval()
     with pytest.raises(fj.FerrumError, match="unknown model_args for ferrum-jax: colour"):
