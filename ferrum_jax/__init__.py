@@ -5,12 +5,16 @@ Two layers of public API:
 - the pure-functional core: `load_model` gives a `Model` (configs, graphdef, params,
   tokenizer), `init_model` a random `(graphdef, params)`;
   `init_cache`, `prefill`, `extend`, `decode`, `generate`, `forward` are jitted steps over a
-  static KV cache; `SamplingParams` / `sample` are pure sampling;
+  static KV cache; `SamplingParams` / `sample` are pure sampling; `score` and
+  `rolling_loglikelihood` give continuation and whole-text log-probabilities (evaluation);
+- many requests at once: `generate_batch` (continuous batching through an executor) and
+  `generate_jsonl` (the same over a JSONL file, resumable; `ferrum-jax generate --input-file`);
 - the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
   `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
 """
 
 from ferrum_jax import progress, sharding
+from ferrum_jax.batch_generation import GenerationRequest, GenerationResult, generate_batch
 from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.chat import ChatSession
 from ferrum_jax.checkpoint import (
@@ -26,6 +30,7 @@ from ferrum_jax.checkpoint import (
 )
 from ferrum_jax.engine import (
     GenerateOutput,
+    Score,
     bucket,
     bucket_length,
     compile_counts,
@@ -34,6 +39,9 @@ from ferrum_jax.engine import (
     forward,
     generate,
     prefill,
+    rolling_loglikelihood,
+    rolling_windows,
+    score,
     set_lengths,
 )
 from ferrum_jax.errors import ErrorKind, FerrumError
@@ -74,6 +82,7 @@ from ferrum_jax.interfaces import (
     UnifiedBatch,
     UnifiedBatchItem,
 )
+from ferrum_jax.jsonl_batch import JsonlReport, LineDefaults, generate_jsonl
 from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
 from ferrum_jax.models.llama import Llama, abstract_model, init_model
@@ -107,14 +116,18 @@ __all__ = [
     "ExecutorType",
     "FerrumError",
     "GenerateOutput",
+    "GenerationRequest",
+    "GenerationResult",
     "IncrementalDetokenizer",
     "JaxExecutorFactory",
     "JaxExecutorRegistry",
     "JaxKvCacheHandle",
     "JaxModelExecutor",
     "JaxTensor",
+    "JsonlReport",
     "KVCache",
     "KvCacheHandle",
+    "LineDefaults",
     "Llama",
     "LoadedModel",
     "MemoryRequirements",
@@ -129,6 +142,7 @@ __all__ = [
     "PrefillOutput",
     "RopeScaling",
     "SamplingParams",
+    "Score",
     "SpeculativeDecodeOutput",
     "SpeculativeExecutor",
     "StreamedToken",
@@ -147,6 +161,8 @@ __all__ = [
     "extend",
     "forward",
     "generate",
+    "generate_batch",
+    "generate_jsonl",
     "hf_state_dict",
     "init_cache",
     "init_model",
@@ -157,10 +173,13 @@ __all__ = [
     "params_from_checkpoint",
     "prefill",
     "progress",
+    "rolling_loglikelihood",
+    "rolling_windows",
     "row_keys",
     "sample",
     "sample_step",
     "save_orbax",
+    "score",
     "set_lengths",
     "sharding",
     "stream_tokens",

@@ -1,4 +1,4 @@
-"""ferrum-jax: generate text, chat, convert checkpoints, describe models and benchmark them.
+"""ferrum-jax: generate text, chat, convert checkpoints, describe, benchmark and evaluate models.
 
 Arguments are checked before any weight loads: flag values and the prompt first, then the
 prompt's length against the model's context, tokenized with the tokenizer read from the
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument err
 MAX = "max"
 """`--max-new-tokens max`: fill the model's context."""
 
-_SYNONYMS = {"--input": "--prompt", "--text": "--prompt", "--input-file": "--prompt-file"}
+_SYNONYMS = {"--input": "--prompt", "--text": "--prompt"}
 """Flags of other tools that users type for ours; difflib catches plain typos."""
 
 log = progress.logger
@@ -225,6 +225,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             help=summary,
             description=summary,
             formatter_class=_HelpFormatter,
+            # No prefixes: `--input` (another tool's flag for the prompt) must not silently
+            # become `--input-file`; a typo gets a suggestion instead (`_unknown`).
+            allow_abbrev=False,
         )
         subparsers[name] = sub
         return sub
@@ -242,8 +245,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--model",
             metavar="PATH",
-            help="HF directory (config.json + safetensors), .gguf file or orbax directory "
-            "(default: the embedded SmolLM2-135M-Instruct)",
+            help="HF directory (config.json + safetensors), .gguf file, orbax directory or "
+            "hub name org/name (from the Hugging Face cache, downloaded unless HF_HUB_OFFLINE "
+            "is set) (default: the embedded SmolLM2-135M-Instruct)",
+        )
+        p.add_argument("--revision", metavar="REV", help="branch, tag or commit of a hub --model")
+        p.add_argument(
+            "--gguf-file",
+            metavar="NAME",
+            help="the .gguf file of a hub --model that holds several",
         )
         p.add_argument(
             "--dtype", choices=DTYPE_NAMES, default="float32", help="parameter and compute dtype"
@@ -305,7 +315,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "the text ends before it",
         )
 
-    gen = command("generate", "generate text from a prompt, streamed to stdout")
+    gen = command(
+        "generate",
+        "generate text from a prompt, streamed to stdout, or for every line of a JSONL file",
+    )
     gen.add_argument(
         "--prompt", metavar="TEXT", help="the prompt; '-' reads it from standard input"
     )
@@ -313,6 +326,26 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--prompt-file",
         metavar="PATH",
         help="read the prompt from this UTF-8 file (one trailing newline is dropped)",
+    )
+    gen.add_argument(
+        "--input-file",
+        metavar="FILE.jsonl",
+        help='batch mode: one JSON object per line, {"id", "prompt"} or {"id", "messages"}, '
+        "optionally with max_new_tokens, temperature, top_k, top_p, min_p, seed, stop "
+        "(the flags give the defaults); needs --output",
+    )
+    gen.add_argument(
+        "--output",
+        metavar="FILE.jsonl",
+        help='batch mode: appends {"id", "text", "token_ids", "finish_reason"} as each line '
+        "finishes; ids already there are skipped (a killed run resumes)",
+    )
+    gen.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=8,
+        metavar="N",
+        help="batch mode: sequences generated at once (continuous batching)",
     )
     gen.add_argument(
         "--chat", action="store_true", help="send the prompt as a user message of the chat template"
@@ -346,6 +379,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="replace DST if it is an orbax checkpoint (or an empty directory)",
     )
     common(convert)
+
+    command_eval = commands.add_parser(
+        "eval",
+        help="run lm-eval-harness with this model (lm-eval's own flags; needs the eval extra)",
+        usage="ferrum-jax eval [LM_EVAL_FLAGS ...]",
+        add_help=False,  # --help is lm-eval's
+    )
+    subparsers["eval"] = command_eval
 
     info = command("info", "describe a model from its metadata (no weights are read)")
     model_args(info, mesh=False)
@@ -518,17 +559,35 @@ def _mesh(spec: str | None) -> Mesh | None:
     return sharding.make_mesh(data=data, model=model)
 
 
-def _model_path(value: str | None, flag: str = "--model") -> str | None:
-    """`value` once it names something `load_model` can read (None: the embedded model)."""
+def _model_path(
+    value: str | None,
+    flag: str = "--model",
+    *,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+) -> str | None:
+    """The local path of what `value` names once `load_model` can read it (None: the
+    embedded model); a hub name resolves to its files in the Hugging Face cache."""
     if value is None:
+        if revision is not None or gguf_file is not None:
+            raise _arg_error("--revision and --gguf-file need a hub name in --model (org/name)")
         return None  # a missing default model is a broken install, reported by the load
     from ferrum_jax.checkpoint import model_format
 
     try:
-        model_format(value)
+        path, _ = model_format(value, revision=revision, gguf_file=gguf_file)
     except FerrumError as e:
+        if e.kind not in (ErrorKind.NOT_FOUND, ErrorKind.INVALID_PARAMETER, ErrorKind.UNSUPPORTED):
+            raise
         raise _arg_error(f"{flag} {e.message}") from None
-    return value
+    if path != pathlib.Path(value):  # a hub name: say which files it is
+        log.info("%s is %s", value, path)
+    return str(path)
+
+
+def _hub_model(args: argparse.Namespace) -> str | None:
+    """`--model` (with `--revision`, `--gguf-file`) as a local path."""
+    return _model_path(args.model, revision=args.revision, gguf_file=args.gguf_file)
 
 
 def _tokenizer(model: str | None, *, chat: bool) -> Tokenizer:
@@ -659,6 +718,8 @@ def _generate(args: argparse.Namespace) -> int:
     from ferrum_jax import sharding
     from ferrum_jax.streaming import stream_tokens
 
+    if args.input_file is not None or args.output is not None:
+        return _generate_file(args)
     if args.system is not None and not args.chat:
         raise _arg_error("--system needs --chat (the system message is part of the chat template)")
     if args.system == "":
@@ -666,7 +727,7 @@ def _generate(args: argparse.Namespace) -> int:
     text, flag = _prompt_text(args)
     sampling = _sampling(args)
     mesh = _mesh(args.mesh)
-    model_path = _model_path(args.model)
+    model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=args.chat)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -719,6 +780,93 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_file(args: argparse.Namespace) -> int:
+    """`generate --input-file --output`: every line of a JSONL file, continuous batching."""
+    from ferrum_jax import jsonl_batch
+    from ferrum_jax.executor import JaxModelExecutor
+
+    if args.input_file is None or args.output is None:
+        raise _arg_error("--input-file and --output go together (batch mode)")
+    for flag, given in (
+        ("--prompt", args.prompt is not None),
+        ("--prompt-file", args.prompt_file is not None),
+        ("--chat", args.chat),
+        ("--system", args.system is not None),
+        ("--json", args.json),
+    ):
+        if given:
+            raise _arg_error(
+                f"{flag} does not go with --input-file (each line holds its prompt or messages)"
+            )
+    input_file, output = pathlib.Path(args.input_file), pathlib.Path(args.output)
+    if output.resolve() == input_file.resolve():
+        raise _arg_error("--output must not be the --input-file")
+    if output.is_dir():
+        raise _arg_error(f"--output {output}: is a directory")
+    mesh = _mesh(args.mesh)
+    model_path = _hub_model(args)
+    tokenizer = _tokenizer(model_path, chat=False)
+    from ferrum_jax.checkpoint import describe_model
+
+    config = describe_model(model_path).config
+    try:
+        done = jsonl_batch.read_done(output)
+    except FerrumError as e:
+        raise _arg_error(e.message) from None
+    defaults = jsonl_batch.LineDefaults(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    batch = jsonl_batch.read_input(
+        input_file,
+        tokenizer,
+        context=config.max_position_embeddings,
+        vocab=config.vocab_size,
+        defaults=defaults,
+        done=done,
+    )
+    for error in batch.errors:
+        print(
+            f"ferrum-jax: {args.input_file}:{error.line}: skipped: {error.message}", file=sys.stderr
+        )
+    if batch.skipped:
+        log.info("%d line(s) already in %s: skipped", batch.skipped, args.output)
+    if batch.requests:
+        from ferrum_jax.engine import bucket
+
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in batch.requests)
+        model = _load(model_path, args.dtype, mesh)
+        executor = JaxModelExecutor(
+            model,
+            max_batch_size=min(args.batch_size, len(batch.requests)),
+            # A power of two: runs with similar lines reuse compiled programs.
+            max_sequence_length=min(bucket(longest, minimum=64), config.max_position_embeddings),
+        )
+        log.info("generating %d line(s), %d at a time", len(batch.requests), args.batch_size)
+        jsonl_batch.run(executor, batch.requests, output, tokenizer=tokenizer)
+    if batch.errors:
+        print(
+            f"ferrum-jax: {len(batch.errors)} line(s) of {args.input_file} skipped (see above)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    """`eval ARGS`: lm-eval's command line with the `ferrum-jax` model registered."""
+    try:
+        from ferrum_jax import eval_harness
+    except ImportError as e:
+        raise FerrumError.unsupported(f"{e} (the eval extra)") from None
+    return eval_harness.run_cli(argv)
+
+
 def _chat(args: argparse.Namespace) -> int:
     from ferrum_jax.chat import ChatSession
 
@@ -726,7 +874,7 @@ def _chat(args: argparse.Namespace) -> int:
         raise _arg_error("--system is empty")
     sampling = _sampling(args)
     mesh = _mesh(args.mesh)
-    model_path = _model_path(args.model)
+    model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=True)
     model = _load(model_path, args.dtype, mesh)
     session = ChatSession(
@@ -807,7 +955,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from ferrum_jax.checkpoint import describe_model
 
-    described = describe_model(_model_path(args.model))
+    described = describe_model(_hub_model(args))
     config = described.config
     itemsize = model_dtype(args.dtype).itemsize
     kv_per_token = config.kv_bytes_per_token(itemsize)
@@ -879,7 +1027,8 @@ def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
     _mesh(args.mesh)
-    context = _context(_model_path(args.model))
+    args.model = _hub_model(args)  # run_bench loads the local path
+    context = _context(args.model)
     if args.serve:
         from ferrum_jax.serve_bench import run_serve_bench
 
@@ -914,6 +1063,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": _convert,
     "info": _info,
     "bench": _bench,
+    "eval": lambda args: 0,  # handed over to lm-eval before parsing (`main`)
 }
 
 
@@ -943,6 +1093,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if argv[0] == "eval":  # lm-eval parses its own flags
+            with progress.stage_lines():
+                _enable_compilation_cache()
+                return _eval(argv[1:])
         try:
             args, extra = parser.parse_known_args(argv)
         except SystemExit as e:  # --help and --version print, then exit 0

@@ -29,6 +29,9 @@ UPPER_LAYERS = (
     "ferrum_jax.streaming",
     "ferrum_jax.model",
     "ferrum_jax.paging",
+    "ferrum_jax.batch_generation",
+    "ferrum_jax.jsonl_batch",
+    "ferrum_jax.eval_harness",
 )
 FILE_FORMAT_LIBRARIES = ("safetensors", "gguf", "orbax", "mmap")
 # Library modules outside checkpoint/ that open files that are not model files.
@@ -36,6 +39,7 @@ NON_MODEL_FILES = {
     "ferrum_jax.bench": "writes the --json report",
     "ferrum_jax.cli": "reads --prompt-file",
     "ferrum_jax.executor": "reads the host's free memory (/proc/meminfo, the cgroup limit)",
+    "ferrum_jax.jsonl_batch": "reads the user's JSONL requests, appends their results",
 }
 FILE_CALLS = frozenset(
     {"open", "read_text", "read_bytes", "write_text", "write_bytes", "from_file"}

@@ -1,4 +1,5 @@
-"""`load_model`: one entry point over the HF, GGUF and orbax readers; the embedded default."""
+"""`load_model`: one entry point over the HF, GGUF and orbax readers, hub names and the
+embedded default."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ferrum_jax.checkpoint import hub
 from ferrum_jax.checkpoint.build import Place
 from ferrum_jax.checkpoint.gguf import load_gguf
 from ferrum_jax.checkpoint.hf_config import CONFIG_FILE
@@ -48,12 +50,27 @@ def default_model_path() -> pathlib.Path:
     )
 
 
-def model_format(path: str | os.PathLike | None) -> tuple[pathlib.Path, str]:
+def model_format(
+    path: str | os.PathLike | None,
+    *,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+) -> tuple[pathlib.Path, str]:
     """`(path, format)` of what `load_model(path)` would load, checked without reading weights.
 
-    `format` is `"hf"`, `"gguf"` or `"orbax"`; None means the embedded default model.
+    `format` is `"hf"`, `"gguf"` or `"orbax"`; None means the embedded default model. A hub
+    name (`org/name`, not an existing path) resolves to its files in the Hugging Face cache,
+    downloaded first when missing and allowed (`hub.resolve`); `path` is then the local one.
+    `revision` and `gguf_file` apply to hub names only.
     """
-    source = default_model_path() if path is None else pathlib.Path(path)
+    if path is not None and hub.is_repo_id(path):
+        source = hub.resolve(os.fspath(path), revision=revision, gguf_file=gguf_file)
+    elif revision is not None or gguf_file is not None:
+        raise FerrumError.invalid_parameter(
+            f"revision and gguf_file apply to hub names (org/name); {path} is a local path"
+        )
+    else:
+        source = default_model_path() if path is None else pathlib.Path(path)
     if not source.exists():
         raise FerrumError.not_found(f"{source}: no such file or directory")
     if source.is_dir():
@@ -79,8 +96,15 @@ def load_model(
     dtype: str = "float32",
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    revision: str | None = None,
+    gguf_file: str | None = None,
 ) -> Model:
-    """Loads an HF directory, a `.gguf` file or an orbax directory (default: SmolLM2-135M).
+    """Loads an HF directory, a `.gguf` file, an orbax directory or a hub name `org/name`
+    (default: SmolLM2-135M).
+
+    A hub name is read from the Hugging Face cache, or downloaded into it (safetensors, GGUF
+    and tokenizer files only) unless `HF_HUB_OFFLINE` is set; `revision` picks a branch, tag
+    or commit, `gguf_file` one `.gguf` of a repo that holds several.
 
     `place(path, array)` puts each param on its device(s) as it is read (see
     `params_from_checkpoint`). `mesh` loads HF and GGUF weights straight into their shards,
@@ -89,7 +113,7 @@ def load_model(
     straight into the shards instead.
     """
     model_dtype(dtype)
-    source, kind = model_format(path)
+    source, kind = model_format(path, revision=revision, gguf_file=gguf_file)
     if kind == "hf":
         return load_hf(source, dtype=dtype, place=place, mesh=mesh)
     if kind == "gguf":

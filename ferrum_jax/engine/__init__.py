@@ -28,6 +28,13 @@ from ferrum_jax.engine.ragged import (
     ragged_step,
     run_ragged,
 )
+from ferrum_jax.engine.score import (
+    Score,
+    rolling_loglikelihood,
+    rolling_windows,
+    score,
+    score_step,
+)
 from ferrum_jax.engine.steps import (
     decode,
     decode_step,
@@ -50,6 +57,7 @@ def compile_counts() -> dict[str, int]:
         "forward": forward_step,
         "generate": generate_step,
         "ragged": ragged_step,
+        "score": score_step,
     }
     return {name: fn._cache_size() for name, fn in fns.items()}
 
@@ -62,6 +70,7 @@ __all__ = [
     "RaggedBatch",
     "RaggedItem",
     "RowBatch",
+    "Score",
     "TokenBatch",
     "bucket",
     "bucket_length",
@@ -89,6 +98,10 @@ __all__ = [
     "prefill_step",
     "ragged_forward",
     "ragged_step",
+    "rolling_loglikelihood",
+    "rolling_windows",
     "run_ragged",
+    "score",
+    "score_step",
     "set_lengths",
 ]
