@@ -32,14 +32,17 @@ UPPER_LAYERS = (
     "ferrum_jax.batch_generation",
     "ferrum_jax.jsonl_batch",
     "ferrum_jax.eval_harness",
+    "ferrum_jax.engine_loop",
+    "ferrum_jax.serve_bench",
 )
 FILE_FORMAT_LIBRARIES = ("safetensors", "gguf", "orbax", "mmap")
 # Library modules outside checkpoint/ that open files that are not model files.
 NON_MODEL_FILES = {
     "ferrum_jax.bench": "writes the --json report",
     "ferrum_jax.cli": "reads --prompt-file",
-    "ferrum_jax.executor": "reads the host's free memory (/proc/meminfo, the cgroup limit)",
+    "ferrum_jax.executor.memory": "reads the host's free memory (/proc/meminfo, the cgroup limit)",
     "ferrum_jax.jsonl_batch": "reads the user's JSONL requests, appends their results",
+    "ferrum_jax.serve_bench": "writes the --serve --json report",
 }
 FILE_CALLS = frozenset(
     {"open", "read_text", "read_bytes", "write_text", "write_bytes", "from_file"}

@@ -454,3 +454,26 @@ def test_engine_loop_on_mesh():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "1 passed" in result.stdout
+
+
+def test_capacity_32_sequences_in_the_bytes_of_8_slots(model):
+    """The KV bytes of the old 8 x 2048-token slot pool (16,384 tokens) hold 32 live
+    sequences of 200-500 tokens at once (4x the slots), each decoding in one batch."""
+    rng = random.Random(7)
+    executor = make_executor(
+        model, max_batch_size=32, max_sequence_length=512, max_kv_tokens=8 * 2048
+    )
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randrange(200, 500))] for _ in range(32)]
+    items = [UnifiedBatchItem(f"c{i}", p, None, 0, True) for i, p in enumerate(prompts)]
+    firsts = run(executor.unified_decode(UnifiedBatch(items)))
+    decodes = [
+        UnifiedBatchItem(f"c{i}", [greedy(x)], None, len(p), True)
+        for i, (p, x) in enumerate(zip(prompts, firsts, strict=True))
+    ]
+    outs = run(executor.unified_decode(UnifiedBatch(decodes)))
+    assert all(x is not None and np.isfinite(x).all() for x in outs)
+    metrics = executor.cache_metrics_snapshot()
+    assert metrics["pages_total"] * PAGE == 8 * 2048
+    assert executor.status().current_batch_size == 32
+    assert metrics["pages_used"] == sum(-(-(len(p) + 1) // PAGE) for p in prompts)
+    check_pages(executor)
