@@ -477,3 +477,25 @@ def test_capacity_32_sequences_in_the_bytes_of_8_slots(model):
     assert executor.status().current_batch_size == 32
     assert metrics["pages_used"] == sum(-(-(len(p) + 1) // PAGE) for p in prompts)
     check_pages(executor)
+
+
+def test_update_params_swaps_weights_without_recompiling(model):
+    """RL-style hot-swap: new weights serve the next step with no new program; live
+    sequences are released (keep_cache=False) and the params version moves."""
+    import jax
+
+    _, graphdef, params = model
+    executor = make_executor(model)
+    item = UnifiedBatchItem("w", [5, 6, 7], None, 0, True)
+    run(executor.unified_decode(UnifiedBatch([item])))
+    programs = executor.compiled_programs
+    new = jax.tree.map(lambda x: x * 0.5, params)
+    assert executor.update_params(new) == 1
+    assert executor.cache_metrics_snapshot()["params_version"] == 1
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0
+    (logits,) = run(executor.unified_decode(UnifiedBatch([item])))
+    want = np.asarray(engine.forward(graphdef, new, np.asarray([[5, 6, 7]])))[0, -1]
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    assert executor.compiled_programs == programs
+    with pytest.raises(FerrumError):
+        executor.update_params({"not": "params"})
