@@ -7,6 +7,8 @@ greedy flag matches HF's argmax, and rolling windows equal a direct computation.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -95,7 +97,12 @@ def test_score_splits_steps_and_keeps_order(models):
 
 
 def test_rolling_windows_are_lm_evals():
-    lm_utils = pytest.importorskip("lm_eval.utils")
+    try:
+        import lm_eval.utils as lm_utils
+    except ImportError as e:  # pragma: no cover - exercised only on broken installs
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"lm-eval (dev extra) is needed under CI: {e}")
+        pytest.skip(f"lm-eval not installed: {e}")
     tokens = list(range(10, 47))
     for max_length, context_len in [(4, 1), (8, 1), (8, 3), (64, 1), (1, 1)]:
         expected = [
