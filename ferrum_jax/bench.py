@@ -27,6 +27,7 @@ from ferrum_jax.cache import init_cache
 from ferrum_jax.checkpoint import hf_state_dict, load_model
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
+from ferrum_jax.models.attention import resolve_implementation
 from ferrum_jax.sampling import SamplingParams, row_keys
 
 _NOISE_TOLERANCE = 0.15
@@ -97,9 +98,11 @@ class _Ours:
         prompt_len: int,
         new_tokens: int,
         max_context: int | None = None,
+        attention_impl: str = "auto",
     ):
         """`max_context`: tokens each row's cache holds (default: just the prompt bucket and
         the new tokens) — the page table's width, not the tokens live in it."""
+        self.attention_impl = resolve_implementation(attention_impl)
         graphdef, params = model.graphdef, model.params
         self.config, self.params, self.dtype = model.runtime_config, params, model.dtype
         self.batch, self.bucket = batch, engine.bucket(prompt_len, minimum=engine.MIN_BUCKET)
@@ -147,6 +150,7 @@ class _Ours:
             self.keys,
             max_new_tokens=new_tokens,
             cache_len=self.cache_len,
+            attention_impl=self.attention_impl,
         )
 
     def _compile(self, name: str, fn, *args, **kwargs):
@@ -156,7 +160,13 @@ class _Ours:
         return compiled
 
     def fresh_cache(self):
-        return init_cache(self.config, self.batch, self.cache_len, self.dtype)
+        return init_cache(
+            self.config,
+            self.batch,
+            self.cache_len,
+            self.dtype,
+            attention_impl=self.attention_impl,
+        )
 
     def set_prompts(self, prompts: np.ndarray) -> None:
         padded = np.zeros((self.batch, self.bucket), np.int32)
@@ -298,6 +308,7 @@ def run_bench(args: argparse.Namespace) -> int:
     config = loaded.runtime_config
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
     contexts = getattr(args, "max_context", None) or [None]
+    attention = resolve_implementation(getattr(args, "attention", "auto"))
     before = probe_machine()
     _log(f"probe: {before.bandwidth_gbs:.1f} GB/s, {before.matmul_gflops:.0f} GFLOP/s fp32")
     rng = np.random.default_rng(0)
@@ -313,7 +324,7 @@ def run_bench(args: argparse.Namespace) -> int:
             hf_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
             agree = None
             for max_context in contexts:
-                ours = _Ours(loaded, batch, prompt_len, args.new_tokens, max_context)
+                ours = _Ours(loaded, batch, prompt_len, args.new_tokens, max_context, attention)
                 ours.set_prompts(prompts)
                 ours.e2e()
                 ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
@@ -337,6 +348,7 @@ def run_bench(args: argparse.Namespace) -> int:
     report = {
         "model": loaded.source,
         "dtype": args.dtype,
+        "attention": attention,
         "device": str(jax.devices()[0].device_kind),
         "bandwidth_gbs": before.bandwidth_gbs,
         "matmul_gflops": before.matmul_gflops,

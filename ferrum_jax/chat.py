@@ -13,6 +13,7 @@ from ferrum_jax import engine
 from ferrum_jax.cache import KVCache, init_cache
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
+from ferrum_jax.models.attention import resolve_implementation
 from ferrum_jax.sampling import SamplingParams, row_keys
 from ferrum_jax.streaming import StreamedToken, cache_length, continue_stream
 from ferrum_jax.text.tokenizer import Tokenizer
@@ -38,9 +39,11 @@ class ChatSession:
         sampling: SamplingParams | None = None,
         seed: int = 0,
         stop_tokens: Sequence[int] | None = None,
+        attention_impl: str = "auto",
     ) -> None:
         """`tokenizer` defaults to the model's; it must have a chat template. `stop_tokens`
-        default to the tokenizer's end-of-generation ids, else the config's EOS ids."""
+        default to the tokenizer's end-of-generation ids, else the config's EOS ids.
+        `attention_impl`: see `models.attention.IMPLEMENTATIONS` (`"auto"`: by platform)."""
         self.model = model
         self.tokenizer = tokenizer or model.tokenizer
         if self.tokenizer is None or self.tokenizer.chat_template is None:
@@ -56,6 +59,7 @@ class ChatSession:
             else self.tokenizer.eos_token_ids or model.config.eos_token_ids
         )
         self._keys = row_keys(seed, 1)
+        self._attention_impl = resolve_implementation(attention_impl)
         self._cache: KVCache | None = None
         self._cached: list[int] = []  # the tokens whose keys/values the cache row holds
         self._turns = 0
@@ -117,7 +121,13 @@ class ChatSession:
             # A bigger cache starts empty: growing it re-prefills the conversation once,
             # and doubling sizes keep that rare.
             config = self.model.runtime_config
-            self._cache = init_cache(config, 1, cache_length(needed, config), self.model.dtype)
+            self._cache = init_cache(
+                config,
+                1,
+                cache_length(needed, config),
+                self.model.dtype,
+                attention_impl=self._attention_impl,
+            )
             self._cached = []
         keep = _common_prefix(self._cached, ids)
         keep = min(keep, len(ids) - 1)  # at least one token runs, for its logits

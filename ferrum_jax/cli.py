@@ -264,6 +264,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                 metavar="data=D,model=M",
                 help="shard over a device mesh, e.g. data=1,model=2 (default: one device)",
             )
+            p.add_argument(
+                "--attention",
+                default="auto",
+                metavar="IMPL",
+                help="attention implementation: auto (by platform), xla (pure JAX, any "
+                "platform), tpu (Pallas ragged paged attention) or gpu (Pallas paged decode)",
+            )
 
     def sampling_args(p: argparse.ArgumentParser, *, per: str) -> None:
         p.add_argument(
@@ -559,6 +566,25 @@ def _mesh(spec: str | None) -> Mesh | None:
     return sharding.make_mesh(data=data, model=model)
 
 
+def _attention(name: str) -> str:
+    """The `--attention` flag's implementation, checked against this platform: a kernel off
+    its own platform runs only in Pallas interpret mode (for tests), far too slow to use."""
+    import jax
+
+    from ferrum_jax.models import attention
+
+    try:
+        impl = attention.resolve_implementation(name)
+    except FerrumError as e:
+        raise _arg_error(f"--attention: {e.message}") from None
+    if impl not in ("xla", attention.default_implementation()):
+        raise _arg_error(
+            f"--attention {impl} needs a {impl.upper()} backend; JAX's backend here is "
+            f"{jax.default_backend()} (use auto or xla)"
+        )
+    return impl
+
+
 def _model_path(
     value: str | None,
     flag: str = "--model",
@@ -726,6 +752,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise _arg_error("--system is empty")
     text, flag = _prompt_text(args)
     sampling = _sampling(args)
+    args.attention = _attention(args.attention)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=args.chat)
@@ -748,6 +775,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_tokens=tokenizer.eos_token_ids or model.config.eos_token_ids,
         timings=timings,
+        attention_impl=args.attention,
     )
     stream = _write_stdout if primary and not args.json else None
     answer = _answer(tokens, tokenizer, args.stop, stream)
@@ -803,6 +831,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         raise _arg_error("--output must not be the --input-file")
     if output.is_dir():
         raise _arg_error(f"--output {output}: is a directory")
+    args.attention = _attention(args.attention)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=False)
@@ -846,6 +875,7 @@ def _generate_file(args: argparse.Namespace) -> int:
             max_batch_size=min(args.batch_size, len(batch.requests)),
             # A power of two: runs with similar lines reuse compiled programs.
             max_sequence_length=min(bucket(longest, minimum=64), config.max_position_embeddings),
+            attention_impl=args.attention,
         )
         log.info("generating %d line(s), %d at a time", len(batch.requests), args.batch_size)
         jsonl_batch.run(executor, batch.requests, output, tokenizer=tokenizer)
@@ -873,6 +903,7 @@ def _chat(args: argparse.Namespace) -> int:
     if args.system == "":
         raise _arg_error("--system is empty")
     sampling = _sampling(args)
+    args.attention = _attention(args.attention)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=True)
@@ -884,6 +915,7 @@ def _chat(args: argparse.Namespace) -> int:
         sampling=sampling,
         seed=args.seed,
         stop_tokens=tokenizer.eos_token_ids or model.config.eos_token_ids,
+        attention_impl=args.attention,
     )
     log.info("chatting with %s; /exit or Ctrl-D ends the chat", _name(model_path))
     while True:
@@ -1026,6 +1058,7 @@ def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.bench import run_bench
     from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
+    args.attention = _attention(args.attention)
     _mesh(args.mesh)
     args.model = _hub_model(args)  # run_bench loads the local path
     context = _context(args.model)

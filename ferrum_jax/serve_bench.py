@@ -59,6 +59,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         max_sequence_length=prompts[1] + outputs[1],
         max_kv_tokens=args.max_kv_tokens,
         mesh=mesh,
+        attention_impl=getattr(args, "attention", "auto"),
     )
     requests = request_mix(
         args.requests, tuple(prompts), tuple(outputs), model.runtime_config.vocab_size, args.rate

@@ -52,6 +52,7 @@ def stream_tokens(
     seed: int = 0,
     stop_tokens: Sequence[int] | None = None,
     timings: dict[str, float] | None = None,
+    attention_impl: str = "auto",
 ) -> Iterator[StreamedToken]:
     """Yields tokens as they are generated, with the same per-step keys as `engine.generate`.
 
@@ -62,6 +63,7 @@ def stream_tokens(
     (`max_position_embeddings`), checked before anything is allocated. `timings`, if given,
     holds `prefill_s` (time to the first token) and `decode_s` (first to latest token),
     updated as each token is yielded, so they are right however early the caller stops.
+    `attention_impl`: see `models.attention.IMPLEMENTATIONS` (`"auto"`: by platform).
     """
     if isinstance(model, Model):
         graphdef, params, (prompt,) = model.graphdef, model.params, args
@@ -73,7 +75,13 @@ def stream_tokens(
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config, dtype = graph_facts(graphdef)
     engine.check_context_length(len(prompt), max_new_tokens, config.max_position_embeddings)
-    cache = init_cache(config, 1, cache_length(len(prompt) + max_new_tokens, config), dtype)
+    cache = init_cache(
+        config,
+        1,
+        cache_length(len(prompt) + max_new_tokens, config),
+        dtype,
+        attention_impl=attention_impl,
+    )
     start = time.perf_counter()
     logits, cache = engine.prefill(graphdef, params, cache, np.asarray([prompt], np.int32))
     for token, _ in continue_stream(

@@ -43,25 +43,28 @@ class Mutation:
     """pytest node ids (relative to the repository root) that must fail."""
 
 
-EXECUTOR = "ferrum_jax/executor.py"
+EXECUTOR = "ferrum_jax/executor/executor.py"
 LAYERS = "models/layers.py"
 RMSNORM_F32 = (LAYERS, "        x32 = x.astype(jnp.float32)\n", "        x32 = x\n")
-SOFTMAX_F32 = (
-    LAYERS,
-    "        probs = jax.nn.softmax(scores, axis=-1)  # [b, kv, g, s, t]\n",
-    "        probs = jax.nn.softmax(scores.astype(dtype), axis=-1)  # [b, kv, g, s, t]\n",
-)
+# The online softmax of paged attention over scores rounded to bf16.
+SCORES = '        scores = jnp.einsum("vqkgd,vbkd->vkgqb", q_tiles, keys.astype(jnp.float32))'
+SOFTMAX_F32 = ("models/attention.py", SCORES, SCORES + ".astype(jnp.bfloat16)")
 
 MUTATIONS = (
     # ---- the seven of issue 18 -------------------------------------------------------------
     Mutation(
         "1_padding_rows_write_slot_0",
-        "executor prefill padding rows written to slot 0 instead of dropped",
+        "executor padding items and tokens written to page 0 instead of dropped",
         (
             (
-                "ferrum_jax/engine/batch.py",
-                "    row_slots = np.full((tokens.shape[0],), pad_slot(pool_rows), np.int32)\n",
-                "    row_slots = np.zeros((tokens.shape[0],), np.int32)\n",
+                "ferrum_jax/engine/ragged.py",
+                "    table = np.full((items_bucket, pages_per_item), num_pages, np.int32)\n",
+                "    table = np.zeros((items_bucket, pages_per_item), np.int32)\n",
+            ),
+            (
+                "models/attention.py",
+                "    ok = real & (index < pages_per_item)",
+                "    ok = (index < pages_per_item)",
             ),
         ),
         ("tests/test_executor.py::test_odd_row_batches_next_to_a_live_sequence",),
@@ -149,12 +152,8 @@ MUTATIONS = (
         (
             (
                 EXECUTOR,
-                "                if record.cache_id in seen:\n"
-                "                    raise FerrumError.invalid_parameter(\n"
-                '                        f"cache handle {record.cache_id!r} appears twice in one '
-                'batch"\n'
-                "                    )\n",
-                "",
+                "                    if record.cache_id in seen:\n",
+                "                    if False:\n",
             ),
         ),
         ("tests/test_executor.py::test_same_handle_twice_in_batch_decode_is_refused",),
@@ -193,8 +192,8 @@ MUTATIONS = (
         (
             (
                 EXECUTOR,
-                "                    if any(record is r for r in reused):",
-                "                    if False:",
+                "            if cache_id in seen:\n",
+                "            if False:\n",
             ),
         ),
         ("tests/test_executor_hostile.py::test_1b_same_handle_twice_in_batch_prefill",),
@@ -205,8 +204,8 @@ MUTATIONS = (
         (
             (
                 EXECUTOR,
-                "            self._resync(txn.rows)\n        except Exception as again:",
-                "            pass\n        except Exception as again:",
+                "            if not self._pool_intact():\n                self._rebuild()\n",
+                "            pass\n",
             ),
         ),
         ("tests/test_executor_hostile.py::test_1f_failed_device_step_fails_alone",),
@@ -234,8 +233,15 @@ MUTATIONS = (
     ),
     Mutation(
         "rt3_released_slots_not_scrubbed",
-        "red team 3: released slots reused without zeroing",
-        ((EXECUTOR, "        if dirty:\n            self._scrub(dirty)\n", ""),),
+        "red team 3: masked values of reused pages reach attention's sum (0 * NaN)",
+        (
+            (
+                "models/attention.py",
+                "        values = jnp.where(seen.any(axis=1)[:, :, None, None], "
+                "values.astype(jnp.float32), 0.0)\n",
+                "        values = values.astype(jnp.float32)\n",
+            ),
+        ),
         (
             "tests/test_executor_hostile.py::"
             "test_3a_released_slot_values_never_reach_a_later_sequence",

@@ -225,6 +225,21 @@ BAD_INPUTS = [
         2,
         "--mesh must be data=N,model=M",
     ),
+    (
+        "attention-unknown",
+        "generate --prompt x --attention flash",
+        None,
+        2,
+        "--attention: attention implementation must be one of auto, xla, tpu, gpu; got 'flash'",
+    ),
+    (
+        "attention-platform",
+        "generate --prompt x --attention tpu",
+        None,
+        2,
+        "--attention tpu needs a TPU backend; JAX's backend here is cpu (use auto or xla)",
+    ),
+    ("bench-attention", "bench --attention gpu", None, 2, "--attention gpu needs a GPU backend"),
     ("typo-input", "generate --input x", None, 2, "unknown option --input; did you mean --prompt?"),
     (
         "typo-underscores",
@@ -373,6 +388,26 @@ def test_max_new_tokens_max_fills_the_context(capsys, tiny_chat_model):
     too_many = ["--prompt", "hello", "--max-new-tokens", str(TINY_CONTEXT)]
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_chat_model), *too_many)
     assert code == 2 and f"use --max-new-tokens {TINY_CONTEXT - 1} or less" in err
+
+
+def test_attention_flag_picks_the_implementation(capsys, monkeypatch, tiny_chat_model):
+    """`--attention xla` reaches the cache the stream runs on (here, auto is xla too)."""
+    from ferrum_jax import streaming
+
+    seen = []
+    real = streaming.init_cache
+
+    def spy(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        seen.append(cache.attention_impl)
+        return cache
+
+    monkeypatch.setattr(streaming, "init_cache", spy)
+    argv = ["--prompt", "hello", "--max-new-tokens", "6"]
+    picked = tiny_json(capsys, tiny_chat_model, *argv, "--attention", "xla")
+    default = tiny_json(capsys, tiny_chat_model, *argv)
+    assert (default["token_ids"], default["text"]) == (picked["token_ids"], picked["text"])
+    assert seen == ["xla", "xla"]
 
 
 def test_stop_strings_cut_the_text_and_end_the_tokens(capsys, tiny_chat_model):
