@@ -203,19 +203,25 @@ class _Ours:
 
 
 class _HF:
-    """HF transformers (torch, sdpa, inference_mode), greedy, same weights and prompts."""
+    """HF transformers (torch, sdpa, inference_mode), greedy, same weights and prompts;
+    `device` is the torch device the model is on."""
 
-    def __init__(self, model, torch, new_tokens: int):
-        self.model, self.torch, self.new_tokens = model, torch, new_tokens
+    def __init__(self, model, torch, new_tokens: int, device: str = "cpu"):
+        self.model, self.torch, self.new_tokens, self.device = model, torch, new_tokens, device
 
     def set_prompts(self, prompts: np.ndarray) -> None:
-        self.ids = self.torch.tensor(prompts, dtype=self.torch.long)
+        self.ids = self.torch.tensor(prompts, dtype=self.torch.long, device=self.device)
         self.mask = self.torch.ones_like(self.ids)
+
+    def _sync(self) -> None:
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
 
     def prefill(self) -> float:
         with self.torch.inference_mode():
             start = time.perf_counter()
             self.model(self.ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+            self._sync()
             return time.perf_counter() - start
 
     def _generate(self, n: int):
@@ -233,14 +239,16 @@ class _HF:
         with self.torch.inference_mode():
             start = time.perf_counter()
             self._generate(1)
+            self._sync()
             return time.perf_counter() - start
 
     def e2e(self) -> tuple[float, np.ndarray]:
         with self.torch.inference_mode():
             start = time.perf_counter()
             out = self._generate(self.new_tokens)
+            self._sync()
             elapsed = time.perf_counter() - start
-        return elapsed, out[:, self.ids.shape[1] :].numpy()
+        return elapsed, out[:, self.ids.shape[1] :].cpu().numpy()
 
 
 def _measure(impl, results: dict[str, list[float]]) -> np.ndarray:

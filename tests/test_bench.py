@@ -44,6 +44,7 @@ def test_bench_writes_json_and_plot(checkpoint, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert {"model", "dtype", "device", "bandwidth_gbs", "results", "noisy"} <= set(report)
     assert report["dtype"] == "float32" and isinstance(report["noisy"], bool)
+    assert report["attention"] == "xla"  # auto, on CPU
     assert report["bandwidth_gbs"] > 0
     assert [r["batch"] for r in report["results"]] == [1, 2]
     for row in report["results"]:
@@ -141,3 +142,30 @@ def test_bench_serve_reports_both_paths(checkpoint, tmp_path, capsys):
     assert "--serve-prompts" in capsys.readouterr().err
     assert main([*argv[:6], "--serve-prompts", "4,100000"]) == 2
     assert "more than the model's context" in capsys.readouterr().err
+
+
+def test_device_benchmark_smoke_run_reports_every_figure(tmp_path):
+    """`benchmarks/device_bench.py --smoke` (what `device.sh` runs on a GPU, at a tiny size)
+    writes every figure the device run records; `device.sh` parses."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "device.sh")]).returncode == 0
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import device_bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    out = tmp_path / "device.json"
+    assert device_bench.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["attention"] == "xla" and report["bf16_matmul_tflops"] > 0
+    tiny = report["models"]["tiny"]
+    assert [row["batch"] for row in tiny["decode"]] == list(device_bench.SMOKE.batches)
+    for row in tiny["decode"]:
+        assert row["decode_tok_s"] > 0 and row["mbu"] > 0
+    assert tiny["hf_batch1"]["decode_tok_s"] > 0 and tiny["decode_ratio_vs_hf_batch1"] > 0
+    assert tiny["prefill"]["mfu"] > 0
+    assert tiny["prefill"]["tokens"] == device_bench.SMOKE.prefill_len
