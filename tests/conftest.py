@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import tempfile
 
 # Tests compile afresh: `cli.main` run in-process turns on the CLI's on-disk compilation
 # cache for the whole process, which would then leak into every later test (and race with
@@ -15,6 +17,24 @@ import pytest
 
 from ferrum_jax.checkpoint import params_from_checkpoint
 from ferrum_jax.models.config import ModelConfig
+
+FAULT_LOG = os.environ.get(
+    "FERRUM_FAULT_LOG", os.path.join(tempfile.gettempdir(), "ferrum-jax-faults.log")
+)
+"""Where a hard crash (segfault) leaves the test that was running and the crashing thread's
+stack; `.ci/run` prints it. pytest's own faulthandler (off: `-p no:faulthandler`) dumps every
+thread to stderr, and the executors' idle worker threads bury the one that crashed."""
+_fault_log = None
+if "FERRUM_FAULT_LOG_TAKEN" not in os.environ:  # pytest run in a test's subprocess: not ours
+    os.environ["FERRUM_FAULT_LOG_TAKEN"] = "1"
+    _fault_log = open(FAULT_LOG, "w")  # noqa: SIM115 - open for the whole session, by design
+    faulthandler.enable(file=_fault_log, all_threads=False)
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    if _fault_log is not None:
+        _fault_log.write(f"running {nodeid}\n")
+        _fault_log.flush()
 
 
 def require_reference():
