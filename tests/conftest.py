@@ -8,8 +8,8 @@ import os
 import tempfile
 
 # Tests compile afresh: `cli.main` run in-process turns on the CLI's on-disk compilation
-# cache for the whole process, which would then leak into every later test (and race with
-# other processes writing the same directory: a segfault in JAX's cache writer was seen).
+# cache for the whole process, which would then leak into every later test and into other
+# processes reading the same directory.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import numpy as np
