@@ -18,15 +18,22 @@ import pytest
 from ferrum_jax.checkpoint import params_from_checkpoint
 from ferrum_jax.models.config import ModelConfig
 
+_RUNNER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+"""This test process: an xdist worker's id, or "main"."""
 FAULT_LOG = os.environ.get(
-    "FERRUM_FAULT_LOG", os.path.join(tempfile.gettempdir(), "ferrum-jax-faults.log")
+    "FERRUM_FAULT_LOG",
+    os.path.join(
+        tempfile.gettempdir(),
+        "ferrum-jax-faults.log" if _RUNNER == "main" else f"ferrum-jax-faults-{_RUNNER}.log",
+    ),
 )
 """Where a hard crash (segfault) leaves the test that was running and the crashing thread's
 stack; `.ci/run` prints it. pytest's own faulthandler (off: `-p no:faulthandler`) dumps every
 thread to stderr, and the executors' idle worker threads bury the one that crashed."""
 _fault_log = None
-if "FERRUM_FAULT_LOG_TAKEN" not in os.environ:  # pytest run in a test's subprocess: not ours
-    os.environ["FERRUM_FAULT_LOG_TAKEN"] = "1"
+# A pytest that a test runs in a subprocess inherits its runner's mark and leaves the log be.
+if os.environ.get("FERRUM_FAULT_LOG_OWNER") != _RUNNER:
+    os.environ["FERRUM_FAULT_LOG_OWNER"] = _RUNNER
     _fault_log = open(FAULT_LOG, "w")  # noqa: SIM115 - open for the whole session, by design
     faulthandler.enable(file=_fault_log, all_threads=False)
 
