@@ -439,10 +439,15 @@ def test_3a_released_slot_values_never_reach_a_later_sequence(model):
     params = jax.tree.map(lambda x: x, model.params)
     params["embed"].set_value(embed.at[poison].set(jnp.nan))
     bad = model.with_params(params)
-    executor, fresh = make(bad, max_batch_size=1), make(bad, max_batch_size=1)
+    # One page in the pool: the later sequence must get the page the poisoned one left (the
+    # free list is FIFO, so a bigger pool would hand out a never-used page and prove nothing).
+    one_page = dict(max_batch_size=1, max_kv_tokens=16, block_size=16)
+    executor, fresh = make(bad, **one_page), make(bad, **one_page)
     handle, _ = start(executor, [5, 6, poison, 8, 9, 10, 11, 12])
+    poisoned_pages = handle.block_table().physical_blocks
     executor.release_cache(handle.cache_id())
     reused = start(executor, [5, 6])
+    assert reused[0].block_table().physical_blocks == poisoned_pages
     clean = start(fresh, [5, 6])
     got, want = decode(executor, *reused), decode(fresh, *clean)
     assert np.isfinite(got).all()
