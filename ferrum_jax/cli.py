@@ -265,6 +265,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                 help="shard over a device mesh, e.g. data=1,model=2 (default: one device)",
             )
 
+    def chat_template_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--chat-template",
+            metavar="FILE",
+            help="a Jinja chat template to use instead of the model's (for a model without one)",
+        )
+
     def sampling_args(p: argparse.ArgumentParser, *, per: str) -> None:
         p.add_argument(
             "--max-new-tokens",
@@ -351,6 +358,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--chat", action="store_true", help="send the prompt as a user message of the chat template"
     )
     gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    chat_template_arg(gen)
     sampling_args(gen, per="after the prompt")
     gen.add_argument(
         "--json",
@@ -363,6 +371,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     chat = command("chat", "chat with the model in the terminal (/exit or Ctrl-D to quit)")
     chat.add_argument("--system", metavar="TEXT", help="system message of the conversation")
+    chat_template_arg(chat)
     sampling_args(chat, per="per answer")
     model_args(chat)
     common(chat)
@@ -590,16 +599,38 @@ def _hub_model(args: argparse.Namespace) -> str | None:
     return _model_path(args.model, revision=args.revision, gguf_file=args.gguf_file)
 
 
-def _tokenizer(model: str | None, *, chat: bool) -> Tokenizer:
-    """The checkpoint's tokenizer, read without its weights."""
+def _tokenizer(model: str | None, *, chat: bool, template: str | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer, read without its weights; `template` is a `--chat-template`
+    file that replaces its chat template."""
     from ferrum_jax.checkpoint import read_tokenizer
 
     tokenizer = read_tokenizer(model)
     if tokenizer is None:
         raise FerrumError.tokenizer(f"{_name(model)} ships no tokenizer; cannot encode a prompt")
+    if template is not None:
+        tokenizer = tokenizer.with_chat_template(_read_chat_template(pathlib.Path(template)))
     if chat and tokenizer.chat_template is None:
-        raise _arg_error(f"{_name(model)} has no chat template, which --chat and chat need")
+        raise _arg_error(
+            f"{_name(model)} has no chat template, which --chat and chat need; "
+            "give one with --chat-template FILE"
+        )
     return tokenizer
+
+
+def _read_chat_template(path: pathlib.Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _arg_error(f"--chat-template {path}: no such file") from None
+    except IsADirectoryError:
+        raise _arg_error(f"--chat-template {path}: is a directory") from None
+    except OSError as e:
+        raise _arg_error(f"--chat-template {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise _arg_error(f"--chat-template {path}: not UTF-8 text") from None
+    if not text.strip():
+        raise _arg_error(f"--chat-template {path}: is empty")
+    return text
 
 
 def _context(model: str | None) -> int:
@@ -728,7 +759,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
-    tokenizer = _tokenizer(model_path, chat=args.chat)
+    tokenizer = _tokenizer(model_path, chat=args.chat, template=args.chat_template)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompt_ids = tokenizer.encode_chat([*system, {"role": "user", "content": text}])
@@ -805,7 +836,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         raise _arg_error(f"--output {output}: is a directory")
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
-    tokenizer = _tokenizer(model_path, chat=False)
+    tokenizer = _tokenizer(model_path, chat=False, template=args.chat_template)
     from ferrum_jax.checkpoint import describe_model
 
     config = describe_model(model_path).config
@@ -875,7 +906,7 @@ def _chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
-    tokenizer = _tokenizer(model_path, chat=True)
+    tokenizer = _tokenizer(model_path, chat=True, template=args.chat_template)
     model = _load(model_path, args.dtype, mesh)
     session = ChatSession(
         model,

@@ -28,7 +28,7 @@ from tokenizers import (
 )
 
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.text.chat_template import render_chat_template
+from ferrum_jax.text.chat_template import compile_chat_template, render_chat_template
 from ferrum_jax.text.detokenizer import IncrementalDetokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -379,6 +379,14 @@ class Tokenizer:
             special_tokens=special,
             eos_token_ids=extra_eos,
         )
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """This tokenizer with `template` (Jinja, rendered by the same sandbox) as its chat
+        template: for a model that ships none, or to replace the one it ships."""
+        compile_chat_template(template)  # a broken template fails here, not at the first chat
+        copy = Tokenizer(self._tok, chat_template=template, special_tokens=self._special)
+        copy._eos_ids = self._eos_ids
+        return copy
 
     def to_files(self) -> dict[str, str]:
         """The contents of `tokenizer.json` and `tokenizer_config.json` that `from_files` reads.
