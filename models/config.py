@@ -351,6 +351,9 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids),
+            # Not part of the architecture; an absent key would take Phi-3's default 32000,
+            # which transformers refuses for a vocabulary smaller than that.
+            "pad_token_id": None,
             "sliding_window": self.sliding_window,
         }
         if self.rope_scaling is not None:
@@ -487,6 +490,8 @@ def _qwen3_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
         raise FerrumError.config(f"mlp_only_layers must be a list of layers, got {only!r}")
     layers = _required_int(hf, "num_hidden_layers")
+    if any(not 0 <= i < layers for i in only):
+        raise FerrumError.config(f"mlp_only_layers {only} are not all layers of {layers}")
     dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
     return dict(fields, norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense)
 
