@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument err
     from jax.sharding import Mesh
 
     from ferrum_jax.model import Model
+    from ferrum_jax.models.config import ModelConfig
     from ferrum_jax.sampling import SamplingParams
     from ferrum_jax.streaming import StreamedToken
     from ferrum_jax.text import Tokenizer
@@ -617,6 +618,23 @@ def _tokenizer(model: str | None, *, chat: bool, template: str | None = None) ->
     return tokenizer
 
 
+def _family_line(config: ModelConfig) -> str:
+    """The family and what sets this checkpoint apart inside it, for `info`."""
+    from ferrum_jax.models.family import family
+
+    facts = [family(config).name]
+    layers = config.num_layers
+    sliding = sum(config.layer_window(i) is not None for i in range(layers))
+    if sliding:
+        facts.append(f"sliding window {config.sliding_window} on {sliding} of {layers} layers")
+    if config.num_experts:
+        facts.append(f"{config.num_experts} experts, {config.num_experts_per_tok} per token")
+    caps = [c for c in (config.attn_logit_softcap, config.final_logit_softcap) if c is not None]
+    if caps:
+        facts.append(f"soft-caps {config.attn_logit_softcap} / {config.final_logit_softcap}")
+    return "; ".join(facts)
+
+
 def _read_chat_template(path: pathlib.Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
@@ -1009,6 +1027,11 @@ def _info(args: argparse.Namespace) -> int:
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_position_embeddings,
+        "family": _family_line(config).split(";")[0],
+        "sliding_window": config.sliding_window,
+        "sliding_layers": sum(config.layer_window(i) is not None for i in range(config.num_layers)),
+        "experts": config.num_experts,
+        "experts_per_token": config.num_experts_per_tok if config.num_experts else 0,
         "tokenizer": described.has_tokenizer,
         "chat_template": described.has_chat_template,
         "devices": [str(d) for d in jax.devices()],
@@ -1036,6 +1059,7 @@ def _info(args: argparse.Namespace) -> int:
             f"{config.architecture}: {config.num_layers} layers, hidden {config.hidden_size}, "
             f"{config.num_heads} heads ({config.num_kv_heads} KV), head_dim {config.head_dim}",
         ),
+        ("family", _family_line(config)),
         ("parameters", f"{config.num_params / 1e6:.1f}M"),
         ("vocabulary", f"{config.vocab_size} tokens"),
         ("context", f"{context} tokens"),
