@@ -513,28 +513,3 @@ def test_every_kernel_receives_the_soft_cap(root, one_torch_thread):
     pool = (np.zeros((1, 4, 4, 16), np.float32),)
     _, kwargs = attention.tpu_arguments(np.zeros((1, 4, 16), np.float32), pool, meta, spec)
     assert kwargs["soft_cap"] == 2.0 and kwargs["sliding_window"] == 4
-
-
-# ---------------------------------------------------------------------------------------------
-# --chat-template: a user's template for any model.
-
-
-def test_chat_template_flag_replaces_the_models(capsys, tiny_chat_model, tmp_path):
-    from ferrum_jax.checkpoint import read_tokenizer
-    from ferrum_jax.cli import main
-
-    template = tmp_path / "t.jinja"
-    template.write_text("[{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}]")
-    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--chat"]
-    code = main([*argv, "--chat-template", str(template), "--max-new-tokens", "2", "--json"])
-    out = capsys.readouterr().out
-    assert code == 0
-    want = read_tokenizer(tiny_chat_model).encode("[user: hi]", add_special_tokens=False)
-    assert json.loads(out)["prompt_token_ids"] == want
-    template.write_text("{% for m in messages %}")  # does not compile: one line, no traceback
-    code = main([*argv, "--chat-template", str(template)])
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and len(err.splitlines()) == 1 and "chat template" in err, err
-    code = main([*argv, "--chat-template", str(tmp_path / "missing.jinja")])
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and "--chat-template" in err and "no such file" in err, err
