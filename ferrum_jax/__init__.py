@@ -85,7 +85,9 @@ from ferrum_jax.interfaces import (
 from ferrum_jax.jsonl_batch import JsonlReport, LineDefaults, generate_jsonl
 from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
+from ferrum_jax.models.family import FAMILIES, Family, family
 from ferrum_jax.models.llama import Llama, abstract_model, init_model
+from ferrum_jax.models.moe import MoE
 from ferrum_jax.sampling import SamplingParams, row_keys, sample, sample_step, token_logprobs
 from ferrum_jax.streaming import StreamedToken, stream_tokens
 from ferrum_jax.tensor import JaxTensor
@@ -94,6 +96,7 @@ from ferrum_jax.text import IncrementalDetokenizer, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAMILIES",
     "AttentionType",
     "BatchModelExecutor",
     "BlockTable",
@@ -114,6 +117,7 @@ __all__ = [
     "ExecutorState",
     "ExecutorStatus",
     "ExecutorType",
+    "Family",
     "FerrumError",
     "GenerateOutput",
     "GenerationRequest",
@@ -131,6 +135,7 @@ __all__ = [
     "Llama",
     "LoadedModel",
     "MemoryRequirements",
+    "MoE",
     "Model",
     "ModelConfig",
     "ModelExecutor",
@@ -159,6 +164,7 @@ __all__ = [
     "decode",
     "default_model_path",
     "extend",
+    "family",
     "forward",
     "generate",
     "generate_batch",

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument err
     from jax.sharding import Mesh
 
     from ferrum_jax.model import Model
+    from ferrum_jax.models.config import ModelConfig
     from ferrum_jax.sampling import SamplingParams
     from ferrum_jax.streaming import StreamedToken
     from ferrum_jax.text import Tokenizer
@@ -272,6 +273,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                 "platform), tpu (Pallas ragged paged attention) or gpu (Pallas paged decode)",
             )
 
+    def chat_template_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--chat-template",
+            metavar="FILE",
+            help="a Jinja chat template to use instead of the model's (for a model without one)",
+        )
+
     def sampling_args(p: argparse.ArgumentParser, *, per: str) -> None:
         p.add_argument(
             "--max-new-tokens",
@@ -358,6 +366,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--chat", action="store_true", help="send the prompt as a user message of the chat template"
     )
     gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    chat_template_arg(gen)
     sampling_args(gen, per="after the prompt")
     gen.add_argument(
         "--json",
@@ -370,6 +379,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     chat = command("chat", "chat with the model in the terminal (/exit or Ctrl-D to quit)")
     chat.add_argument("--system", metavar="TEXT", help="system message of the conversation")
+    chat_template_arg(chat)
     sampling_args(chat, per="per answer")
     model_args(chat)
     common(chat)
@@ -616,16 +626,55 @@ def _hub_model(args: argparse.Namespace) -> str | None:
     return _model_path(args.model, revision=args.revision, gguf_file=args.gguf_file)
 
 
-def _tokenizer(model: str | None, *, chat: bool) -> Tokenizer:
-    """The checkpoint's tokenizer, read without its weights."""
+def _tokenizer(model: str | None, *, chat: bool, template: str | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer, read without its weights; `template` is a `--chat-template`
+    file that replaces its chat template."""
     from ferrum_jax.checkpoint import read_tokenizer
 
     tokenizer = read_tokenizer(model)
     if tokenizer is None:
         raise FerrumError.tokenizer(f"{_name(model)} ships no tokenizer; cannot encode a prompt")
+    if template is not None:
+        tokenizer = tokenizer.with_chat_template(_read_chat_template(pathlib.Path(template)))
     if chat and tokenizer.chat_template is None:
-        raise _arg_error(f"{_name(model)} has no chat template, which --chat and chat need")
+        raise _arg_error(
+            f"{_name(model)} has no chat template, which --chat and chat need; "
+            "give one with --chat-template FILE"
+        )
     return tokenizer
+
+
+def _family_line(config: ModelConfig) -> str:
+    """The family and what sets this checkpoint apart inside it, for `info`."""
+    from ferrum_jax.models.family import family
+
+    facts = [family(config).name]
+    layers = config.num_layers
+    sliding = sum(config.layer_window(i) is not None for i in range(layers))
+    if sliding:
+        facts.append(f"sliding window {config.sliding_window} on {sliding} of {layers} layers")
+    if config.num_experts:
+        facts.append(f"{config.num_experts} experts, {config.num_experts_per_tok} per token")
+    caps = [c for c in (config.attn_logit_softcap, config.final_logit_softcap) if c is not None]
+    if caps:
+        facts.append(f"soft-caps {config.attn_logit_softcap} / {config.final_logit_softcap}")
+    return "; ".join(facts)
+
+
+def _read_chat_template(path: pathlib.Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _arg_error(f"--chat-template {path}: no such file") from None
+    except IsADirectoryError:
+        raise _arg_error(f"--chat-template {path}: is a directory") from None
+    except OSError as e:
+        raise _arg_error(f"--chat-template {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise _arg_error(f"--chat-template {path}: not UTF-8 text") from None
+    if not text.strip():
+        raise _arg_error(f"--chat-template {path}: is empty")
+    return text
 
 
 def _context(model: str | None) -> int:
@@ -755,7 +804,7 @@ def _generate(args: argparse.Namespace) -> int:
     args.attention = _attention(args.attention)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
-    tokenizer = _tokenizer(model_path, chat=args.chat)
+    tokenizer = _tokenizer(model_path, chat=args.chat, template=args.chat_template)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompt_ids = tokenizer.encode_chat([*system, {"role": "user", "content": text}])
@@ -834,7 +883,7 @@ def _generate_file(args: argparse.Namespace) -> int:
     args.attention = _attention(args.attention)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
-    tokenizer = _tokenizer(model_path, chat=False)
+    tokenizer = _tokenizer(model_path, chat=False, template=args.chat_template)
     from ferrum_jax.checkpoint import describe_model
 
     config = describe_model(model_path).config
@@ -906,7 +955,7 @@ def _chat(args: argparse.Namespace) -> int:
     args.attention = _attention(args.attention)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
-    tokenizer = _tokenizer(model_path, chat=True)
+    tokenizer = _tokenizer(model_path, chat=True, template=args.chat_template)
     model = _load(model_path, args.dtype, mesh)
     session = ChatSession(
         model,
@@ -1010,6 +1059,11 @@ def _info(args: argparse.Namespace) -> int:
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_position_embeddings,
+        "family": _family_line(config).split(";")[0],
+        "sliding_window": config.sliding_window,
+        "sliding_layers": sum(config.layer_window(i) is not None for i in range(config.num_layers)),
+        "experts": config.num_experts,
+        "experts_per_token": config.num_experts_per_tok if config.num_experts else 0,
         "tokenizer": described.has_tokenizer,
         "chat_template": described.has_chat_template,
         "devices": [str(d) for d in jax.devices()],
@@ -1037,6 +1091,7 @@ def _info(args: argparse.Namespace) -> int:
             f"{config.architecture}: {config.num_layers} layers, hidden {config.hidden_size}, "
             f"{config.num_heads} heads ({config.num_kv_heads} KV), head_dim {config.head_dim}",
         ),
+        ("family", _family_line(config)),
         ("parameters", f"{config.num_params / 1e6:.1f}M"),
         ("vocabulary", f"{config.vocab_size} tokens"),
         ("context", f"{context} tokens"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import jax
@@ -73,14 +74,22 @@ class Model:
         """The same model with other weights of the same shapes (e.g. after a training step)."""
         return dataclasses.replace(self, params=params)
 
-    def on_mesh(self, mesh: jax.sharding.Mesh, *, pad_heads: bool = True) -> Model:
-        """This model with heads adapted to `mesh` and params sharded on it (exact logits)."""
+    def on_mesh(
+        self,
+        mesh: jax.sharding.Mesh,
+        *,
+        pad_heads: bool = True,
+        rules: Mapping[str, str | None] | None = None,
+    ) -> Model:
+        """This model with heads adapted to `mesh` and params sharded on it (exact logits);
+        `rules` maps logical axes to mesh axes (default `sharding.LOGICAL_RULES`; e.g.
+        `sharding.EXPERT_TENSOR_PARALLEL_RULES` splits experts' inner dim, not experts)."""
         from ferrum_jax import sharding
 
         if self.runtime_config != self.config:
             raise FerrumError.invalid_parameter(f"{self.source} is already adapted to a mesh")
         _, graphdef, params = sharding.prepare_for_mesh(
-            self.config, self.graphdef, self.params, mesh, pad_heads=pad_heads
+            self.config, self.graphdef, self.params, mesh, pad_heads=pad_heads, rules=rules
         )
         return dataclasses.replace(self, graphdef=graphdef, params=params)
 

@@ -1,1 +1,1 @@
-"""Llama-family decoder models and their configs."""
+"""Decoder models of every family (Llama, Gemma, mixture of experts, Phi-3) and their configs."""

@@ -1,4 +1,4 @@
-"""Building blocks of the Llama family: RMSNorm, rotary embeddings, attention, SwiGLU MLP.
+"""Building blocks shared by every family: RMSNorm, rotary embeddings, attention, gated MLP.
 
 Every weight is an `nnx.Param` whose `out_sharding` metadata holds its logical axis names
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`); `ferrum_jax.sharding` maps them
@@ -8,7 +8,9 @@ Matmuls run in the compute dtype; norms, softmax and logits in float32.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +42,44 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis, computed in float32 like HF's `LlamaRMSNorm`."""
+    """RMSNorm over the last axis, computed in float32 like HF's `LlamaRMSNorm`.
 
-    def __init__(self, dim: int, axis_name: str, eps: float, *, param_dtype, rngs: nnx.Rngs):
-        self.scale = param(rngs, (dim,), (axis_name,), param_dtype, "ones")
+    `plus_one` (Gemma): the weight is stored as an offset from one and `x * (1 + w)` is taken
+    in float32 before the cast back, as HF's `Gemma2RMSNorm` does; Llama casts first.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        axis_name: str,
+        eps: float,
+        *,
+        param_dtype,
+        rngs: nnx.Rngs,
+        plus_one: bool = False,
+    ):
+        self.scale = param(rngs, (dim,), (axis_name,), param_dtype, "zeros" if plus_one else "ones")
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def norm(config: ModelConfig, dim: int, axis_name: str, *, param_dtype, rngs: nnx.Rngs) -> RMSNorm:
+    """The RMSNorm `config`'s family uses."""
+    return RMSNorm(
+        dim,
+        axis_name,
+        config.rms_norm_eps,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        plus_one=config.norm_plus_one,
+    )
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -76,13 +106,17 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 
 def rope_angles(
-    positions: jax.Array, config: ModelConfig, dtype: jnp.dtype
+    positions: jax.Array, config: ModelConfig, dtype: jnp.dtype, *, local: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """`(cos, sin)`, each `[T, 1, head_dim]`, for `positions: [T]`.
+    """`(cos, sin)`, each `[T, 1, head_dim]`, for `positions: [T]`; `local`: the rotary of
+    sliding-window layers (`config.rope_local_theta`, unscaled).
 
     Computed once per step and shared by every layer (one set of ops, not one per layer).
     """
-    inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    theta, scaling = (
+        (config.rope_local_theta, None) if local else (config.rope_theta, config.rope_scaling)
+    )
+    inv_freq = rope_frequencies(config.head_dim, theta, scaling)
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)  # [T, d/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
@@ -116,21 +150,22 @@ class Attention(nnx.Module):
         if config.o_bias:
             self.o_bias = param(rngs, (e,), ("embed",), param_dtype, "zeros")
         if config.qk_norm:
-            self.q_norm = RMSNorm(
-                d, "head_dim", config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
-            )
-            self.k_norm = RMSNorm(
-                d, "head_dim", config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
-            )
+            self.q_norm = norm(config, d, "head_dim", param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = norm(config, d, "head_dim", param_dtype=param_dtype, rngs=rngs)
         self.config = config
         self.layer = layer
 
     @property
     def spec(self) -> AttentionSpec:
-        """What this layer's attention computes (its window, GQA groups, scale)."""
+        """What this layer's attention computes (its window, GQA groups, scale, soft-cap)."""
         c = self.config
         return AttentionSpec(
-            c.num_heads, c.num_kv_heads, c.head_dim, c.head_dim**-0.5, c.layer_window(self.layer)
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.attention_scale,
+            c.layer_window(self.layer),
+            c.attn_logit_softcap,
         )
 
     def project(
@@ -175,8 +210,16 @@ class Attention(nnx.Module):
         return self.output(attention(q, pool, meta, self.spec, impl)), pool
 
 
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The gate activation `config.hidden_act` names (SwiGLU's SiLU, GeGLU's tanh GELU)."""
+    if name == "gelu_pytorch_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    return jax.nn.silu
+
+
 class MLP(nnx.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`, gate and up fused into one matmul.
+    """Gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU, or GeGLU for Gemma), gate and up fused
+    into one matmul.
 
     `gate_up_proj: [embed, 2, mlp]` (gate, then up): sharding `mlp` on `model` splits both
     halves alike, so the product needs no communication before `down_proj`.
@@ -188,9 +231,11 @@ class MLP(nnx.Module):
             rngs, (e, 2, f), ("embed", "gate_up", "mlp"), param_dtype, "normal"
         )
         self.down_proj = param(rngs, (f, e), ("mlp", "embed"), param_dtype, "normal")
+        self.act = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x: [T, embed]` -> `[T, embed]`."""
         dtype = x.dtype
         gate_up = jnp.einsum("te,ecf->tcf", x, self.gate_up_proj[...].astype(dtype))
-        return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ self.down_proj[...].astype(dtype)
+        gated = activation(self.act)(gate_up[:, 0]) * gate_up[:, 1]
+        return gated @ self.down_proj[...].astype(dtype)

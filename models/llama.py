@@ -1,8 +1,14 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM): one implementation, flags."""
+"""The decoder: token embedding, a stack of family blocks, final norm, LM head.
+
+One class for every family (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 2/3, Mixtral,
+Qwen3-MoE, Phi-3): the block comes from `ferrum_jax.models.family`, the rest from config
+flags (embedding scale, norm offset, final-logit soft-cap, tied head).
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,25 +17,12 @@ from flax import nnx
 
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.attention import AttentionMetadata, Pool
+from ferrum_jax.models.blocks import DecoderLayer
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.layers import MLP, Attention, RMSNorm, param, rope_angles
+from ferrum_jax.models.family import family
+from ferrum_jax.models.layers import norm, param, rope_angles
 
-
-class DecoderLayer(nnx.Module):
-    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
-
-    def __init__(self, config: ModelConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
-        eps = config.rms_norm_eps
-        e = config.hidden_size
-        self.input_norm = RMSNorm(e, "embed", eps, param_dtype=param_dtype, rngs=rngs)
-        self.attn = Attention(config, layer, param_dtype=param_dtype, rngs=rngs)
-        self.post_attn_norm = RMSNorm(e, "embed", eps, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, rope, pool: Pool, meta: AttentionMetadata, impl: str):
-        y, pool = self.attn(self.input_norm(x), rope, pool, meta, impl)
-        x = x + y
-        return x + self.mlp(self.post_attn_norm(x)), pool
+__all__ = ["DecoderLayer", "Llama", "abstract_model", "graph_facts", "init_model"]
 
 
 class Llama(nnx.Module):
@@ -49,15 +42,11 @@ class Llama(nnx.Module):
         self.embed = param(rngs, (v, e), ("vocab", "embed"), param_dtype, "normal")
         # One array per layer, not a stacked [L, ...] weight: XLA CPU copied every stacked
         # weight on each per-layer slice and decoded 2-4x slower.
+        block = family(config).block
         self.layers = nnx.List(
-            [
-                DecoderLayer(config, i, param_dtype=param_dtype, rngs=rngs)
-                for i in range(config.num_layers)
-            ]
+            [block(config, i, param_dtype=param_dtype, rngs=rngs) for i in range(config.num_layers)]
         )
-        self.final_norm = RMSNorm(
-            e, "embed", config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
-        )
+        self.final_norm = norm(config, e, "embed", param_dtype=param_dtype, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (e, v), ("embed", "vocab"), param_dtype, "normal")
 
@@ -70,13 +59,18 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, tuple[Pool, ...]]:
         """One ragged step up to the LM head: final-normed hidden states `[T, embed]`, and
         the per-layer pages with this step's keys/values written."""
-        dtype = jnp.dtype(self.dtype)
+        config, dtype = self.config, jnp.dtype(self.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        rope = rope_angles(meta.positions, self.config, dtype)
+        if config.embed_scale:
+            # HF rounds sqrt(hidden) to the compute dtype before multiplying.
+            x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+        ropes = {False: rope_angles(meta.positions, config, dtype)}
+        if config.rope_local_theta is not None:
+            ropes[True] = rope_angles(meta.positions, config, dtype, local=True)
         new_pages = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, pool = layer(x, rope, pages[i], meta, impl)
+                x, pool = layer(x, ropes[config.uses_local_rope(i)], pages[i], meta, impl)
             new_pages.append(pool)
         return self.final_norm(x), tuple(new_pages)
 
@@ -88,7 +82,9 @@ class Llama(nnx.Module):
                 weight, spec = self.embed[...].astype(dtype), "te,ve->tv"
             else:
                 weight, spec = self.lm_head[...].astype(dtype), "te,ev->tv"
-            return jnp.einsum(spec, x.astype(dtype), weight, preferred_element_type=jnp.float32)
+            logits = jnp.einsum(spec, x.astype(dtype), weight, preferred_element_type=jnp.float32)
+            cap = self.config.final_logit_softcap
+            return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def __call__(
         self,

@@ -29,6 +29,7 @@ from ferrum_jax.sharding.mesh import (
     parse_mesh,
 )
 from ferrum_jax.sharding.rules import (
+    EXPERT_TENSOR_PARALLEL_RULES,
     LOGICAL_RULES,
     cache_shardings,
     logical_to_spec,
@@ -43,6 +44,7 @@ from ferrum_jax.sharding.rules import (
 __all__ = [
     "AXES",
     "DATA",
+    "EXPERT_TENSOR_PARALLEL_RULES",
     "LOGICAL_RULES",
     "MODEL",
     "HeadLayout",

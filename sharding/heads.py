@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -223,8 +224,10 @@ def prepare_for_mesh(
     mesh: Mesh,
     *,
     pad_heads: bool = True,
+    rules: Mapping[str, str | None] | None = None,
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """`(config', graphdef', params')` ready for `mesh`: heads adapted, params sharded.
+    """`(config', graphdef', params')` ready for `mesh`: heads adapted, params sharded (by
+    `rules`, default `LOGICAL_RULES`).
 
     KV heads are replicated and query heads zero-padded as needed (see `HeadLayout`); the
     model computes the same logits. `pad_heads=False` refuses (FerrumError listing the
@@ -235,4 +238,4 @@ def prepare_for_mesh(
     """
     mesh_head_layout(config, mesh, pad_heads=pad_heads)
     config, graphdef, params = adapt_heads(config, graphdef, params, mesh_shape(mesh)[1])
-    return config, graphdef, shard_params(params, mesh)
+    return config, graphdef, shard_params(params, mesh, rules)

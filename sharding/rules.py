@@ -5,6 +5,11 @@ q/k/v and gate/up, row-parallel o and down, vocab-parallel embedding and LM head
 and KV `pages` on `data`; everything else (`embed`, `head_dim`, `page`, `layers`, unknown
 names) is replicated. `head_dim` is never split.
 
+Mixture-of-experts weights (`ferrum_jax.models.moe`) name both `experts` and `expert_mlp`:
+by default `experts` takes `model` (expert parallelism: each device holds a slice of the
+experts) and `expert_mlp` takes it only when the expert count does not divide it (tensor
+parallelism inside every expert); `EXPERT_TENSOR_PARALLEL_RULES` always splits `expert_mlp`.
+
 A dimension whose size is not a multiple of its mesh axis is **replicated** on that axis
 (exact: replication never changes results, it only costs memory and parallelism). Heads
 that do not divide the `model` axis should be made divisible first with
@@ -42,8 +47,13 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "layers": None,
     "pages": DATA,
     "page": None,
+    "experts": MODEL,
+    "expert_mlp": MODEL,
 }
 """Logical axis name -> mesh axis (None: replicated). Names not listed are replicated."""
+
+EXPERT_TENSOR_PARALLEL_RULES: Mapping[str, str | None] = {**LOGICAL_RULES, "experts": None}
+"""`LOGICAL_RULES` with every expert whole on each device and its inner dim split on `model`."""
 
 Path = tuple[str | int, ...]
 

@@ -513,3 +513,25 @@ def test_readme_command_block_matches_help():
     for command, parser in subparsers.items():
         usage = " ".join(parser.format_usage().split())
         assert usage in readme, f"README lacks the current usage of {command}: {usage}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --chat-template: a user's template for any model.
+
+
+def test_chat_template_flag_replaces_the_models(capsys, tiny_chat_model, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("[{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}]")
+    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--chat"]
+    code = main([*argv, "--chat-template", str(template), "--max-new-tokens", "2", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    want = read_tokenizer(tiny_chat_model).encode("[user: hi]", add_special_tokens=False)
+    assert json.loads(out)["prompt_token_ids"] == want
+    template.write_text("{% for m in messages %}")  # does not compile: one line, no traceback
+    code = main([*argv, "--chat-template", str(template)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "chat template" in err, err
+    code = main([*argv, "--chat-template", str(tmp_path / "missing.jinja")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--chat-template" in err and "no such file" in err, err

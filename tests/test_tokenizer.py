@@ -537,9 +537,10 @@ def test_unknown_pre_tokenizer(reader):
 
 
 def test_unknown_tokenizer_model(reader):
+    # "llama" (SentencePiece) is supported since Gemma; llama.cpp's RWKV vocabulary is not.
     with pytest.raises(FerrumError) as e:
-        Tokenizer.from_gguf(_Reader(reader, model="llama"))
-    assert e.value.kind is ErrorKind.UNSUPPORTED and "llama" in e.value.message
+        Tokenizer.from_gguf(_Reader(reader, model="rwkv"))
+    assert e.value.kind is ErrorKind.UNSUPPORTED and "rwkv" in e.value.message
 
 
 # ---- streaming ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 
 from ferrum_jax.checkpoint.build import Place, build_params
 from ferrum_jax.checkpoint.hf_config import parse_config
-from ferrum_jax.checkpoint.layout import CheckpointTensor, checkpoint_layout
+from ferrum_jax.checkpoint.layout import EXPERT_NAMES, CheckpointTensor, checkpoint_layout
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
@@ -51,11 +51,24 @@ SUPPORTED_TYPES = frozenset(
 )
 """Tensor encodings `load_gguf` dequantises (all covered by tests)."""
 
+# GGUF general.architecture -> (HF architecture, HF model_type). llama.cpp writes Mixtral as
+# "llama" with experts (`config_from_gguf` tells them apart by `llama.expert_count`).
 _ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")
+_GEMMA_ARCHS = {"gemma2": (2, 46), "gemma3": (6, 62)}
+"""Gemma arch -> (every n-th layer global, the layer count of its 27B model).
+
+llama.cpp fixes both in code, not metadata: the sliding pattern, and the 27B's attention
+scale `(hidden / heads) ** -0.5` where the others take `head_dim ** -0.5`."""
+_PERMUTED_QK = frozenset({"llama", "mixtral"})
+"""model_types whose Q/K rows llama.cpp's converter permutes (`LlamaModel.permute`)."""
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -78,6 +91,16 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma's four norms: llama.cpp's `ffn_norm` is the pre-feedforward one there.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# One GGUF tensor holds one projection of every expert: `[experts, out, in]`.
+_EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+_ROUTER = "ffn_gate_inp.weight"
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 _HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
@@ -258,25 +281,51 @@ def _tensor_info(cur: _Cursor) -> tuple[str, gguf.GGMLQuantizationType, tuple[in
     return name, ggml_type, tuple(dims), offset, math.prod(dims) // block * type_size
 
 
-def hf_name(name: str) -> str | None:
-    """The HF tensor name of GGUF tensor `name`, or None if it has none."""
+def _layer_names(config: ModelConfig | None) -> dict[str, str]:
+    """GGUF layer tensor suffix -> HF suffix for `config`'s family (None: Llama's)."""
+    if config is not None and config.sandwich_norms:
+        return _GEMMA_LAYER_NAMES
+    return _LAYER_NAMES
+
+
+def hf_name(name: str, config: ModelConfig | None = None) -> str | None:
+    """The HF tensor name of GGUF tensor `name`, or None if it has none (expert tensors hold
+    many: see `gguf_tensors`)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLOCK.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    names = _layer_names(config)
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
-def gguf_name(name: str) -> str:
-    """The GGUF tensor name of HF tensor `name` (inverse of `hf_name`)."""
+def gguf_name(name: str, config: ModelConfig | None = None) -> str:
+    """The GGUF tensor name of HF tensor `name` (inverse of `hf_name`; an expert's tensor maps
+    to the tensor of all experts)."""
     for g, h in _GLOBAL_NAMES.items():
         if h == name:
             return g
     m = _HF_BLOCK.fullmatch(name)
     assert m is not None, name
-    short = next(g for g, h in _LAYER_NAMES.items() if h == m.group(2))
-    return f"blk.{m.group(1)}.{short}"
+    layer, rest = m.groups()
+    if config is not None and config.num_experts:
+        block, projections = EXPERT_NAMES[config.model_type]
+        if rest == f"{block}.gate.weight":
+            return f"blk.{layer}.{_ROUTER}"
+        expert = re.fullmatch(rf"{block}\.experts\.\d+\.(\w+)\.weight", rest)
+        if expert:
+            return f"blk.{layer}.{_EXPERT_TENSORS[projections.index(expert.group(1))]}"
+    short = next(g for g, h in _layer_names(config).items() if h == rest)
+    return f"blk.{layer}.{short}"
+
+
+def gguf_tensors(config: ModelConfig) -> dict[str, list[CheckpointTensor]]:
+    """GGUF tensor name -> the HF layout tensors it holds (experts in order), for `config`."""
+    out: dict[str, list[CheckpointTensor]] = {}
+    for tensor in checkpoint_layout(config):
+        out.setdefault(gguf_name(tensor.name, config), []).append(tensor)
+    return out
 
 
 def config_from_gguf(header: GGUFHeader, path: pathlib.Path) -> ModelConfig:
@@ -300,9 +349,11 @@ def config_from_gguf(header: GGUFHeader, path: pathlib.Path) -> ModelConfig:
                 f"{head_dim} (partial rotary / asymmetric heads are not supported)"
             )
     eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    experts = get_int("expert_count", 0)
+    architecture, model_type = _MIXTRAL if arch == "llama" and experts else _ARCHITECTURES[arch]
     hf: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": embed.dims[1],
         "hidden_size": hidden,
         "intermediate_size": get_int("feed_forward_length"),
@@ -319,7 +370,42 @@ def config_from_gguf(header: GGUFHeader, path: pathlib.Path) -> ModelConfig:
         "bos_token_id": _token_id(meta.get("tokenizer.ggml.bos_token_id")),
         "eos_token_id": list(dict.fromkeys(i for i in map(_token_id, eos) if i is not None)),
     }
+    if arch in _GEMMA_ARCHS:
+        hf.update(_gemma_keys(arch, hf, get_int, get_float))
+    if experts:
+        hf.update(
+            num_local_experts=experts,
+            num_experts=experts,
+            num_experts_per_tok=get_int("expert_used_count"),
+            # llama.cpp renormalises the top-k weights of both (`norm_w` in build_moe_ffn).
+            norm_topk_prob=True,
+        )
+        if model_type == "qwen3_moe":
+            hf["moe_intermediate_size"] = get_int("expert_feed_forward_length")
     return parse_config(hf, path)
+
+
+def _gemma_keys(arch: str, hf: dict[str, Any], get_int: Callable, get_float: Callable) -> dict:
+    """The HF keys of a Gemma GGUF that llama.cpp keeps in code or in its own metadata."""
+    pattern, layers_27b = _GEMMA_ARCHS[arch]
+    pattern = get_int("attention.sliding_window_pattern", pattern)
+    layers = hf["num_hidden_layers"]
+    big = layers == layers_27b
+    keys: dict[str, Any] = {
+        "sliding_window": get_int("attention.sliding_window"),
+        "layer_types": [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(layers)
+        ],
+        "query_pre_attn_scalar": (
+            hf["hidden_size"] // hf["num_attention_heads"] if big else hf["head_dim"]
+        ),
+        "attn_logit_softcapping": get_float("attn_logit_softcapping", None),
+        "final_logit_softcapping": get_float("final_logit_softcapping", None),
+    }
+    if arch == "gemma3":
+        keys["rope_local_base_freq"] = get_float("rope.freq_base_swa", 10_000.0)
+    return keys
 
 
 def _getter(meta: Mapping[str, Any], arch: str, path: pathlib.Path, kind: type) -> Callable:
@@ -367,32 +453,38 @@ def validate_layout(
             f"{path}: metadata declares {config.num_layers} blocks, the file holds only "
             f"{len(header.tensors)} tensors"
         )
-    expected = {t.name: t for t in checkpoint_layout(config)}
-    by_hf: dict[str, GGUFTensorInfo] = {}
+    router = header.tensors.get(f"blk.0.{_ROUTER}")
+    if config.num_experts and (router is None or router.shape[0] != config.num_experts):
+        # Checked before the layout is built: a bogus count must not build a huge one.
+        held = "no router tensor" if router is None else f"a router of {router.shape[0]} experts"
+        raise FerrumError.model(
+            f"{path}: metadata expert_count is {config.num_experts}, the file holds {held}"
+        )
+    expected = gguf_tensors(config)
     for name, info in header.tensors.items():
         if name == "rope_freqs.weight":
             raise FerrumError.unsupported(
                 f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style per-frequency rope "
                 "factors) is not supported"
             )
-        hf = hf_name(name)
-        if hf not in expected:
+        if name not in expected:
             raise FerrumError.model(
                 f"{path}: unexpected tensor {name!r} (not part of the {config.architecture} "
                 "layout the metadata describes)"
             )
-        if info.shape != expected[hf].shape:
+        parts = expected[name]
+        want = parts[0].shape if len(parts) == 1 else (len(parts), *parts[0].shape)
+        if info.shape != want:
             raise FerrumError.model(
                 f"{path}: tensor {name!r} has shape {list(info.shape)} (ne={list(info.dims)}), "
-                f"the metadata implies {list(expected[hf].shape)}"
+                f"the metadata implies {list(want)}"
             )
-        by_hf[hf] = info
-    missing = [gguf_name(n) for n in expected if n not in by_hf]
+    missing = [n for n in expected if n not in header.tensors]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise FerrumError.model(f"{path}: missing tensors {shown}{more}")
-    return by_hf
+    return {t.name: header.tensors[name] for name, parts in expected.items() for t in parts}
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -501,14 +593,24 @@ def load_gguf(
     by_hf = validate_layout(config, header, path)
     tokenizer = read_gguf_tokenizer(path, header)
     permuted = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+    # An expert tensor holds every expert: dequantised once, sliced per expert.
+    last: dict[str, np.ndarray] = {}
 
     with open(path, "rb") as f:
 
         def read(tensor: CheckpointTensor) -> np.ndarray:
-            w = _dequantized(f, by_hf[tensor.name])
+            info = by_hf[tensor.name]
+            if info.name not in last:
+                last.clear()
+                last[info.name] = _dequantized(f, info)
+            w = last[info.name]
+            if w.ndim == 3:
+                w = w[int(re.search(r"experts\.(\d+)\.", tensor.name).group(1))]
             proj = tensor.name.split(".")[-2]
-            if config.model_type == "llama" and proj in permuted:
+            if config.model_type in _PERMUTED_QK and proj in permuted:
                 w = unpermute_qk(w, permuted[proj])
+            if config.norm_plus_one and tensor.name.endswith("norm.weight"):
+                w = w - np.float32(1)  # llama.cpp stores Gemma's norms as 1 + w
             return w
 
         graphdef, params = build_params(

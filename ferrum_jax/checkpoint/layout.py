@@ -42,89 +42,191 @@ class CheckpointTensor:
 
 def checkpoint_layout(config: ModelConfig) -> list[CheckpointTensor]:
     """Every tensor an HF checkpoint of `config` holds (tied LM head omitted), in an order that
-    reads the parts of a fused param one after another."""
+    reads the parts of a fused param one after another.
+
+    Names are those of the checkpoints on the Hub (what `save_pretrained` writes): Phi-3's
+    fused `qkv_proj`/`gate_up_proj`, Gemma's four norms per layer, one tensor per expert
+    (Mixtral `block_sparse_moe.experts.{j}.w1/w3/w2`, Qwen3-MoE `mlp.experts.{j}.*_proj`).
+    """
+    e, v = config.hidden_size, config.vocab_size
+    out = [_same("model.embed_tokens.weight", ("embed",), (v, e))]
+    for i in range(config.num_layers):
+        p, layer = f"model.layers.{i}.", ("layers", i)
+        out += _attention(config, p, (*layer, "attn"))
+        out += _norms(config, p, layer)
+        out += _feed_forward(config, i, p, (*layer, "mlp"))
+    out.append(_same("model.norm.weight", ("final_norm", "scale"), (e,)))
+    if not config.tie_word_embeddings:
+        out.append(_transposed("lm_head.weight", ("lm_head",), (v, e)))
+    return out
+
+
+_WHOLE = slice(None)
+
+
+def _same(name, path, shape) -> CheckpointTensor:
+    return CheckpointTensor(name, path, shape, lambda w: w, lambda w: w)
+
+
+def _transposed(name, path, shape) -> CheckpointTensor:
+    return CheckpointTensor(name, path, shape, np.transpose, np.transpose)
+
+
+def _attention(config: ModelConfig, p: str, attn: tuple) -> list[CheckpointTensor]:
     e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    f, v, g = config.intermediate_size, config.vocab_size, h // kv
-    whole = slice(None)
+    g = h // kv
+    qkv = (*attn, "qkv_proj")
 
-    def same(name, path, shape) -> CheckpointTensor:
-        return CheckpointTensor(name, path, shape, lambda w: w, lambda w: w)
-
-    def transposed(name, path, shape) -> CheckpointTensor:
-        return CheckpointTensor(name, path, shape, np.transpose, np.transpose)
-
-    def qkv_weight(name, path, slot, heads) -> CheckpointTensor:
+    def qkv_weight(name, slot, heads) -> CheckpointTensor:
         # [heads*d, e] <-> the [e, kv, slots, d] part at `slot` (query heads grouped by KV head)
         n = heads // kv
         return CheckpointTensor(
             name,
-            path,
+            qkv,
             (heads * d, e),
             lambda w: w.T.reshape(e, kv, n, d),
             lambda w: w.reshape(e, heads * d).T,
-            (whole, whole, slice(slot, slot + n)),
+            (_WHOLE, _WHOLE, slice(slot, slot + n)),
         )
 
-    def qkv_bias(name, path, slot, heads) -> CheckpointTensor:
+    def qkv_bias(name, slot, heads) -> CheckpointTensor:
         n = heads // kv
         return CheckpointTensor(
             name,
-            path,
+            (*attn, "qkv_bias"),
             (heads * d,),
             lambda b: b.reshape(kv, n, d),
             lambda b: b.reshape(heads * d),
-            (whole, slice(slot, slot + n)),
+            (_WHOLE, slice(slot, slot + n)),
         )
 
-    def gate_up(name, path, slot) -> CheckpointTensor:
+    def fused_to_param(w: np.ndarray) -> np.ndarray:
+        # Phi-3 [(h + 2kv) * d, e]: all queries, all keys, all values -> per KV head groups.
+        q, k, val = np.split(w.T, [h * d, (h + kv) * d], axis=1)
+        parts = (q.reshape(e, kv, g, d), k.reshape(e, kv, 1, d), val.reshape(e, kv, 1, d))
+        return np.concatenate(parts, axis=2)
+
+    def fused_from_param(w: np.ndarray) -> np.ndarray:
+        q, k, val = w[:, :, :g], w[:, :, g], w[:, :, g + 1]
+        return np.concatenate([x.reshape(e, -1) for x in (q, k, val)], axis=1).T
+
+    if config.model_type == "phi3":
+        out = [
+            CheckpointTensor(
+                p + "self_attn.qkv_proj.weight",
+                qkv,
+                ((h + 2 * kv) * d, e),
+                fused_to_param,
+                fused_from_param,
+            )
+        ]
+    else:
+        out = [
+            qkv_weight(p + "self_attn.q_proj.weight", 0, h),
+            qkv_weight(p + "self_attn.k_proj.weight", g, kv),
+            qkv_weight(p + "self_attn.v_proj.weight", g + 1, kv),
+        ]
+    out.append(
+        CheckpointTensor(
+            p + "self_attn.o_proj.weight",
+            (*attn, "o_proj"),
+            (e, h * d),
+            lambda w: w.T.reshape(h, d, e),
+            lambda w: w.reshape(h * d, e).T,
+        )
+    )
+    if config.qkv_bias:
+        out += [
+            qkv_bias(p + "self_attn.q_proj.bias", 0, h),
+            qkv_bias(p + "self_attn.k_proj.bias", g, kv),
+            qkv_bias(p + "self_attn.v_proj.bias", g + 1, kv),
+        ]
+    if config.o_bias:
+        out.append(_same(p + "self_attn.o_proj.bias", (*attn, "o_bias"), (e,)))
+    if config.qk_norm:
+        out += [
+            _same(p + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (d,)),
+            _same(p + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (d,)),
+        ]
+    return out
+
+
+def _norms(config: ModelConfig, p: str, layer: tuple) -> list[CheckpointTensor]:
+    e = config.hidden_size
+    names = [("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attn_norm")]
+    if config.sandwich_norms:
+        names += [
+            ("pre_feedforward_layernorm", "pre_mlp_norm"),
+            ("post_feedforward_layernorm", "post_mlp_norm"),
+        ]
+    return [_same(f"{p}{hf}.weight", (*layer, ours, "scale"), (e,)) for hf, ours in names]
+
+
+def _feed_forward(config: ModelConfig, i: int, p: str, mlp: tuple) -> list[CheckpointTensor]:
+    e = config.hidden_size
+    if config.is_sparse(i):
+        return _experts(config, p, mlp)
+    f = config.intermediate_size
+
+    def gate_up(name, slot) -> CheckpointTensor:
         # [f, e] <-> the [e, 1, f] part at `slot` of [e, 2, f]
         return CheckpointTensor(
             name,
-            path,
+            (*mlp, "gate_up_proj"),
             (f, e),
             lambda w: w.T[:, None, :],
             lambda w: w[:, 0, :].T,
-            (whole, slice(slot, slot + 1)),
+            (_WHOLE, slice(slot, slot + 1)),
         )
 
-    out = [same("model.embed_tokens.weight", ("embed",), (v, e))]
-    for i in range(config.num_layers):
-        p, layer = f"model.layers.{i}.", ("layers", i)
-        attn, qkv, mlp = (*layer, "attn"), (*layer, "attn", "qkv_proj"), (*layer, "mlp")
-        out += [
-            same(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (e,)),
-            qkv_weight(p + "self_attn.q_proj.weight", qkv, 0, h),
-            qkv_weight(p + "self_attn.k_proj.weight", qkv, g, kv),
-            qkv_weight(p + "self_attn.v_proj.weight", qkv, g + 1, kv),
+    if config.model_type == "phi3":
+        fused = CheckpointTensor(
+            p + "mlp.gate_up_proj.weight",
+            (*mlp, "gate_up_proj"),
+            (2 * f, e),
+            lambda w: w.T.reshape(e, 2, f),
+            lambda w: w.reshape(e, 2 * f).T,
+        )
+        out = [fused]
+    else:
+        out = [gate_up(p + "mlp.gate_proj.weight", 0), gate_up(p + "mlp.up_proj.weight", 1)]
+    return [*out, _transposed(p + "mlp.down_proj.weight", (*mlp, "down_proj"), (e, f))]
+
+
+EXPERT_NAMES: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+"""model_type -> (the sparse block's name, its experts' gate/up/down tensor names)."""
+
+
+def _experts(config: ModelConfig, p: str, mlp: tuple) -> list[CheckpointTensor]:
+    e, n, f = config.hidden_size, config.num_experts, config.expert_intermediate_size
+    block, (gate, up, down) = EXPERT_NAMES[config.model_type]
+    out = [_transposed(f"{p}{block}.gate.weight", (*mlp, "router"), (n, e))]
+    for j in range(n):
+        x = f"{p}{block}.experts.{j}."
+        for name, slot in ((gate, 0), (up, 1)):
+            out.append(
+                CheckpointTensor(
+                    f"{x}{name}.weight",
+                    (*mlp, "gate_up_proj"),
+                    (f, e),
+                    lambda w: w.T[None, :, None, :],
+                    lambda w: w[0, :, 0, :].T,
+                    (slice(j, j + 1), _WHOLE, slice(slot, slot + 1)),
+                )
+            )
+        out.append(
             CheckpointTensor(
-                p + "self_attn.o_proj.weight",
-                (*attn, "o_proj"),
-                (e, h * d),
-                lambda w: w.T.reshape(h, d, e),
-                lambda w: w.reshape(h * d, e).T,
-            ),
-            same(p + "post_attention_layernorm.weight", (*layer, "post_attn_norm", "scale"), (e,)),
-            gate_up(p + "mlp.gate_proj.weight", (*mlp, "gate_up_proj"), 0),
-            gate_up(p + "mlp.up_proj.weight", (*mlp, "gate_up_proj"), 1),
-            transposed(p + "mlp.down_proj.weight", (*mlp, "down_proj"), (e, f)),
-        ]
-        if config.qkv_bias:
-            bias = (*attn, "qkv_bias")
-            out += [
-                qkv_bias(p + "self_attn.q_proj.bias", bias, 0, h),
-                qkv_bias(p + "self_attn.k_proj.bias", bias, g, kv),
-                qkv_bias(p + "self_attn.v_proj.bias", bias, g + 1, kv),
-            ]
-        if config.o_bias:
-            out.append(same(p + "self_attn.o_proj.bias", (*attn, "o_bias"), (e,)))
-        if config.qk_norm:
-            out += [
-                same(p + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (d,)),
-                same(p + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (d,)),
-            ]
-    out.append(same("model.norm.weight", ("final_norm", "scale"), (e,)))
-    if not config.tie_word_embeddings:
-        out.append(transposed("lm_head.weight", ("lm_head",), (v, e)))
+                f"{x}{down}.weight",
+                (*mlp, "down_proj"),
+                (e, f),
+                lambda w: w.T[None],
+                lambda w: w[0].T,
+                (slice(j, j + 1),),
+            )
+        )
     return out
 
 

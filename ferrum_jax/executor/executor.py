@@ -122,6 +122,11 @@ _MODEL_TYPES = {
     "mistral": ModelType.Mistral,
     "qwen2": ModelType.Qwen,
     "qwen3": ModelType.Qwen,
+    "gemma2": ModelType.Gemma,
+    "gemma3_text": ModelType.Gemma,
+    "mixtral": ModelType.Mistral,
+    "qwen3_moe": ModelType.Qwen,
+    "phi3": ModelType.Phi,
 }
 _MIN_STEP_TOKENS = 16
 """The smallest token budget a step may shrink to before a request is refused."""

@@ -1,9 +1,11 @@
 """`Tokenizer`: a `tokenizers.Tokenizer` plus the chat template and special tokens around it.
 
 Two sources: an HF tokenizer directory (`from_dir`) and the tokenizer metadata of a GGUF file
-(`from_gguf`). A GGUF carries only the vocabulary, the merges, the token types and the name of a
-pre-tokenizer (`tokenizer.ggml.pre`); the splitting regexes behind each name are llama.cpp's
-(`src/llama-vocab.cpp`), rebuilt here as `tokenizers` pre-tokenizers.
+(`from_gguf`). A byte-level BPE GGUF (`tokenizer.ggml.model = "gpt2"`) carries the vocabulary,
+the merges, the token types and the name of a pre-tokenizer (`tokenizer.ggml.pre`); the
+splitting regexes behind each name are llama.cpp's (`src/llama-vocab.cpp`), rebuilt here as
+`tokenizers` pre-tokenizers. A SentencePiece GGUF (`"llama"`, Gemma's) carries tokens, scores
+and token types but no merges; they are implied by the vocabulary (`_sentencepiece_merges`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.text.chat_template import render_chat_template
+from ferrum_jax.text.chat_template import compile_chat_template, render_chat_template
 from ferrum_jax.text.detokenizer import IncrementalDetokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -201,8 +211,12 @@ class Tokenizer:
         the key, llama.cpp's default for the pre-tokenizer applies (on for Llama 3 only).
         """
         model = _field(reader, "tokenizer.ggml.model", "str")
+        if model == "llama":
+            return cls._from_gguf_sentencepiece(reader)
         if model != "gpt2":
-            raise FerrumError.unsupported(f"GGUF tokenizer model {model!r} (only 'gpt2' BPE)")
+            raise FerrumError.unsupported(
+                f"GGUF tokenizer model {model!r} (supported: 'gpt2' BPE, 'llama' SentencePiece)"
+            )
         pre = _field(reader, "tokenizer.ggml.pre", "str") or "default"
         if pre not in _PRE_TOKENIZER_SPLITS:
             raise FerrumError.unsupported(
@@ -287,6 +301,92 @@ class Tokenizer:
             special_tokens=special,
             eos_token_ids=extra_eos,
         )
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, reader: Any) -> Tokenizer:
+        """SentencePiece BPE from GGUF metadata (Gemma's vocabulary), as transformers builds it.
+
+        Spaces become `▁` (no prefix space), unknown characters fall back to their `<0xNN>`
+        byte tokens, and merges come from the vocabulary (`_sentencepiece_merges`). Control
+        tokens are matched whole as special tokens, user-defined ones (`\\n`, `</div>`) as
+        plain added tokens. BOS is added unless `tokenizer.ggml.add_bos_token` is false
+        (llama.cpp's default for SentencePiece vocabularies).
+        """
+        tokens: list[str] = _field(reader, "tokenizer.ggml.tokens", "list[str]")
+        if not tokens:
+            raise FerrumError.tokenizer("GGUF has no tokenizer.ggml.tokens")
+        types: list[int] = _field(reader, "tokenizer.ggml.token_type", "list[int]")
+        scores = reader.get_field("tokenizer.ggml.scores")
+        types = types or [1] * len(tokens)
+        for key, values in (("token_type", types), ("scores", scores and scores.contents())):
+            if values is not None and len(values) != len(tokens):
+                raise FerrumError.tokenizer(
+                    f"GGUF has {len(tokens)} tokens but {len(values)} tokenizer.ggml.{key} entries"
+                )
+        # Whitespace-run tokens are stored with real spaces; text reaches the model as `▁`s.
+        spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        vocab = {text: i for i, text in enumerate(spelled)}
+
+        def token(key: str) -> str | None:
+            idx = _field(reader, f"tokenizer.ggml.{key}", "int")
+            return spelled[idx] if idx is not None and 0 <= idx < len(spelled) else None
+
+        unk = token("unknown_token_id")
+        bpe = models.BPE(
+            vocab=vocab,
+            merges=_sentencepiece_merges(vocab),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+        backend = tokenizers.Tokenizer(bpe)
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        backend.add_special_tokens(
+            [
+                AddedToken(text, special=True, normalized=False)
+                for text, kind in zip(tokens, types, strict=True)
+                if kind == _CONTROL
+            ]
+        )
+        # As stored: a whitespace run was respelled above, so it is merged, never matched.
+        backend.add_tokens(
+            [
+                AddedToken(text, special=False, normalized=False)
+                for text, kind in zip(tokens, types, strict=True)
+                if kind == _USER_DEFINED and text in vocab
+            ]
+        )
+        special = {
+            "bos_token": token("bos_token_id"),
+            "eos_token": token("eos_token_id"),
+            "unk_token": unk,
+            "pad_token": token("padding_token_id"),
+        }
+        add_bos = _field(reader, "tokenizer.ggml.add_bos_token", "bool", True)
+        add_eos = _field(reader, "tokenizer.ggml.add_eos_token", "bool", False)
+        backend.post_processor = _template_processor(
+            special["bos_token"] if add_bos else None,
+            special["eos_token"] if add_eos else None,
+            backend,
+        )
+        extra_eos = [_field(reader, f"tokenizer.ggml.{k}_token_id", "int") for k in ("eot", "eom")]
+        return cls(
+            backend,
+            chat_template=_field(reader, "tokenizer.chat_template", "str"),
+            special_tokens=special,
+            eos_token_ids=extra_eos,
+        )
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """This tokenizer with `template` (Jinja, rendered by the same sandbox) as its chat
+        template: for a model that ships none, or to replace the one it ships."""
+        compile_chat_template(template)  # a broken template fails here, not at the first chat
+        copy = Tokenizer(self._tok, chat_template=template, special_tokens=self._special)
+        copy._eos_ids = self._eos_ids
+        return copy
 
     def to_files(self) -> dict[str, str]:
         """The contents of `tokenizer.json` and `tokenizer_config.json` that `from_files` reads.
@@ -422,6 +522,21 @@ class Tokenizer:
     def backend(self) -> tokenizers.Tokenizer:
         """The wrapped `tokenizers.Tokenizer`."""
         return self._tok
+
+
+def _sentencepiece_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a token into two
+    tokens, ranked by the merged token's id (SentencePiece merges the best-scored piece first,
+    and Gemma's ids are its merge order: its normal tokens' scores fall with the id, while its
+    whitespace runs score -1000 yet sit near the top, as transformers' GGUF tokenizer ranks
+    them), longer left part first."""
+    merges = []
+    for text, _ in sorted(vocab.items(), key=lambda item: item[1]):
+        for cut in range(len(text) - 1, 0, -1):
+            left, right = text[:cut], text[cut:]
+            if left in vocab and right in vocab:
+                merges.append((left, right))
+    return merges
 
 
 def _template_processor(
