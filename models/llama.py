@@ -13,6 +13,7 @@ from ferrum_jax.errors import FerrumError
 from ferrum_jax.models.attention import AttentionMetadata, Pool
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.layers import MLP, Attention, RMSNorm, param, rope_angles
+from ferrum_jax.models.quant import embedding, weight
 
 
 class DecoderLayer(nnx.Module):
@@ -71,7 +72,7 @@ class Llama(nnx.Module):
         """One ragged step up to the LM head: final-normed hidden states `[T, embed]`, and
         the per-layer pages with this step's keys/values written."""
         dtype = jnp.dtype(self.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = embedding(self.embed, tokens, dtype)
         rope = rope_angles(meta.positions, self.config, dtype)
         new_pages = []
         for i, layer in enumerate(self.layers):
@@ -85,10 +86,10 @@ class Llama(nnx.Module):
         dtype = jnp.dtype(self.dtype)
         with jax.named_scope("lm_head"):
             if self.config.tie_word_embeddings:
-                weight, spec = self.embed[...].astype(dtype), "te,ve->tv"
+                w, spec = weight(self.embed, dtype), "te,ve->tv"
             else:
-                weight, spec = self.lm_head[...].astype(dtype), "te,ev->tv"
-            return jnp.einsum(spec, x.astype(dtype), weight, preferred_element_type=jnp.float32)
+                w, spec = weight(self.lm_head, dtype), "te,ev->tv"
+            return jnp.einsum(spec, x.astype(dtype), w, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
