@@ -204,3 +204,44 @@ def zeros_for(part, shape: tuple[int, ...], dtype) -> np.ndarray | QArray:
     sizes = zip(shape, s.shape, q.shape, strict=True)
     scale_shape = tuple(n if ps == pq else ps for n, ps, pq in sizes)
     return QArray(np.zeros(shape, q.dtype), np.zeros(scale_shape, s.dtype), qtype=part.qtype)
+
+
+def to_saved(tree):
+    """A pure-dict params tree with each `QArray` as `{"qvalue", "scale"}` (plain arrays for
+    checkpoint writers)."""
+    return jax.tree.map(
+        lambda x: {"qvalue": x.qvalue, "scale": x.scale} if isinstance(x, QArray) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, QArray),
+    )
+
+
+def from_saved(tree):
+    """The inverse of `to_saved`."""
+
+    def back(node):
+        if isinstance(node, dict) and set(node) == {"qvalue", "scale"}:
+            return QArray(node["qvalue"], node["scale"], qtype=np.dtype(node["qvalue"].dtype))
+        if isinstance(node, dict):
+            return {k: back(v) for k, v in node.items()}
+        return node
+
+    return back(tree)
+
+
+def quantized_bytes(config, dtype, name: str) -> int:
+    """Bytes the params of `config` take with linear weights quantized to `name` (float
+    params in `dtype`), from shapes alone."""
+    from ferrum_jax.models.llama import abstract_model
+
+    fmt = quantization_format(name)
+    _, abstract = abstract_model(config, param_dtype=dtype)
+    total = 0
+    for path, variable in nnx.to_flat_state(abstract):
+        x = variable.get_value()
+        if fmt is None or not is_quantizable(path):
+            total += array_bytes(x)
+            continue
+        q = jax.eval_shape(lambda a, n=path[-1]: quantize_weight(n, a, fmt), x)
+        total += array_bytes(q.qvalue) + array_bytes(q.scale)
+    return total
