@@ -85,7 +85,9 @@ from ferrum_jax.interfaces import (
 from ferrum_jax.jsonl_batch import JsonlReport, LineDefaults, generate_jsonl
 from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
+from ferrum_jax.models.kv_quant import KV_DTYPES
 from ferrum_jax.models.llama import Llama, abstract_model, init_model
+from ferrum_jax.models.quant import QUANTIZATIONS, QArray, dequantized_params, quantize_params
 from ferrum_jax.sampling import SamplingParams, row_keys, sample, sample_step, token_logprobs
 from ferrum_jax.streaming import StreamedToken, stream_tokens
 from ferrum_jax.tensor import JaxTensor
@@ -94,6 +96,8 @@ from ferrum_jax.text import IncrementalDetokenizer, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "KV_DTYPES",
+    "QUANTIZATIONS",
     "AttentionType",
     "BatchModelExecutor",
     "BlockTable",
@@ -140,6 +144,7 @@ __all__ = [
     "OptimizationConfig",
     "PrefillInput",
     "PrefillOutput",
+    "QArray",
     "RopeScaling",
     "SamplingParams",
     "Score",
@@ -158,6 +163,7 @@ __all__ = [
     "compile_counts",
     "decode",
     "default_model_path",
+    "dequantized_params",
     "extend",
     "forward",
     "generate",
@@ -173,6 +179,7 @@ __all__ = [
     "params_from_checkpoint",
     "prefill",
     "progress",
+    "quantize_params",
     "rolling_loglikelihood",
     "rolling_windows",
     "row_keys",

@@ -21,6 +21,7 @@ size 1 (or not divisible by its mesh axis) is replicated (`sharding.rules`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -87,6 +88,19 @@ def is_quantizable(path: tuple[str | int, ...]) -> bool:
 
 def quantize_weight(name: str, array, fmt: WeightFormat) -> QArray:
     """The float weight `array` of param `name` (our layout) quantized to `fmt`."""
+    axis = CONTRACTION_AXES[name][-1]
+    if fmt.block is not None and array.shape[axis] % fmt.block:
+        raise FerrumError.unsupported(
+            f"{name}: axis of size {array.shape[axis]} is not a multiple of the {fmt.name} "
+            f"block {fmt.block}"
+        )
+    return _quantize(name, array, fmt)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _quantize(name: str, array, fmt: WeightFormat) -> QArray:
+    # One fused program per weight shape: eager ops would hold several float copies of the
+    # 28M-entry embedding at once (the load's peak host memory).
     contract = CONTRACTION_AXES[name]
     x = jnp.asarray(array, jnp.float32)
     if fmt.block is None:
@@ -94,11 +108,6 @@ def quantize_weight(name: str, array, fmt: WeightFormat) -> QArray:
         q = qwix.quantize(x, fmt.qtype, channelwise_axes=channels)
     else:
         axis = contract[-1]
-        if x.shape[axis] % fmt.block:
-            raise FerrumError.unsupported(
-                f"{name}: axis of size {x.shape[axis]} is not a multiple of the {fmt.name} "
-                f"block {fmt.block}"
-            )
         channels = [a for a in range(x.ndim) if a != axis]
         q = qwix.quantize(x, fmt.qtype, channelwise_axes=channels, tiled_axes={axis: fmt.block})
     # A channel of zeros (padded heads) has scale 0: its values are 0 whatever the scale.

@@ -32,7 +32,13 @@ from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.quant import QArray, is_quantizable, quantization_format
+from ferrum_jax.models.quant import (
+    QArray,
+    WeightFormat,
+    is_quantizable,
+    quantization_format,
+    quantize_weight,
+)
 from ferrum_jax.text.tokenizer import Tokenizer
 
 _QT = gguf.GGMLQuantizationType
@@ -472,7 +478,7 @@ def read_gguf_tokenizer(path: pathlib.Path, header: GGUFHeader) -> Tokenizer | N
     return Tokenizer.from_gguf(read_tokenizer_fields(path))
 
 
-_CHUNK_BYTES = 1 << 22
+_CHUNK_BYTES = 1 << 20
 """Raw bytes dequantized at a time: the float32 staging of a tensor stays this small."""
 _Q8_0_BLOCK = 32
 
@@ -499,6 +505,23 @@ def _dequantized(f: BinaryIO, info: GGUFTensorInfo, dtype: np.dtype = np.float32
         chunk = gguf.quants.dequantize(rows[start : start + step], info.ggml_type)
         out[start : start + step] = chunk
     return out.reshape(info.shape)
+
+
+def _quantized_rows(f: BinaryIO, info: GGUFTensorInfo, fmt: WeightFormat) -> QArray:
+    """A `[rows, in]` tensor dequantised and quantized to `fmt` a few MiB of rows at a time
+    (scales along each row: per row, or blocks of it): the embedding's float32 copy (113 MB
+    for SmolLM2) never exists whole, so an int8 load peaks near its final size."""
+    rows = _raw(f, info).reshape(info.shape[0], -1)
+    step = max(1, _CHUNK_BYTES // rows.shape[1])
+    values, scales = None, None
+    for i in range(0, rows.shape[0], step):
+        chunk = gguf.quants.dequantize(rows[i : i + step], info.ggml_type)
+        part = quantize_weight("embed", chunk, fmt)
+        if values is None:
+            values = np.empty(info.shape, part.qvalue.dtype)
+            scales = np.empty((info.shape[0], part.scale.shape[1]), part.scale.dtype)
+        values[i : i + step], scales[i : i + step] = part.qvalue, part.scale
+    return QArray(values, scales, qtype=fmt.qtype)
 
 
 def q8_0_blocks(f: BinaryIO, info: GGUFTensorInfo) -> QArray:
@@ -542,7 +565,6 @@ def load_gguf(
     quantized again (`models.quant`), one tensor at a time.
     """
     target = model_dtype(dtype)
-    quantization_format(quantize)
     path = pathlib.Path(path)
     if not path.is_file():
         raise FerrumError.not_found(f"{path}: no such file")
@@ -552,12 +574,22 @@ def load_gguf(
     tokenizer = read_gguf_tokenizer(path, header)
     permuted = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
     direct = _direct_q8_0(config, by_hf, quantize, mesh)
+    fmt = quantization_format(quantize)
+    # Vocabulary-sized tensors are quantized row chunk by row chunk (their rows are the
+    # embedding's rows and the LM head's output channels). On a mesh, heads are adapted
+    # first, so everything goes through float weights there.
+    by_rows = {"model.embed_tokens.weight", "lm_head.weight"} if fmt and mesh is None else set()
 
     with open(path, "rb") as f:
 
         def read(tensor: CheckpointTensor) -> np.ndarray | QArray:
             info = by_hf[tensor.name]
-            w = q8_0_blocks(f, info) if tensor.path in direct else _dequantized(f, info, target)
+            if tensor.path in direct:
+                w = q8_0_blocks(f, info)
+            elif tensor.name in by_rows:
+                w = _quantized_rows(f, info, fmt)
+            else:
+                w = _dequantized(f, info, target)
             proj = tensor.name.split(".")[-2]
             if config.model_type == "llama" and proj in permuted:
                 w = jax.tree.map(lambda x: unpermute_qk(x, permuted[proj]), w)  # rows: both
