@@ -86,8 +86,10 @@ from ferrum_jax.jsonl_batch import JsonlReport, LineDefaults, generate_jsonl
 from ferrum_jax.model import LoadedModel, Model
 from ferrum_jax.models.config import ModelConfig, RopeScaling
 from ferrum_jax.models.family import FAMILIES, Family, family
+from ferrum_jax.models.kv_quant import KV_DTYPES
 from ferrum_jax.models.llama import Llama, abstract_model, init_model
 from ferrum_jax.models.moe import MoE
+from ferrum_jax.models.quant import QUANTIZATIONS, QArray, dequantized_params, quantize_params
 from ferrum_jax.sampling import SamplingParams, row_keys, sample, sample_step, token_logprobs
 from ferrum_jax.streaming import StreamedToken, stream_tokens
 from ferrum_jax.tensor import JaxTensor
@@ -97,6 +99,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
+    "KV_DTYPES",
+    "QUANTIZATIONS",
     "AttentionType",
     "BatchModelExecutor",
     "BlockTable",
@@ -145,6 +149,7 @@ __all__ = [
     "OptimizationConfig",
     "PrefillInput",
     "PrefillOutput",
+    "QArray",
     "RopeScaling",
     "SamplingParams",
     "Score",
@@ -163,6 +168,7 @@ __all__ = [
     "compile_counts",
     "decode",
     "default_model_path",
+    "dequantized_params",
     "extend",
     "family",
     "forward",
@@ -179,6 +185,7 @@ __all__ = [
     "params_from_checkpoint",
     "prefill",
     "progress",
+    "quantize_params",
     "rolling_loglikelihood",
     "rolling_windows",
     "row_keys",

@@ -27,7 +27,8 @@ from ferrum_jax.cache import init_cache
 from ferrum_jax.checkpoint import hf_state_dict, load_model
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
-from ferrum_jax.models.attention import resolve_implementation
+from ferrum_jax.models.attention import IMPLEMENTATIONS, resolve_implementation
+from ferrum_jax.models.kv_quant import bytes_per_token
 from ferrum_jax.sampling import SamplingParams, row_keys
 
 _NOISE_TOLERANCE = 0.15
@@ -288,11 +289,17 @@ def _hf_model(ours: Model, dtype: str):
     return model.to(torch_dtype), torch
 
 
-def _bytes_per_decode_step(config, params, batch: int, context: float, kv_itemsize: int) -> float:
+def _kv_bytes_per_token(model: Model, attention: str) -> int:
+    """KV bytes per token (all layers) in the pages `attention` reads (quantized or not)."""
+    c = model.runtime_config
+    layout = IMPLEMENTATIONS[attention].layout
+    return bytes_per_token(layout, c.num_layers, c.num_kv_heads, c.head_dim, model.dtype)
+
+
+def _bytes_per_decode_step(model: Model, attention: str, batch: int, context: float) -> float:
     """Bytes a decode step must read: every weight once (the tied LM head reads the whole
-    embedding) plus each row's cached keys/values."""
-    weights = sum(x.nbytes for x in jax.tree.leaves(params))
-    return weights + batch * context * config.kv_bytes_per_token(kv_itemsize)
+    embedding, int4 counted packed) plus each row's cached keys/values."""
+    return model.param_bytes + batch * context * _kv_bytes_per_token(model, attention)
 
 
 def _peak_memory() -> dict[str, float]:
@@ -312,7 +319,10 @@ def run_bench(args: argparse.Namespace) -> int:
     sizes the cache to the prompt and the new tokens).
     """
     mesh = sharding.mesh_from_spec(args.mesh) if getattr(args, "mesh", None) else None
-    loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
+    quantize = getattr(args, "quantize", "none")
+    loaded = load_model(
+        args.model, dtype=args.dtype, mesh=mesh, quantize=None if quantize == "none" else quantize
+    )
     config = loaded.runtime_config
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
     contexts = getattr(args, "max_context", None) or [None]
@@ -357,6 +367,10 @@ def run_bench(args: argparse.Namespace) -> int:
         "model": loaded.source,
         "dtype": args.dtype,
         "attention": attention,
+        "quantization": loaded.quantization,
+        "param_bytes": loaded.param_bytes,
+        "kv_dtype": getattr(args, "kv_dtype", "auto"),
+        "kv_bytes_per_token": _kv_bytes_per_token(loaded, attention),
         "device": str(jax.devices()[0].device_kind),
         "bandwidth_gbs": before.bandwidth_gbs,
         "matmul_gflops": before.matmul_gflops,
@@ -384,10 +398,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _row(model, probe, batch, prompt_len, new_tokens, ours, results) -> dict[str, Any]:
     """Our figures of one (batch, prompt length, max context), against the roofline."""
-    config, params = model.runtime_config, model.params
+    config = model.runtime_config
     mine = _median(results).rates(batch, prompt_len, new_tokens)
     context = prompt_len + new_tokens / 2
-    step_bytes = _bytes_per_decode_step(config, params, batch, context, model.dtype.itemsize)
+    step_bytes = _bytes_per_decode_step(model, ours.attention_impl, batch, context)
     prefill_flops = config.forward_flops(batch * prompt_len, prompt_len / 2, batch)
     return {
         "batch": batch,

@@ -117,8 +117,10 @@ def init_pages(
     """An empty page pool: per layer, the arrays of the implementation's page layout."""
     layout = IMPLEMENTATIONS[resolve_implementation(attention_impl)].layout
     shapes = layout.shapes(num_pages, page_size, config.num_kv_heads, config.head_dim)
+    dtypes = layout.dtypes(dtype)  # quantized pages: values and their scales
     return tuple(
-        tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(config.num_layers)
+        tuple(jnp.zeros(shape, d) for shape, d in zip(shapes, dtypes, strict=True))
+        for _ in range(config.num_layers)
     )
 
 

@@ -26,6 +26,9 @@ import ferrum_jax
 from ferrum_jax import progress
 from ferrum_jax.dtypes import DTYPE_NAMES, model_dtype
 from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.models import kv_quant
+from ferrum_jax.models.kv_quant import KV_DTYPES
+from ferrum_jax.models.quant import QUANTIZATIONS
 
 if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument errors stay fast
     from jax.sharding import Mesh
@@ -242,6 +245,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             )
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
+    def quantize_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--quantize",
+            choices=("none", *QUANTIZATIONS),
+            default="none",
+            help="store linear weights as int8 (per output channel) or int4 (blocks of 32)",
+        )
+
     def model_args(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
         p.add_argument(
             "--model",
@@ -258,6 +269,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         )
         p.add_argument(
             "--dtype", choices=DTYPE_NAMES, default="float32", help="parameter and compute dtype"
+        )
+        quantize_arg(p)
+        p.add_argument(
+            "--kv-dtype",
+            choices=("auto", *KV_DTYPES),
+            default="auto",
+            help="KV cache dtype: auto (the compute dtype), or quantized with a scale per "
+            "token and head (runs the xla attention)",
         )
         if mesh:
             p.add_argument(
@@ -390,6 +409,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     convert.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved params"
     )
+    quantize_arg(convert)
     convert.add_argument(
         "--force",
         action="store_true",
@@ -576,6 +596,16 @@ def _mesh(spec: str | None) -> Mesh | None:
     return sharding.make_mesh(data=data, model=model)
 
 
+def _attention_for(args: argparse.Namespace) -> str:
+    """`--attention` (checked by `_attention`) with `--kv-dtype`: quantized KV pages run the
+    xla implementation (the kernels read float pages only)."""
+    impl = _attention(args.attention)
+    kv_dtype = None if args.kv_dtype == "auto" else args.kv_dtype
+    if kv_dtype is not None and impl != "xla":
+        log.info("the %s attention kernel cannot read %s KV pages: xla runs", impl, kv_dtype)
+    return kv_quant.implementation(impl, kv_dtype)
+
+
 def _attention(name: str) -> str:
     """The `--attention` flag's implementation, checked against this platform: a kernel off
     its own platform runs only in Pallas interpret mode (for tests), far too slow to use."""
@@ -710,14 +740,16 @@ def _name(model: str | None) -> str:
     return pathlib.Path(model).name
 
 
-def _load(model: str | None, dtype: str, mesh: Mesh | None = None) -> Model:
+def _load(model: str | None, dtype: str, mesh: Mesh | None = None, quantize: str = "none") -> Model:
     """The one place the CLI loads weights: every check of the arguments runs before it."""
     from ferrum_jax.checkpoint import load_model
 
     start = time.perf_counter()
     where = "" if mesh is None else f" on a {dict(mesh.shape)} mesh"
-    log.info("loading %s as %s%s", _name(model), dtype, where)
-    loaded = load_model(model, dtype=dtype, mesh=mesh)
+    log.info("loading %s as %s%s", _name(model), dtype if quantize == "none" else quantize, where)
+    loaded = load_model(
+        model, dtype=dtype, mesh=mesh, quantize=None if quantize == "none" else quantize
+    )
     log.info("loaded in %.1f s", time.perf_counter() - start)
     return loaded
 
@@ -801,7 +833,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise _arg_error("--system is empty")
     text, flag = _prompt_text(args)
     sampling = _sampling(args)
-    args.attention = _attention(args.attention)
+    args.attention = _attention_for(args)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=args.chat, template=args.chat_template)
@@ -812,7 +844,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(text)
     max_new = _token_budget(args.max_new_tokens, len(prompt_ids), _context(model_path), flag)
 
-    model = _load(model_path, args.dtype, mesh)
+    model = _load(model_path, args.dtype, mesh, args.quantize)
     log.info("prefilling %d prompt tokens (compiling, if this shape is new)", len(prompt_ids))
     timings: dict[str, float] = {}
     primary = sharding.is_primary()
@@ -880,7 +912,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         raise _arg_error("--output must not be the --input-file")
     if output.is_dir():
         raise _arg_error(f"--output {output}: is a directory")
-    args.attention = _attention(args.attention)
+    args.attention = _attention_for(args)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=False, template=args.chat_template)
@@ -918,7 +950,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         from ferrum_jax.engine import bucket
 
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in batch.requests)
-        model = _load(model_path, args.dtype, mesh)
+        model = _load(model_path, args.dtype, mesh, args.quantize)
         executor = JaxModelExecutor(
             model,
             max_batch_size=min(args.batch_size, len(batch.requests)),
@@ -952,11 +984,11 @@ def _chat(args: argparse.Namespace) -> int:
     if args.system == "":
         raise _arg_error("--system is empty")
     sampling = _sampling(args)
-    args.attention = _attention(args.attention)
+    args.attention = _attention_for(args)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=True, template=args.chat_template)
-    model = _load(model_path, args.dtype, mesh)
+    model = _load(model_path, args.dtype, mesh, args.quantize)
     session = ChatSession(
         model,
         tokenizer=tokenizer,
@@ -1012,12 +1044,13 @@ def _convert(args: argparse.Namespace) -> int:
             raise _arg_error(f"DST {args.dst} already exists; pass --force to replace it") from None
         raise _arg_error(f"DST {e.message}") from None
     start = time.perf_counter()
-    model = _load(source, args.dtype)
+    model = _load(source, args.dtype, quantize=args.quantize)
     log.info("saving orbax %s", args.dst)
     save_orbax(model, args.dst, overwrite=args.force)
     print(
         f"converted {model.format} {args.src} -> orbax {args.dst} "
-        f"({args.dtype}, {time.perf_counter() - start:.1f}s)"
+        f"({args.dtype if args.quantize == 'none' else args.quantize}, "
+        f"{time.perf_counter() - start:.1f}s)"
     )
     return 0
 
@@ -1035,22 +1068,32 @@ def _info(args: argparse.Namespace) -> int:
     import jax
 
     from ferrum_jax.checkpoint import describe_model
+    from ferrum_jax.models import attention, quant
 
     described = describe_model(_hub_model(args))
     config = described.config
     itemsize = model_dtype(args.dtype).itemsize
-    kv_per_token = config.kv_bytes_per_token(itemsize)
+    kv_dtype = None if args.kv_dtype == "auto" else args.kv_dtype
+    layout = attention.IMPLEMENTATIONS[kv_quant.implementation("xla", kv_dtype)].layout
+    kv_per_token = kv_quant.bytes_per_token(
+        layout, config.num_layers, config.num_kv_heads, config.head_dim, model_dtype(args.dtype)
+    )
+    weights = config.num_params * itemsize
+    if args.quantize != "none":
+        weights = quant.quantized_bytes(config, model_dtype(args.dtype), args.quantize)
     report: dict[str, Any] = {
         "source": described.source,
         "format": described.format,
         "architecture": config.architecture,
         "parameters": config.num_params,
         "dtype": args.dtype,
-        "parameter_bytes": config.num_params * itemsize,
+        "weights": args.quantize if args.quantize != "none" else args.dtype,
+        "parameter_bytes": weights,
         "file_bytes": described.file_bytes,
         "quantization": {
             e.name: {"tensors": e.tensors, "bytes": e.nbytes} for e in described.encodings
         },
+        "kv_dtype": kv_dtype or args.dtype,
         "kv_bytes_per_token": kv_per_token,
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
@@ -1096,9 +1139,9 @@ def _info(args: argparse.Namespace) -> int:
         ("vocabulary", f"{config.vocab_size} tokens"),
         ("context", f"{context} tokens"),
         ("tokenizer", tokenizer),
-        (f"{args.dtype} weights", _size(report["parameter_bytes"])),
+        (f"{report['weights']} weights", _size(report["parameter_bytes"])),
         (
-            "KV cache",
+            f"{report['kv_dtype']} KV cache",
             f"{_size(kv_per_token)} per token, {_size(kv_per_token * context)} at full context",
         ),
         ("devices", ", ".join(report["devices"])),
@@ -1113,7 +1156,7 @@ def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.bench import run_bench
     from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
-    args.attention = _attention(args.attention)
+    args.attention = _attention_for(args)
     _mesh(args.mesh)
     args.model = _hub_model(args)  # run_bench loads the local path
     context = _context(args.model)

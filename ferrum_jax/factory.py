@@ -20,6 +20,8 @@ from ferrum_jax.interfaces import (
     ModelExecutor,
     ModelExecutorFactory,
 )
+from ferrum_jax.models.kv_quant import check_kv_dtype
+from ferrum_jax.models.quant import quantization_format
 from ferrum_jax.tensor import datatype_of
 
 _DTYPES = {datatype_of(dtype): name for name, dtype in MODEL_DTYPES.items()}
@@ -33,6 +35,8 @@ _OPTIONS = frozenset(
         "kv_memory_fraction",
         "max_num_batched_tokens",
         "attention_impl",
+        "kv_dtype",
+        "quantize",
     }
 )
 """`executor_options` keys; all but `model_path` and `mesh` are the executor's keywords."""
@@ -43,8 +47,9 @@ class JaxExecutorFactory(ModelExecutorFactory):
 
     `executor_options` may hold `model_path` (HF directory, `.gguf` file or orbax directory;
     absent: the embedded SmolLM2), `mesh` (`"data=D,model=M"`), and the executor's
-    `enable_prefix_caching`, `max_kv_tokens`, `kv_memory_fraction`, `max_num_batched_tokens`
-    and `attention_impl`. A paged `attention_config.block_size` is the page size.
+    `enable_prefix_caching`, `max_kv_tokens`, `kv_memory_fraction`, `max_num_batched_tokens`,
+    `attention_impl` and `kv_dtype`, and `from_pretrained`'s `quantize`. A paged
+    `attention_config.block_size` is the page size.
     """
 
     async def create_executor(self, config: ExecutorConfig) -> JaxModelExecutor:
@@ -132,6 +137,9 @@ class JaxExecutorFactory(ModelExecutorFactory):
             )
         if config.executor_options.get("mesh"):
             sharding.parse_mesh(config.executor_options["mesh"])
+        # Before any weight is read: bad formats name the supported ones.
+        quantization_format(config.executor_options.get("quantize"))
+        check_kv_dtype(config.executor_options.get("kv_dtype"))
 
 
 class JaxExecutorRegistry(ExecutorRegistry):

@@ -12,6 +12,7 @@ from flax import nnx
 
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.models import quant
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import graph_facts, init_model
 
@@ -52,13 +53,31 @@ class Model:
 
     @property
     def param_dtype(self) -> np.dtype:
-        """Storage dtype of the weights."""
-        return np.dtype(jax.tree.leaves(self.params)[0].dtype)
+        """Storage dtype of the float weights (of the norms too, when linear weights are
+        quantized)."""
+        leaves = jax.tree.leaves(self.params, is_leaf=lambda x: isinstance(x, quant.QArray))
+        return np.dtype(next(x for x in leaves if not isinstance(x, quant.QArray)).dtype)
+
+    @property
+    def quantization(self) -> str | None:
+        """`"int8"` or `"int4"` when the linear weights are quantized (`models.quant`)."""
+        return quant.quantization_of(self.params)
 
     @property
     def param_bytes(self) -> int:
-        """Bytes the weights take, over all devices' shards counted once."""
-        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+        """Bytes the weights take (int4 packed two a byte), all devices' shards counted once."""
+        return quant.params_bytes(self.params)
+
+    def quantized(self, quantize: str | None) -> Model:
+        """This model with its linear weights quantized (`"int8"`, `"int4"`; None: as is)."""
+        if quantize in (None, "none") or self.quantization == quantize:
+            return self
+        if self.quantization is not None:
+            raise FerrumError.invalid_parameter(
+                f"{self.source} is already quantized to {self.quantization}, not {quantize}"
+            )
+        quant.quantization_format(quantize, self.config)
+        return self.with_params(quant.quantize_params(self.params, quantize))
 
     @property
     def model_config(self) -> ModelConfig:
@@ -88,6 +107,12 @@ class Model:
 
         if self.runtime_config != self.config:
             raise FerrumError.invalid_parameter(f"{self.source} is already adapted to a mesh")
+        if self.quantization is not None:
+            # Heads are adapted on float weights, then quantized (scales of padded heads).
+            raise FerrumError.invalid_parameter(
+                f"{self.source} is quantized; load it onto the mesh quantized instead: "
+                "load_model(..., mesh=mesh, quantize=...)"
+            )
         _, graphdef, params = sharding.prepare_for_mesh(
             self.config, self.graphdef, self.params, mesh, pad_heads=pad_heads, rules=rules
         )

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ferrum_jax.errors import FerrumError
+from ferrum_jax.models.kv_quant import KV_DTYPES, QuantizedPageLayout
 
 _MASKED = -1e30
 """Score of a masked key: finite, so a query with no visible key yields 0, not NaN."""
@@ -49,6 +50,10 @@ class PageLayout:
         if self.name == "combined":
             return [(pages, page_size, 2 * kv_heads, head_dim)]
         return [(kv_heads, pages, page_size, head_dim)] * 2
+
+    def dtypes(self, dtype: jnp.dtype) -> list[jnp.dtype]:
+        """The dtypes of one layer's arrays: all the compute dtype `dtype`."""
+        return [jnp.dtype(dtype)] * len(self.axes)
 
     @property
     def axes(self) -> tuple[tuple[str, ...], ...]:
@@ -414,7 +419,7 @@ class Implementation:
     """An attention implementation and the page layout it reads."""
 
     run: Callable[[jax.Array, Pool, PageLayout, AttentionMetadata, AttentionSpec], jax.Array]
-    layout: PageLayout
+    layout: PageLayout | QuantizedPageLayout
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -423,6 +428,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "gpu": Implementation(_gpu_attention, SPLIT),
 }
 """Name -> implementation; each takes `(q [T, heads, d], pool, layout, metadata, spec)`."""
+IMPLEMENTATIONS |= {
+    f"xla+{name}": Implementation(_xla_attention, QuantizedPageLayout(COMBINED, name))
+    for name in KV_DTYPES
+}
+"""Quantized KV pages (`models.kv_quant`): the pure-JAX loop dequantizes each block it reads."""
 
 
 def default_implementation(platform: str | None = None) -> str:
@@ -437,8 +447,8 @@ def resolve_implementation(name: str) -> str:
         return default_implementation()
     if name not in IMPLEMENTATIONS:
         raise FerrumError.invalid_parameter(
-            f"attention implementation must be one of auto, {', '.join(IMPLEMENTATIONS)}; "
-            f"got {name!r}"
+            f"attention implementation must be one of auto, "
+            f"{', '.join(n for n in IMPLEMENTATIONS if '+' not in n)}; got {name!r}"
         )
     return name
 

@@ -26,6 +26,7 @@ from ferrum_jax.models.attention import (
     write_kv,
 )
 from ferrum_jax.models.config import ModelConfig, RopeScaling
+from ferrum_jax.models.quant import weight
 
 
 def param(
@@ -173,7 +174,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`x: [T, embed]` -> rotated `q: [T, heads, d]`, `k: [T, kv_heads, d]` and `v`."""
         config, dtype = self.config, x.dtype
-        qkv = jnp.einsum("te,ekcd->tkcd", x, self.qkv_proj[...].astype(dtype))
+        qkv = jnp.einsum("te,ekcd->tkcd", x, weight(self.qkv_proj, dtype))
         if config.qkv_bias:
             qkv = qkv + self.qkv_bias[...].astype(dtype)
         group = config.num_heads // config.num_kv_heads
@@ -188,7 +189,7 @@ class Attention(nnx.Module):
         t, h, d = out.shape
         # One 2-D matmul against o_proj's row-major [heads * head_dim, embed] view: with the
         # einsum "thd,hde->te", XLA CPU transposed (copied) o_proj on every step.
-        y = out.reshape(t, h * d) @ self.o_proj[...].astype(out.dtype).reshape(h * d, -1)
+        y = out.reshape(t, h * d) @ weight(self.o_proj, out.dtype).reshape(h * d, -1)
         if self.config.o_bias:
             y = y + self.o_bias[...].astype(out.dtype)
         return y
@@ -236,6 +237,6 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x: [T, embed]` -> `[T, embed]`."""
         dtype = x.dtype
-        gate_up = jnp.einsum("te,ecf->tcf", x, self.gate_up_proj[...].astype(dtype))
+        gate_up = jnp.einsum("te,ecf->tcf", x, weight(self.gate_up_proj, dtype))
         gated = activation(self.act)(gate_up[:, 0]) * gate_up[:, 1]
-        return gated @ self.down_proj[...].astype(dtype)
+        return gated @ weight(self.down_proj, dtype)

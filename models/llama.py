@@ -21,6 +21,7 @@ from ferrum_jax.models.blocks import DecoderLayer
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.family import family
 from ferrum_jax.models.layers import norm, param, rope_angles
+from ferrum_jax.models.quant import embedding, weight
 
 __all__ = ["DecoderLayer", "Llama", "abstract_model", "graph_facts", "init_model"]
 
@@ -60,7 +61,7 @@ class Llama(nnx.Module):
         """One ragged step up to the LM head: final-normed hidden states `[T, embed]`, and
         the per-layer pages with this step's keys/values written."""
         config, dtype = self.config, jnp.dtype(self.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = embedding(self.embed, tokens, dtype)
         if config.embed_scale:
             # HF rounds sqrt(hidden) to the compute dtype before multiplying.
             x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
@@ -79,10 +80,10 @@ class Llama(nnx.Module):
         dtype = jnp.dtype(self.dtype)
         with jax.named_scope("lm_head"):
             if self.config.tie_word_embeddings:
-                weight, spec = self.embed[...].astype(dtype), "te,ve->tv"
+                w, spec = weight(self.embed, dtype), "te,ve->tv"
             else:
-                weight, spec = self.lm_head[...].astype(dtype), "te,ev->tv"
-            logits = jnp.einsum(spec, x.astype(dtype), weight, preferred_element_type=jnp.float32)
+                w, spec = weight(self.lm_head, dtype), "te,ev->tv"
+            logits = jnp.einsum(spec, x.astype(dtype), w, preferred_element_type=jnp.float32)
             cap = self.config.final_logit_softcap
             return logits if cap is None else cap * jnp.tanh(logits / cap)
 

@@ -100,10 +100,11 @@ def param_shardings(
     `params` may hold arrays or `jax.ShapeDtypeStruct`s.
     """
     specs = nnx.get_partition_spec(params)
+    # A quantized weight (`QArray`) gets one spec; its values and scale both shard by it.
     return jax.tree.map(
-        lambda x, spec: _sharding(tuple(spec), x.shape, mesh, rules),
-        params,
+        lambda spec, x: jax.tree.map(lambda a: _sharding(tuple(spec), a.shape, mesh, rules), x),
         specs,
+        params,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
@@ -193,9 +194,15 @@ def placer(
             raise FerrumError.invalid_format(
                 f"{'.'.join(map(str, path))}: shape {tuple(array.shape)}, expected {want}"
             )
-        sharding = _sharding(tuple(flat_specs[path].get_value()), want, mesh, rules)
-        host = np.asarray(array)
-        return jax.make_array_from_callback(want, sharding, lambda index: host[index])
+        axes = tuple(flat_specs[path].get_value())
+
+        def put(part) -> jax.Array:
+            # A quantized weight's scale has its rank and axes: it shards like the weight.
+            host = np.asarray(part)
+            sharding = _sharding(axes, host.shape, mesh, rules)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+        return jax.tree.map(put, array)
 
     return place
 

@@ -14,6 +14,7 @@ from ferrum_jax.checkpoint.layout import (
     checkpoint_layout,
     params_from_checkpoint,
 )
+from ferrum_jax.models import quant
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import abstract_model
 
@@ -32,16 +33,21 @@ def load_for_mesh(
     param_dtype: np.dtype = np.float32,
     dtype: np.dtype | None = None,
     pad_heads: bool = True,
+    quantize: str | None = None,
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """`params_from_checkpoint` straight onto `mesh`: `(config', graphdef', params')`.
 
-    Each tensor is read, head-adapted on the host and placed with `sharding.placer` before
-    the next is read: a process transfers only its own devices' slices, and no device ever
-    holds an unsharded copy of a sharded weight. Use it in every process of a multi-host job.
+    Each tensor is read, head-adapted on the host, quantized (`quantize`) and placed with
+    `sharding.placer` before the next is read: a process transfers only its own devices'
+    slices, and no device ever holds an unsharded copy of a sharded weight. Use it in every
+    process of a multi-host job.
     """
     layout = sharding.mesh_head_layout(config, mesh, pad_heads=pad_heads)
     new_config = layout.adapt_config(config)
     place = sharding.placer(mesh, new_config)
+    fmt = quant.quantization_format(quantize, config)
+    if fmt is not None:  # after the head adaptation: scales of the adapted (padded) heads
+        place = quant.quantizing_place(place, fmt)
     _, params = params_from_checkpoint(
         config,
         read,
@@ -61,8 +67,10 @@ def build_params(
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
     label: str = "loading",
+    quantize: str | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """`(graphdef, params)` read tensor by tensor (params and compute in `dtype`).
+    """`(graphdef, params)` read tensor by tensor (params and compute in `dtype`; linear
+    weights quantized to `quantize` as they are read, see `models.quant`).
 
     On a mesh each tensor is head-adapted and placed straight into its shards as it is
     read (`load_for_mesh`); the graphdef then carries the adapted runtime config. A progress
@@ -78,7 +86,14 @@ def build_params(
     with bar:
         if mesh is not None:
             _, graphdef, params = load_for_mesh(
-                config, counted, mesh, param_dtype=dtype, dtype=dtype
+                config, counted, mesh, param_dtype=dtype, dtype=dtype, quantize=quantize
             )
             return graphdef, params
+        fmt = quant.quantization_format(quantize, config)
+        if fmt is not None:
+            place = quant.quantizing_place(place or _to_device, fmt)
         return params_from_checkpoint(config, counted, param_dtype=dtype, dtype=dtype, place=place)
+
+
+def _to_device(_path: tuple[str | int, ...], array) -> jax.Array:
+    return jax.tree.map(jax.numpy.asarray, array)

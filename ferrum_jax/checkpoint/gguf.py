@@ -32,6 +32,13 @@ from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.quant import (
+    QArray,
+    WeightFormat,
+    is_quantizable,
+    quantization_format,
+    quantize_weight,
+)
 from ferrum_jax.text.tokenizer import Tokenizer
 
 _QT = gguf.GGMLQuantizationType
@@ -563,17 +570,76 @@ def read_gguf_tokenizer(path: pathlib.Path, header: GGUFHeader) -> Tokenizer | N
     return Tokenizer.from_gguf(read_tokenizer_fields(path))
 
 
-def _dequantized(f: BinaryIO, info: GGUFTensorInfo) -> np.ndarray:
-    """Reads one tensor into an owned array (no param may alias the file) and dequantises it."""
+_CHUNK_BYTES = 1 << 20
+"""Raw bytes dequantized at a time: the float32 staging of a tensor stays this small."""
+_Q8_0_BLOCK = 32
+
+
+def _raw(f: BinaryIO, info: GGUFTensorInfo) -> np.ndarray:
+    """One tensor's bytes as owned rows `[..., row bytes]` (no param may alias the file)."""
     raw = np.empty(info.nbytes, np.uint8)
     f.seek(info.start)
     if f.readinto(raw) != info.nbytes:
         raise FerrumError.invalid_format(
             f"{f.name}: tensor {info.name!r} was cut short while reading (file truncated?)"
         )
-    # Rows of bytes: `dequantize` views F32/F16 rows as floats and decodes quant blocks.
-    rows = raw.reshape(*info.shape[:-1], -1)
-    return gguf.quants.dequantize(rows, info.ggml_type).reshape(info.shape)
+    return raw.reshape(*info.shape[:-1], -1)
+
+
+def _dequantized(f: BinaryIO, info: GGUFTensorInfo, dtype: np.dtype = np.float32) -> np.ndarray:
+    """Reads one tensor and dequantises it into `dtype`, a few MiB of rows at a time: a
+    bfloat16 load never holds a whole tensor in float32."""
+    rows = _raw(f, info).reshape(-1, info.nbytes // max(math.prod(info.shape[:-1]), 1))
+    out = np.empty((rows.shape[0], info.shape[-1]), dtype)
+    step = max(1, _CHUNK_BYTES // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        # `dequantize` views F32/F16 rows as floats and decodes quant blocks.
+        chunk = gguf.quants.dequantize(rows[start : start + step], info.ggml_type)
+        out[start : start + step] = chunk
+    return out.reshape(info.shape)
+
+
+def _quantized_rows(f: BinaryIO, info: GGUFTensorInfo, fmt: WeightFormat) -> QArray:
+    """A `[rows, in]` tensor dequantised and quantized to `fmt` a few MiB of rows at a time
+    (scales along each row: per row, or blocks of it): the embedding's float32 copy (113 MB
+    for SmolLM2) never exists whole, so an int8 load peaks near its final size."""
+    rows = _raw(f, info).reshape(info.shape[0], -1)
+    step = max(1, _CHUNK_BYTES // rows.shape[1])
+    values, scales = None, None
+    for i in range(0, rows.shape[0], step):
+        chunk = gguf.quants.dequantize(rows[i : i + step], info.ggml_type)
+        part = quantize_weight("embed", chunk, fmt)
+        if values is None:
+            values = np.empty(info.shape, part.qvalue.dtype)
+            scales = np.empty((info.shape[0], part.scale.shape[1]), part.scale.dtype)
+        values[i : i + step], scales[i : i + step] = part.qvalue, part.scale
+    return QArray(values, scales, qtype=fmt.qtype)
+
+
+def q8_0_blocks(f: BinaryIO, info: GGUFTensorInfo) -> QArray:
+    """A Q8_0 tensor as stored: int8 values `[..., in]` and their float16 block scales
+    `[..., in / 32]` (each block: a float16 scale, then 32 int8 values), no float copy."""
+    blocks = _raw(f, info).reshape(*info.shape[:-1], -1, 2 + _Q8_0_BLOCK)
+    scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+    values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(info.shape)
+    return QArray(values, scale, qtype=np.dtype(np.int8))
+
+
+def _direct_q8_0(
+    config: ModelConfig, by_hf: dict[str, GGUFTensorInfo], quantize: str | None, mesh
+) -> set[tuple[str | int, ...]]:
+    """Param paths whose every tensor is Q8_0 and loads as int8 blocks without requantizing
+    (int8 asked, one device: head adaptation on a mesh runs on float weights)."""
+    if quantize != "int8" or mesh is not None:
+        return set()
+    # o_proj's blocks run along head_dim; a block spanning two heads has no place there.
+    whole_blocks = config.head_dim % _Q8_0_BLOCK == 0
+    paths: dict[tuple, bool] = {}
+    for t in checkpoint_layout(config):
+        ok = by_hf[t.name].ggml_type == _QT.Q8_0 and is_quantizable(t.path)
+        ok &= whole_blocks or t.path[-1] != "o_proj"
+        paths[t.path] = paths.get(t.path, True) and ok
+    return {p for p, ok in paths.items() if ok}
 
 
 def load_gguf(
@@ -582,8 +648,14 @@ def load_gguf(
     dtype: str = "float32",
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    quantize: str | None = None,
 ) -> Model:
-    """Loads a `.gguf` file: config from metadata, dequantised weights, tokenizer."""
+    """Loads a `.gguf` file: config from metadata, weights, tokenizer.
+
+    Tensors are dequantised straight into `dtype`. With `quantize="int8"`, Q8_0 tensors keep
+    their own int8 values and block scales (bit-exact); every other tensor is dequantised and
+    quantized again (`models.quant`), one tensor at a time.
+    """
     target = model_dtype(dtype)
     path = pathlib.Path(path)
     if not path.is_file():
@@ -593,27 +665,48 @@ def load_gguf(
     by_hf = validate_layout(config, header, path)
     tokenizer = read_gguf_tokenizer(path, header)
     permuted = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+    direct = _direct_q8_0(config, by_hf, quantize, mesh)
+    fmt = quantization_format(quantize, config)
+    # Vocabulary-sized tensors are quantized row chunk by row chunk (their rows are the
+    # embedding's rows and the LM head's output channels). On a mesh, heads are adapted
+    # first, so everything goes through float weights there.
+    by_rows = {"model.embed_tokens.weight", "lm_head.weight"} if fmt and mesh is None else set()
     # An expert tensor holds every expert: dequantised once, sliced per expert.
-    last: dict[str, np.ndarray] = {}
+    experts: dict[str, np.ndarray] = {}
 
     with open(path, "rb") as f:
 
-        def read(tensor: CheckpointTensor) -> np.ndarray:
+        def read(tensor: CheckpointTensor) -> np.ndarray | QArray:
             info = by_hf[tensor.name]
-            if info.name not in last:
-                last.clear()
-                last[info.name] = _dequantized(f, info)
-            w = last[info.name]
-            if w.ndim == 3:
-                w = w[int(re.search(r"experts\.(\d+)\.", tensor.name).group(1))]
+            plus_one = config.norm_plus_one and tensor.name.endswith("norm.weight")
+            if tensor.path in direct:
+                w = q8_0_blocks(f, info)
+            elif tensor.name in by_rows:
+                w = _quantized_rows(f, info, fmt)
+            else:
+                w = experts.get(info.name)
+                if w is None:
+                    experts.clear()
+                    # Gemma's norms lose their 1 in float32, not in a bfloat16 target.
+                    w = _dequantized(f, info, np.float32 if plus_one else target)
+                    if w.ndim == 3:
+                        experts[info.name] = w
+                if w.ndim == 3:
+                    w = w[int(re.search(r"experts\.(\d+)\.", tensor.name).group(1))]
             proj = tensor.name.split(".")[-2]
             if config.model_type in _PERMUTED_QK and proj in permuted:
-                w = unpermute_qk(w, permuted[proj])
-            if config.norm_plus_one and tensor.name.endswith("norm.weight"):
+                w = jax.tree.map(lambda x: unpermute_qk(x, permuted[proj]), w)  # rows: both
+            if plus_one:
                 w = w - np.float32(1)  # llama.cpp stores Gemma's norms as 1 + w
             return w
 
         graphdef, params = build_params(
-            config, read, target, place=place, mesh=mesh, label=f"loading {path.name}"
+            config,
+            read,
+            target,
+            place=place,
+            mesh=mesh,
+            label=f"loading {path.name}",
+            quantize=quantize,
         )
     return Model(config, graphdef, params, tokenizer=tokenizer, source=str(path), format="gguf")

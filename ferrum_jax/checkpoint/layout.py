@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ferrum_jax.models import quant
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import abstract_model
 
@@ -84,7 +85,7 @@ def _attention(config: ModelConfig, p: str, attn: tuple) -> list[CheckpointTenso
             name,
             qkv,
             (heads * d, e),
-            lambda w: w.T.reshape(e, kv, n, d),
+            lambda w: w.T.reshape(-1, kv, n, d),
             lambda w: w.reshape(e, heads * d).T,
             (_WHOLE, _WHOLE, slice(slot, slot + n)),
         )
@@ -131,7 +132,7 @@ def _attention(config: ModelConfig, p: str, attn: tuple) -> list[CheckpointTenso
             p + "self_attn.o_proj.weight",
             (*attn, "o_proj"),
             (e, h * d),
-            lambda w: w.T.reshape(h, d, e),
+            lambda w: w.T.reshape(h, -1, e),  # -1: blockwise scales too
             lambda w: w.reshape(h * d, e).T,
         )
     )
@@ -257,18 +258,23 @@ def params_from_checkpoint(
     """
     graphdef, abstract = abstract_model(config, param_dtype=param_dtype, dtype=dtype)
     flat = dict(nnx.to_flat_state(abstract))
-    place = place or (lambda _path, array: jnp.asarray(array))
+    place = place or (lambda _path, array: jax.tree.map(jnp.asarray, array))
     target = np.dtype(param_dtype)
     layout = checkpoint_layout(config)
     parts_left = collections.Counter(t.path for t in layout)
     assembling: dict[tuple, np.ndarray] = {}
     for tensor in layout:
-        array = tensor.to_param(read(tensor))
+        # A read may give a `QArray` (GGUF Q8_0 blocks): its values and scales map alike.
+        array = jax.tree.map(tensor.to_param, read(tensor))
         if tensor.index is not None:
             shape = flat[tensor.path].get_value().shape
-            assembling.setdefault(tensor.path, np.zeros(shape, target))[tensor.index] = array
+            parts = assembling.setdefault(tensor.path, quant.zeros_for(array, shape, target))
+            for whole, part in zip(jax.tree.leaves(parts), jax.tree.leaves(array), strict=True):
+                whole[tensor.index] = part
         parts_left[tensor.path] -= 1
         if parts_left[tensor.path] == 0:
             value = assembling.pop(tensor.path, array)
-            flat[tensor.path].set_value(place(tensor.path, value.astype(target, copy=False)))
+            if not isinstance(value, quant.QArray):
+                value = value.astype(target, copy=False)
+            flat[tensor.path].set_value(place(tensor.path, value))
     return graphdef, nnx.from_flat_state(flat)

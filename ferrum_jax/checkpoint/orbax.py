@@ -5,7 +5,10 @@ Layout of a saved directory:
     params/           orbax PyTree checkpoint of `nnx.to_pure_dict(params)`
     config.json       `ModelConfig.to_hf()`
     tokenizer.json    (+ tokenizer_config.json) when the model has a tokenizer
-    ferrum_jax.json   the marker: format, version, dtype; written last
+    ferrum_jax.json   the marker: format, version, dtype, quantization; written last
+
+A quantized model's weights are saved as their int8/int4 values and scales
+(`{"qvalue", "scale"}` per weight) and restored bit for bit.
 
 Everything is written into a hidden temporary sibling, fsynced, and renamed into place as
 the very last step, so an interrupted save leaves either nothing at the destination or a
@@ -32,6 +35,7 @@ from ferrum_jax.checkpoint.tokenizer_files import has_tokenizer, load_tokenizer,
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
+from ferrum_jax.models import quant
 from ferrum_jax.models.llama import abstract_model
 
 ORBAX_MARKER = "ferrum_jax.json"
@@ -122,7 +126,7 @@ def _write(model: Model, tmp: pathlib.Path) -> None:
     write_config(model.runtime_config, tmp)
     checkpointer = ocp.StandardCheckpointer()
     try:
-        checkpointer.save(tmp / _PARAMS, nnx.to_pure_dict(model.params))
+        checkpointer.save(tmp / _PARAMS, quant.to_saved(nnx.to_pure_dict(model.params)))
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
@@ -135,6 +139,7 @@ def _write(model: Model, tmp: pathlib.Path) -> None:
         "version": VERSION,
         "dtype": str(model.param_dtype),
         "source": model.format,
+        "quantization": model.quantization,
     }
     with open(tmp / ORBAX_MARKER, "w") as f:
         json.dump(marker, f)
@@ -224,7 +229,8 @@ def load_orbax(
     """
     target = model_dtype(dtype)
     root = pathlib.Path(path)
-    version = read_marker(root)["version"]
+    marker = read_marker(root)
+    version = marker["version"]
     config = read_config(root)
     saved = _saved_shapes(root / _PARAMS)
     layers = {key[1] for key in saved if len(key) > 1 and key[0] == "layers"}
@@ -238,6 +244,8 @@ def load_orbax(
     graphdef, abstract = abstract_model(config, param_dtype=target, dtype=target)
     if version == 1:  # other param names and shapes: checked as they are fused
         return _load_v1(root, config, graphdef, abstract, target, shardings)
+    if marker.get("quantization") is not None:
+        return _load_quantized(root, config, graphdef, abstract, target, shardings)
     expected = {
         tuple(str(k.key) for k in keys): tuple(leaf.shape)
         for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))
@@ -264,6 +272,58 @@ def load_orbax(
     nnx.replace_by_pure_dict(abstract, restored)
     tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
     return Model(config, graphdef, abstract, tokenizer=tokenizer, source=str(root), format="orbax")
+
+
+def _load_quantized(root, config, graphdef, abstract, target, shardings) -> Model:
+    """A checkpoint saved quantized: values and scales restored bit for bit, in their saved
+    dtypes (float params in `target`), each weight's values checked against the config."""
+    if shardings is not None:
+        raise FerrumError.unsupported(
+            f"{root}: a quantized checkpoint restores onto one device; put it on a mesh by "
+            "loading the float checkpoint with load_model(..., mesh=mesh, quantize=...)"
+        )
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(root / _PARAMS)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+
+        def wanted(keys, leaf) -> jax.ShapeDtypeStruct:
+            quantized = str(getattr(keys[-1], "key", keys[-1])) in ("qvalue", "scale")
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype if quantized else target)
+
+        restored = checkpointer.restore(
+            root / _PARAMS, jax.tree_util.tree_map_with_path(wanted, tree)
+        )
+    except Exception as e:
+        raise FerrumError.invalid_format(f"{root / _PARAMS}: cannot restore params: {e}") from e
+    finally:
+        checkpointer.close()
+    restored = quant.from_saved(_int_keys(restored))
+    expected = {p: v.get_value().shape for p, v in nnx.to_flat_state(abstract)}
+    got = {
+        tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keys): tuple(leaf.shape)
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(
+            restored, is_leaf=lambda x: isinstance(x, quant.QArray)
+        )
+    }
+    if expected != got:
+        wrong = sorted(set(expected.items()) ^ set(got.items()), key=str)[:3]
+        raise FerrumError.model(
+            f"{root}: the saved params do not match config.json (param, shape): {wrong}"
+        )
+    nnx.replace_by_pure_dict(abstract, restored)
+    tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
+    return Model(config, graphdef, abstract, tokenizer=tokenizer, source=str(root), format="orbax")
+
+
+def _int_keys(tree):
+    """Layer indices back to ints (orbax restores dict keys as strings)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {
+        int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()
+    }
 
 
 def _load_v1(root, config, graphdef, abstract, target, shardings) -> Model:

@@ -35,6 +35,7 @@ from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.quant import quantization_format
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -193,9 +194,12 @@ def load_hf(
     dtype: str = "float32",
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    quantize: str | None = None,
 ) -> Model:
-    """Loads an HF directory (`config.json` + safetensors, optional tokenizer files)."""
+    """Loads an HF directory (`config.json` + safetensors, optional tokenizer files); linear
+    weights are quantized to `quantize` (`"int8"`, `"int4"`) tensor by tensor."""
     target = model_dtype(dtype)
+    quantization_format(quantize)
     root = pathlib.Path(path)
     if not root.is_dir():
         raise FerrumError.not_found(f"{root}: not a directory")
@@ -214,6 +218,12 @@ def load_hf(
             return _read(files[entry.file], entry)
 
         graphdef, params = build_params(
-            config, read, target, place=place, mesh=mesh, label=f"loading {root.name}"
+            config,
+            read,
+            target,
+            place=place,
+            mesh=mesh,
+            label=f"loading {root.name}",
+            quantize=quantize,
         )
     return Model(config, graphdef, params, tokenizer=tokenizer, source=str(root), format="hf")

@@ -142,7 +142,7 @@ def forward_step(graphdef, params, tokens, lengths, attention_impl="xla"):
 
 
 def vocab_size(params: nnx.State) -> int:
-    return params["embed"][...].shape[0]
+    return params["embed"].get_value().shape[0]  # a quantized QArray has a shape too
 
 
 def token_ids(tokens: ArrayLike, vocab: int, ndim: int) -> jax.Array | np.ndarray:

@@ -112,7 +112,7 @@ from ferrum_jax.interfaces import (
     UnifiedBatchItem,
 )
 from ferrum_jax.model import Model
-from ferrum_jax.models import attention
+from ferrum_jax.models import attention, kv_quant, quant
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.paging import PageAllocator, PrefixCache
 from ferrum_jax.tensor import JaxTensor, as_numpy, datatype_of
@@ -192,6 +192,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = False,
         attention_impl: str = "auto",
+        kv_dtype: str | None = None,
     ) -> None:
         """Serves `model` (a `Model`; or the older `config, graphdef, params` triple, with
         `model_config` the checkpoint's own config and `tokenizer`).
@@ -207,7 +208,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         - `memory_limit_bytes`: device memory (per device) the pool and each step's
           temporaries may use; by default 90% of what the device reports free;
         - `enable_prefix_caching`: share full pages between sequences with equal prefixes;
-        - `attention_impl`: `"auto"` (by platform), `"xla"`, `"tpu"` or `"gpu"`.
+        - `attention_impl`: `"auto"` (by platform), `"xla"`, `"tpu"` or `"gpu"`;
+        - `kv_dtype`: None (the compute dtype), `"int8"` or `"float8_e4m3fn"`: quantized
+          KV pages with a scale per token and head (`models.kv_quant`); the Pallas kernels
+          read float pages only, so a quantized pool runs the `"xla"` attention (the
+          `attention` and `attention_fallback` fields of `model_info().metadata` say so).
 
         With `mesh`, heads are adapted to it and params sharded (exact logits); a model
         already adapted to a mesh is used as is.
@@ -242,7 +247,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             raise FerrumError.config(
                 f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}"
             )
-        self._impl = attention.resolve_implementation(attention_impl)
+        asked = attention.resolve_implementation(attention_impl)
+        self._impl = kv_quant.implementation(asked, kv_dtype)
+        self._kv_dtype = kv_dtype
         self._state = ExecutorState.INITIALIZING
         self._host = threading.Condition()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ferrum-jax")
@@ -259,7 +266,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._graphdef, self._params = model.graphdef, model.params
         self.params_version = 0
         runtime = model.runtime_config
-        self.kv_bytes_per_token = runtime.kv_bytes_per_token(model.dtype.itemsize)
+        self.kv_bytes_per_token = kv_quant.bytes_per_token(
+            attention.IMPLEMENTATIONS[self._impl].layout,
+            runtime.num_layers,
+            runtime.num_kv_heads,
+            runtime.head_dim,
+            model.dtype,
+        )
         self._devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
         if kv_memory_fraction is not None:
             max_kv_tokens = self._tokens_in_memory(kv_memory_fraction, max_kv_tokens)
@@ -300,10 +313,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 "architecture": shown.architecture,
                 "executor": "ferrum-jax",
                 "attention": self._impl,
+                "kv_dtype": kv_dtype or str(model.dtype),
+                "kv_bytes_per_token": self.kv_bytes_per_token,
+                "quantization": model.quantization,
+                "param_bytes": model.param_bytes,
                 "block_size": block_size,
                 "num_pages": self._num_pages,
             },
         )
+        if asked != "xla" and kv_dtype is not None:
+            self._info.metadata["attention_fallback"] = (
+                f"the {asked} kernel cannot read {kv_dtype} KV pages; xla runs instead"
+            )
         self._state = ExecutorState.READY
 
     # -----------------------------------------------------------------------------------------
@@ -318,16 +339,20 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         max_sequence_length: int = 2048,
         dtype: str = "float32",
         mesh: jax.sharding.Mesh | None = None,
+        quantize: str | None = None,
         **options: Any,
     ) -> JaxModelExecutor:
-        """Loads an HF directory, a `.gguf` file or an orbax directory (None: SmolLM2);
-        `options` are the constructor's keywords (`max_kv_tokens`, ...)."""
+        """Loads an HF directory, a `.gguf` file or an orbax directory (None: SmolLM2), with
+        linear weights quantized to `quantize` (`"int8"`, `"int4"`; `load_model`);
+        `options` are the constructor's keywords (`max_kv_tokens`, `kv_dtype`, ...)."""
         from ferrum_jax.checkpoint import load_model
 
         model_dtype(dtype)
+        quant.quantization_format(quantize)
+        kv_quant.check_kv_dtype(options.get("kv_dtype"))
         max_batch_size = _count("max_batch_size", max_batch_size)
         max_sequence_length = _count("max_sequence_length", max_sequence_length)
-        loaded = load_model(model, dtype=dtype, mesh=mesh)
+        loaded = load_model(model, dtype=dtype, mesh=mesh, quantize=quantize)
         if max_sequence_length > loaded.config.max_position_embeddings:
             raise FerrumError.config(
                 f"max_sequence_length {max_sequence_length} exceeds the model's "
