@@ -1,11 +1,13 @@
 """One process of a 2-process x 4 CPU device job (gloo) for `test_multihost.py`.
 
-    python tests/multihost_worker.py match PID PORT   # global mesh, one-process reference, replicas
-    python tests/multihost_worker.py kill PID PORT    # the leader serves until its follower dies
-    python tests/multihost_worker.py bench PID PORT TRANSPORT  # tokens/s, plan overheads
+    python tests/multihost_worker.py test PID PORT              # for test_multihost.py
+    python tests/multihost_worker.py bench PID PORT TRANSPORT   # the same after warmup()
 
-Process 0 leads and prints one `RESULT {json}` line (plus `SERVING` once warm, in `kill`);
-process 1 follows. Importing this module sets nothing up.
+Process 0 leads, process 1 follows. Host-local replicas, then one device alone (process 0),
+then one global (2, 4) mesh serve the same 12 requests; the leader prints `RESULT {json}`.
+In `test` mode it then prints `SERVING` and keeps serving until the test kills the follower,
+and prints `KILLED {json}` (when and how its call failed) before it shuts down and exits.
+Importing this module sets nothing up.
 """
 
 from __future__ import annotations
@@ -58,16 +60,15 @@ def model():
     return Model(config, graphdef, params)
 
 
-def serve(executor) -> tuple[dict[str, list[int]], float]:
-    """Tokens by request id, and tokens/s of a second, compiled pass over the same requests."""
+def serve(executor, n: int = REQUESTS) -> tuple[dict[str, list[int]], float]:
+    """Tokens by request id, and tokens/s of one pass over the first `n` requests (compiles
+    included unless the executor was warmed up)."""
     from ferrum_jax.engine_loop import run_unified
 
-    tokens = {}
-    for _ in range(2):
-        start = time.perf_counter()
-        results = asyncio.run(run_unified(executor, requests(), **LOOP))
-        wall = time.perf_counter() - start
-        tokens = {k: r.tokens for k, r in results.items()}
+    start = time.perf_counter()
+    results = asyncio.run(run_unified(executor, requests()[:n], **LOOP))
+    wall = time.perf_counter() - start
+    tokens = {k: r.tokens for k, r in results.items()}
     return tokens, sum(map(len, tokens.values())) / wall
 
 
@@ -100,42 +101,64 @@ def main(argv: list[str]) -> None:
     config = MultihostConfig(timeout_s=TIMEOUT_S, transport=transport)
     m = model()
     if pid != 0:
+        serve_follower(m, replica=True, mesh=local_mesh, multihost=config, **OPTIONS)
         serve_follower(m, mesh=mesh, multihost=config, **OPTIONS)
-        if mode != "kill":
-            serve_follower(m, replica=True, mesh=local_mesh, multihost=config, **OPTIONS)
         return
+    measure = mode == "bench"
     out: dict = {"processes": jax.process_count(), "devices": len(jax.devices())}
-    ex = JaxModelExecutor(m, mesh=mesh, multihost=config, **OPTIONS)
-    if mode == "kill":
-        serve(ex)
-        print("SERVING", flush=True)
-        try:
-            while True:
-                serve(ex)
-        except FerrumError as e:
-            out.update(raised_at=time.time(), kind=e.kind.name, message=str(e))
-        start = time.perf_counter()
-        try:  # the next call fails fast too
-            serve(ex)
-        except FerrumError as e:
-            out.update(again_s=time.perf_counter() - start, again=str(e))
-        asyncio.run(ex.shutdown())
-        print("RESULT " + json.dumps(out), flush=True)
-        return
-    out["mesh"], out["mesh_tok_s"] = serve(ex)
-    out["mesh_plans"] = per_plan_ms(ex._link.stats)
-    out["mesh_cache"] = ex.cache_metrics_snapshot()
-    asyncio.run(ex.shutdown())
+
+    start = time.perf_counter()
     replicas = ReplicatedExecutor(m, mesh=local_mesh, multihost=config, **OPTIONS)
+    if measure:
+        asyncio.run(replicas.warmup())
+        replicas.link_stats[0].update(plans=0, send_s=0.0, ack_s=0.0)
     out["replicas"], out["replicas_tok_s"] = serve(replicas)
     out["replica_plans"] = per_plan_ms(replicas.link_stats[0])
     out["replica_cache"] = replicas.cache_metrics_snapshot()
     asyncio.run(replicas.shutdown())
-    if mode == "match":
-        one = JaxModelExecutor(m, **OPTIONS)  # this process's first device alone
-        out["one"], out["one_tok_s"] = serve(one)
-        asyncio.run(one.shutdown())
+    out["replicas_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    one = JaxModelExecutor(m, **OPTIONS)  # this process's first device alone
+    if measure:
+        asyncio.run(one.warmup())
+    out["one"], out["one_tok_s"] = serve(one)
+    asyncio.run(one.shutdown())
+    out["one_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ex = JaxModelExecutor(m, mesh=mesh, multihost=config, **OPTIONS)
+    if measure:
+        asyncio.run(ex.warmup())
+        ex._link.stats.update(plans=0, send_s=0.0, ack_s=0.0)
+    out["mesh"], out["mesh_tok_s"] = serve(ex)
+    out["mesh_plans"] = per_plan_ms(ex._link.stats)
+    out["mesh_cache"] = ex.cache_metrics_snapshot()
+    out["mesh_s"] = time.perf_counter() - start
     print("RESULT " + json.dumps(out), flush=True)
+    if measure:
+        asyncio.run(ex.shutdown())
+        return
+
+    # The test kills the follower once it reads SERVING; the leader serves until it notices.
+    print("SERVING", flush=True)
+    killed: dict = {}
+    try:
+        while True:
+            serve(ex, 4)
+    except FerrumError as e:
+        killed.update(raised_at=time.time(), kind=e.kind.name, message=str(e))
+    from ferrum_jax.engine_loop import EngineHandle
+    from ferrum_jax.interfaces import UnifiedBatch, UnifiedBatchItem
+
+    start = time.perf_counter()
+    try:  # the next call (a new sequence) fails fast too
+        item = UnifiedBatchItem("again", [5, 6], EngineHandle("again"), 0, True)
+        asyncio.run(ex.unified_decode(UnifiedBatch([item])))
+    except FerrumError as e:
+        killed.update(again_s=time.perf_counter() - start, again=str(e))
+    asyncio.run(ex.shutdown())
+    print("KILLED " + json.dumps(killed), flush=True)
 
 
 if __name__ == "__main__":

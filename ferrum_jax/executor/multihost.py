@@ -240,7 +240,8 @@ class Leader:
         except Exception as e:
             self.fail(f"sending plan {self._serial} ({op.name}) failed: {e}")
             raise FerrumError.device(
-                f"sending plan {self._serial} ({op.name}) to the followers failed: {e}"
+                f"sending plan {self._serial} ({op.name}) to the followers failed: {e}; "
+                "restart the job"
             ) from e
         self.stats["plans"] += 1
         self.stats["send_s"] += time.perf_counter() - start
