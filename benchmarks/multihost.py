@@ -59,13 +59,13 @@ def run(transport: str) -> dict:
 def main() -> None:
     for transport in ("broadcast", "kv"):
         r = run(transport)
-        same = r["mesh"] == r["one"] == r["replicas"]
+        mesh, replica = r["mesh_plans"], r["replica_plans"]
         print(
-            f"{transport:9s} tok/s: mesh {r['mesh_tok_s']:.1f}, replicas {r['replicas_tok_s']:.1f}"
-            f", one device {r['one_tok_s']:.1f}; per plan (mesh) send {r['mesh_plans']['send_ms']:.2f}"
-            f" ms, ack {r['mesh_plans']['ack_ms']:.2f} ms over {r['mesh_plans']['plans']} plans; "
-            f"per plan (replica) send {r['replica_plans']['send_ms']:.2f} ms, ack "
-            f"{r['replica_plans']['ack_ms']:.2f} ms; same tokens: {same}"
+            f"{transport}: tok/s mesh {r['mesh_tok_s']:.1f}, replicas {r['replicas_tok_s']:.1f}, "
+            f"one device {r['one_tok_s']:.1f}; mesh plans {mesh['plans']}: send "
+            f"{mesh['send_ms']:.2f} ms, ack {mesh['ack_ms']:.2f} ms; replica plans "
+            f"{replica['plans']}: send {replica['send_ms']:.2f} ms, ack {replica['ack_ms']:.2f} "
+            f"ms; same tokens: {r['mesh'] == r['one'] == r['replicas']}"
         )
 
 
