@@ -10,7 +10,9 @@ Two layers of public API:
 - many requests at once: `generate_batch` (continuous batching through an executor) and
   `generate_jsonl` (the same over a JSONL file, resumable; `ferrum-jax generate --input-file`);
 - the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
-  `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`.
+  `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`; across the hosts of
+  a pod, `JaxModelExecutor(multihost=MultihostConfig())` on process 0 with `serve_follower`
+  everywhere else, or host-local replicas (`ReplicatedExecutor`).
 """
 
 from ferrum_jax import progress, sharding
@@ -45,7 +47,13 @@ from ferrum_jax.engine import (
     set_lengths,
 )
 from ferrum_jax.errors import ErrorKind, FerrumError
-from ferrum_jax.executor import JaxKvCacheHandle, JaxModelExecutor
+from ferrum_jax.executor import (
+    JaxKvCacheHandle,
+    JaxModelExecutor,
+    MultihostConfig,
+    ReplicatedExecutor,
+    serve_follower,
+)
 from ferrum_jax.factory import JaxExecutorFactory, JaxExecutorRegistry
 from ferrum_jax.interfaces import (
     AttentionType,
@@ -146,10 +154,12 @@ __all__ = [
     "ModelExecutorFactory",
     "ModelInfo",
     "ModelType",
+    "MultihostConfig",
     "OptimizationConfig",
     "PrefillInput",
     "PrefillOutput",
     "QArray",
+    "ReplicatedExecutor",
     "RopeScaling",
     "SamplingParams",
     "Score",
@@ -193,6 +203,7 @@ __all__ = [
     "sample_step",
     "save_orbax",
     "score",
+    "serve_follower",
     "set_lengths",
     "sharding",
     "stream_tokens",

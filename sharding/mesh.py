@@ -107,6 +107,8 @@ def initialize(
     local_device_ids: int | Sequence[int] | None = None,
     *,
     timeout_s: int = 300,
+    recoverable: bool = False,
+    heartbeat_timeout_s: int = 100,
 ) -> None:
     """Joins a multi-process (multi-host) JAX job; call before any other JAX work.
 
@@ -115,11 +117,18 @@ def initialize(
     where JAX reads them from the environment. On CPU, cross-process collectives use gloo.
     A second call is a no-op. Afterwards `jax.devices()` lists every process's devices and
     `make_mesh` builds a global mesh; each process must then run the same program.
+
+    `recoverable`: a process that dies does not bring the others down (by default the
+    coordination service ends every process once one misses heartbeats for
+    `heartbeat_timeout_s`); a multi-host executor needs it to fail a call and exit cleanly.
+    Every process must pass the same value.
     """
     if jax.distributed.is_initialized():
         return
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if recoverable:
+        jax.config.update("jax_enable_recoverability", True)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
@@ -127,6 +136,7 @@ def initialize(
             process_id=process_id,
             local_device_ids=local_device_ids,
             initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
         )
     except (ValueError, TypeError) as e:
         raise FerrumError.invalid_parameter(

@@ -81,6 +81,7 @@ from ferrum_jax.cache import init_pages
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import memory
+from ferrum_jax.executor import multihost as mh
 from ferrum_jax.executor.calls import Call
 from ferrum_jax.executor.handle import JaxKvCacheHandle
 from ferrum_jax.executor.lazy_logits import LazyLogits, lm_head_step
@@ -193,6 +194,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         enable_prefix_caching: bool = False,
         attention_impl: str = "auto",
         kv_dtype: str | None = None,
+        multihost: mh.MultihostConfig | None = None,
     ) -> None:
         """Serves `model` (a `Model`; or the older `config, graphdef, params` triple, with
         `model_config` the checkpoint's own config and `tokenizer`).
@@ -213,6 +215,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
           KV pages with a scale per token and head (`models.kv_quant`); the Pallas kernels
           read float pages only, so a quantized pool runs the `"xla"` attention (the
           `attention` and `attention_fallback` fields of `model_info().metadata` say so).
+        - `multihost`: one global `mesh` over every process of a `jax.distributed` job: on
+          process 0 this executor leads, and every other process runs
+          `ferrum_jax.serve_follower` with the same arguments (`executor.multihost`).
 
         With `mesh`, heads are adapted to it and params sharded (exact logits); a model
         already adapted to a mesh is used as is.
@@ -308,7 +313,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             vocab_size=shown.vocab_size,
             max_sequence_length=max_sequence_length,
             dtype=datatype_of(model.param_dtype),
-            device=JaxTensor(jnp.zeros((), device=jax.devices()[0])).device,
+            device=JaxTensor(jnp.zeros((), device=jax.local_devices()[0])).device,
             metadata={
                 "architecture": shown.architecture,
                 "executor": "ferrum-jax",
@@ -325,6 +330,12 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             self._info.metadata["attention_fallback"] = (
                 f"the {asked} kernel cannot read {kv_dtype} KV pages; xla runs instead"
             )
+        self._link: mh.Leader | mh.FollowerLink | None = None
+        # Step inputs and outputs every process of a global mesh can address.
+        self._arg_sharding = None
+        self._step_program = engine.ragged_forward
+        if multihost is not None:
+            self._join(multihost)
         self._state = ExecutorState.READY
 
     # -----------------------------------------------------------------------------------------
@@ -410,6 +421,53 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         rules = {**sharding.LOGICAL_RULES, "pages": None}
         layout = attention.IMPLEMENTATIONS[self._impl].layout
         return jax.device_put(pages, sharding.page_shardings(pages, layout, self.mesh, rules))
+
+    def _join(self, config: mh.MultihostConfig) -> None:
+        """Links this executor to the other processes of its global mesh: process 0 leads
+        (and checks that every follower was built alike), the others follow."""
+        if self.mesh is None or not self.mesh.is_multi_process:
+            raise FerrumError.config(
+                "multihost needs a mesh over the devices of every process (sharding.make_mesh "
+                "after sharding.initialize)"
+            )
+        self._arg_sharding = mh.replicated(self.mesh)
+        self._step_program = mh.ragged_forward_replicated(self.mesh)
+        if jax.process_index() != 0:
+            self._link = mh.FollowerLink(config, "mesh")
+            return
+        self._link = mh.Leader(config, range(1, jax.process_count()), "mesh")
+        self._link.send(mh.Op.HELLO, [self.fingerprint()])
+        self._link.collect()
+
+    def fingerprint(self) -> np.ndarray:
+        """`[k]` int32: what leader and followers must agree on to run the same programs."""
+        c = self.model.runtime_config
+        return np.asarray(
+            [
+                self._num_pages,
+                self._pages_per_seq,
+                self.block_size,
+                self.max_batch_size,
+                c.vocab_size,
+                c.num_layers,
+                c.num_kv_heads,
+                c.hidden_size,
+                sorted(attention.IMPLEMENTATIONS).index(self._impl),
+            ],
+            np.int32,
+        )
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        # device_put, not jnp.asarray: asarray stages numpy through a program per shape.
+        if self._arg_sharding is None:
+            return jax.device_put(x)
+        return jax.device_put(x, self._arg_sharding)
+
+    def _single_host(self, what: str) -> None:
+        """Refuses `what` on a multi-host executor: it would run a program on the leader's
+        devices only, and the others' would wait for it forever."""
+        if self._link is not None:
+            raise FerrumError.unsupported(f"{what} is not supported on a multi-host executor")
 
     @property
     def _layout(self) -> attention.PageLayout:
@@ -661,7 +719,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         src = np.full((n,), self._num_pages, np.int32)
         dst = np.full((n,), self._num_pages, np.int32)
         src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
-        s, d = jax.device_put(src), jax.device_put(dst)
+        if self._link is not None:
+            self._link.send(mh.Op.COPY, [src, dst])
+        self._run_copy(src, dst)
+
+    def _run_copy(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Page copies `src[i] -> dst[i]` on this process's devices (`[n]` int32 each)."""
+        s, d = self._put(src), self._put(dst)
         self._donate(lambda pages: (None, _copy_pages(pages, self._layout, s, d)))
 
     def _release_rows(self, rows: Sequence[Row]) -> None:
@@ -721,8 +785,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         that runs."""
         key = (tokens, items, items if rows is None else rows)
         if key not in self._programs:
-            i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-            self._programs[key] = engine.ragged_forward.lower(
+            i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._arg_sharding)
+            self._programs[key] = self._step_program.lower(
                 self._graphdef,
                 self._params,
                 self._pages,
@@ -793,24 +857,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     f"{memory.mib(self._step_budget or 0)} free for steps"
                 )
         for step, batch in zip(steps, batches, strict=True):
-            program = self._program(*_shape(batch))
-            # device_put, not jnp.asarray: asarray stages numpy through a program per shape.
-            args = [
-                jax.device_put(x)
-                for x in (
-                    batch.tokens,
-                    batch.cu_q_lens,
-                    batch.kv_lens,
-                    batch.page_table,
-                    batch.logits_at,
-                )
-            ]
-            params = self._params
-            logits, hidden = self._donate(
-                lambda pages, a=args, p=params, run=program: _unpack(run(p, pages, *a))
+            host, hidden = self._step(
+                (batch.tokens, batch.cu_q_lens, batch.kv_lens, batch.page_table, batch.logits_at)
             )
             self._stats.steps += 1
-            host = np.asarray(logits)  # one transfer; rows are picked on the host
             for i, (work, _, n) in enumerate(step):
                 rows = batch.logit_rows[i]
                 if work.want == "all":
@@ -822,6 +872,23 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     work.logits = host[rows[0]]
                 if work.want == "hidden":
                     work.hidden.append((hidden, int(batch.cu_q_lens[i]), n))
+
+    def _step(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, jax.Array | None]:
+        """One ragged step on packed host arrays `(tokens [T], cu_q_lens [I + 1], kv_lens [I],
+        page_table [I, pages_per_seq], logits_at [R])`, on every process of a multi-host
+        executor: logits `[R, vocab]` on the host, and the step's hidden states `[T, embed]`."""
+        if self._link is not None:
+            self._link.send(mh.Op.STEP, arrays)
+        return self._run_step(arrays)
+
+    def _run_step(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, jax.Array | None]:
+        """`_step` on this process's devices."""
+        tokens, _, kv_lens, _, logits_at = arrays
+        program = self._program(len(tokens), len(kv_lens), len(logits_at))
+        args = [self._put(x) for x in arrays]
+        params = self._params
+        logits, hidden = self._donate(lambda pages: _unpack(program(params, pages, *args)))
+        return np.asarray(logits), hidden  # one transfer; rows are picked on the host
 
     def _chunk(self, works: list[_Work], budget: int) -> list[list[tuple[_Work, int, int]]]:
         """`(work, offset, n)` chunks grouped into steps of at most `budget` tokens and
@@ -871,6 +938,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return out
 
     def _recover(self, kind: str, error: Exception) -> NoReturn:
+        if isinstance(self._link, mh.Leader) and not isinstance(error, FerrumError):
+            # The followers may or may not have run the step: out of step for good.
+            self._link.fail(f"{kind} failed on the device: {error}")
+            self._state = ExecutorState.ERROR
+            self._failure = self._link.lost or ""
+            raise FerrumError.device(
+                f"{kind} failed on the device of a multi-host executor: {error}; restart the job"
+            ) from error
         try:
             if not self._pool_intact():
                 self._rebuild()
@@ -914,6 +989,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
     def _rebuild(self) -> None:
         """A fresh pool with every live row's tokens replayed into its pages (mechanism 3);
         the prefix cache forgets pages only it held (their content is gone)."""
+        if self._link is not None:
+            self._link.send(mh.Op.POOL)
+        self._fresh_pool()
+        with self._host:
+            if self._prefix is not None:
+                self._prefix.clear()
+            rows = [row for record in self._live.values() for row in record.rows]
+        self._replay(rows)
+        jax.block_until_ready(self._pages)
+
+    def _fresh_pool(self) -> None:
+        """Replaces the pool by a new, empty one on this process's devices."""
         with self._host:
             old, self._pages = self._pages, None
         for x in jax.tree.leaves(old):
@@ -923,11 +1010,6 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         with self._host:
             self._pages = fresh
             self._host.notify_all()
-            if self._prefix is not None:
-                self._prefix.clear()
-            rows = [row for record in self._live.values() for row in record.rows]
-        self._replay(rows)
-        jax.block_until_ready(self._pages)
 
     def _roll_back(self, txn: Txn | None) -> None:
         """Undoes a committed call whose caller is gone (mechanism 4): every sequence it
@@ -1193,6 +1275,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
     def _head(self, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
         """LM head on rows `rows` of a step's `hidden: [T, embed]`, the rows padded to a
         power-of-two bucket (one program per (T, bucket))."""
+        self._single_host("reading prefill logits other than the last position")
         index = np.zeros((engine.bucket(len(rows)),), np.int32)
         index[: len(rows)] = rows
         logits = lm_head_step(self._graphdef, self._params, hidden, jax.device_put(index))
@@ -1200,6 +1283,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _recompute(self, prompts: list[np.ndarray], row: int, upto: int) -> np.ndarray:
         """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped."""
+        self._single_host("reading prefill logits other than the last position")
         logits = engine.forward(self._graphdef, self._params, prompts[row][None, :upto])
         return np.asarray(logits)[0]
 
@@ -1542,6 +1626,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         """Full-sequence logits `[batch, seq, vocab]`; the page pool is untouched."""
 
         def work(txn: Txn) -> TensorLike:
+            self._single_host("forward")
             ids = self._token_array(input, "input")
             if ids.ndim == 1:
                 ids = ids[None]
@@ -1594,6 +1679,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 self._params = params
                 self.model = self.model.with_params(params)
                 self.params_version += 1
+                if self._link is not None:
+                    self._link.send(mh.Op.PARAMS, aux=self.params_version)
                 if not keep_cache:
                     for record in list(self._live.values()):
                         self._release_rows(record.rows)
@@ -1624,7 +1711,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             kinds.append(AttentionType.SLIDING_WINDOW)
         kinds.append(AttentionType.PAGED)
         devices = [Device.CPU] + [
-            JaxTensor(jnp.zeros((), device=d)).device for d in jax.devices() if d.platform != "cpu"
+            JaxTensor(jnp.zeros((), device=d)).device
+            for d in jax.local_devices()
+            if d.platform != "cpu"
         ]
         return ExecutorCapabilities(
             max_batch_size=self.max_batch_size,
@@ -1773,11 +1862,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _padding_step(self, tokens: int, items: int, rows: int) -> Any:
         """A step on padding only: it compiles the program, writes nothing."""
-        program, params = self._program(tokens, items, rows), self._params
-        zeros = lambda *shape: jax.device_put(np.zeros(shape, np.int32))
-        table = jax.device_put(np.full((items, self._pages_per_seq), self._num_pages, np.int32))
-        args = (zeros(tokens), zeros(items + 1), zeros(items), table, zeros(rows))
-        return self._donate(lambda pages: _unpack(program(params, pages, *args)))
+        zeros = lambda *shape: np.zeros(shape, np.int32)
+        table = np.full((items, self._pages_per_seq), self._num_pages, np.int32)
+        return self._step((zeros(tokens), zeros(items + 1), zeros(items), table, zeros(rows)))
 
     async def shutdown(self) -> None:
         """Frees the pool and params; every later call fails with a clear error. Waits for
@@ -1786,6 +1873,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             return
 
         def work(txn: Txn) -> None:
+            if isinstance(self._link, mh.Leader):
+                try:
+                    self._link.close()
+                except FerrumError as e:  # a follower already gone: nothing left to stop
+                    progress.logger.warning("shutdown: %s", e)
             with self._host:
                 if self._state is ExecutorState.SHUTDOWN:
                     return
@@ -1808,6 +1900,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 self._release_rows(record.rows)
 
     def _pages_view(self, handle: JaxKvCacheHandle, layer: int, *, keys: bool) -> TensorLike:
+        self._single_host("key_cache / value_cache")
         with self._host:
             self._host.wait_for(
                 lambda: self._pages is not None or self._state is ExecutorState.SHUTDOWN

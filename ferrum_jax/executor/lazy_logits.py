@@ -84,7 +84,8 @@ class LazyLogits(JaxTensor):
     def device(self) -> Device:
         for chunks in self._chunks:
             for hidden, _, _ in chunks:
-                return JaxTensor(hidden).device
+                if hidden is not None:  # None: the step ran on another process's devices
+                    return JaxTensor(hidden).device
         return Device.CPU
 
     def __repr__(self) -> str:
