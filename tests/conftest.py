@@ -109,24 +109,28 @@ def params_from_hf(hf_model, *, param_dtype=np.float32, dtype=None):
     return config, graphdef, params
 
 
+TINY_SIZES = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+"""HF config sizes of every tiny reference model; weights spread wide enough (0.1) that greedy
+argmax is unambiguous."""
+
+
 def tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides):
-    """A tiny random HF model; weights spread wide enough that greedy argmax is unambiguous."""
+    """A tiny random HF model of `TINY_SIZES` (with `overrides`)."""
     torch, transformers = require_reference()
-    base = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    base.update(overrides)
+    base = {**TINY_SIZES, **overrides}
     cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -179,6 +183,52 @@ def tiny_chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-chat") / "orbax"
     save_orbax(Model.init(config, seed=0, tokenizer=tokenizer), path)
     return path
+
+
+def hf_logits(hf_model, seq) -> np.ndarray:
+    """HF full forward of one unpadded sequence: `[len, vocab]`."""
+    torch, _ = require_reference()
+    with torch.no_grad():
+        return hf_model(torch.tensor(np.asarray(seq)[None], dtype=torch.long)).logits[0].numpy()
+
+
+def hf_greedy(hf_model, prompt, new_tokens: int, eos: int | None = None) -> np.ndarray:
+    """HF `generate`'s greedy continuation of one prompt (new tokens only)."""
+    torch, _ = require_reference()
+    ids = torch.tensor(np.asarray(prompt)[None], dtype=torch.long)
+    with torch.no_grad():
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[0, ids.shape[1] :].numpy()
+
+
+def run_on_mesh(test: str, mesh: str = "2,4", devices: int = 8, **env: str) -> None:
+    """Runs pytest node `test` in a subprocess with `devices` virtual CPU devices and
+    `FERRUM_TEST_MESH=mesh` (the test builds its executor on that mesh); it must pass."""
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "FERRUM_TEST_MESH": mesh,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        **env,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout
 
 
 @contextlib.contextmanager

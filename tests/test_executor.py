@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import count_compiles, params_from_hf, tiny_hf_model
+from conftest import count_compiles, params_from_hf, run_on_mesh, tiny_hf_model
 
 from ferrum_jax import engine
 from ferrum_jax.errors import ErrorKind, FerrumError
@@ -131,21 +129,7 @@ def test_continuous_batching_matches_isolated_runs(model, isolated):
 
 def test_continuous_batching_on_mesh():
     """The same equivalence test, unchanged, with the executor on a (2, 4) mesh of 8 devices."""
-    env = {
-        **os.environ,
-        "FERRUM_TEST_MESH": "2,4",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    test = f"{__file__}::test_continuous_batching_matches_isolated_runs"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "1 passed" in result.stdout
+    run_on_mesh(f"{__file__}::test_continuous_batching_matches_isolated_runs")
 
 
 def test_batch_prefill_is_one_forward_and_matches_single(model):

@@ -22,7 +22,7 @@ import sys
 import gguf
 import numpy as np
 import pytest
-from conftest import require_reference
+from conftest import TINY_SIZES, hf_greedy, hf_logits, require_reference
 
 from ferrum_jax import engine
 from ferrum_jax.checkpoint import hf_state_dict, load_gguf, load_model, save_orbax
@@ -38,21 +38,7 @@ from ferrum_jax.models.config import ModelConfig
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
 NEW_TOKENS = 32
-SIZES = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    initializer_range=0.1,
-    rms_norm_eps=1e-6,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+SIZES = {**TINY_SIZES, "head_dim": 16}
 CASES = {
     # Both soft-caps low enough to bend the scores and logits; window 4 on layer 0.
     "gemma2": (
@@ -110,23 +96,10 @@ class Family:
         self.prompts = [rng.integers(3, 256, 11), rng.integers(3, 256, 7)]
 
     def hf_logits(self, seq) -> np.ndarray:
-        torch, _ = require_reference()
-        with torch.no_grad():
-            return self.hf(torch.tensor(np.asarray(seq)[None])).logits[0].numpy()
+        return hf_logits(self.hf, seq)
 
     def hf_generate(self, prompt) -> list[int]:
-        torch, _ = require_reference()
-        ids = torch.tensor(np.asarray(prompt)[None])
-        with torch.no_grad():
-            out = self.hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        return out[0, ids.shape[1] :].tolist()
+        return hf_greedy(self.hf, prompt, NEW_TOKENS).tolist()
 
     @functools.cached_property
     def greedy(self) -> list[list[int]]:

@@ -14,7 +14,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import params_from_hf, require_reference, tiny_hf_model
+from conftest import hf_greedy, hf_logits, params_from_hf, require_reference, tiny_hf_model
 
 from ferrum_jax import engine
 from ferrum_jax.cache import init_cache
@@ -79,24 +79,11 @@ class Case:
 
     def hf_logits(self, seq) -> np.ndarray:
         """HF full forward of one unpadded sequence: `[len, vocab]`."""
-        torch, _ = require_reference()
-        with torch.no_grad():
-            return self.hf(torch.tensor(np.asarray(seq)[None], dtype=torch.long)).logits[0].numpy()
+        return hf_logits(self.hf, seq)
 
     def hf_generate(self, prompt, eos: int | None = None) -> np.ndarray:
         """HF greedy continuation of one prompt (new tokens only)."""
-        torch, _ = require_reference()
-        ids = torch.tensor(np.asarray(prompt)[None], dtype=torch.long)
-        with torch.no_grad():
-            out = self.hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                eos_token_id=eos,
-                pad_token_id=0,
-            )
-        return out[0, ids.shape[1] :].numpy()
+        return hf_greedy(self.hf, prompt, NEW_TOKENS, eos)
 
     def prefill(self):
         """Prompts into rows SLOTS of a fresh 4-row cache: (all logits, cache)."""

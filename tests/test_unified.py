@@ -7,12 +7,10 @@ import asyncio
 import collections
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import params_from_hf, tiny_hf_model
+from conftest import params_from_hf, run_on_mesh, tiny_hf_model
 
 from ferrum_jax import engine
 from ferrum_jax.engine_loop import EngineHandle, Request, run_unified
@@ -438,22 +436,7 @@ def test_soak_3000_operations(model, isolated):
 def test_engine_loop_on_mesh():
     """The engine-loop equivalence test on a (2, 4) mesh of 8 devices (10 requests, chunked
     prompts among them): the same tokens as one device's isolated runs."""
-    env = {
-        **os.environ,
-        "FERRUM_TEST_MESH": "2,4",
-        "FERRUM_TEST_REQUESTS": "10",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    test = f"{__file__}::test_engine_loop_matches_isolated_runs"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "1 passed" in result.stdout
+    run_on_mesh(f"{__file__}::test_engine_loop_matches_isolated_runs", FERRUM_TEST_REQUESTS="10")
 
 
 def test_capacity_32_sequences_in_the_bytes_of_8_slots(model):
