@@ -286,21 +286,7 @@ class Tokenizer:
             "unk_token": token("unknown_token_id"),
             "pad_token": token("padding_token_id"),
         }
-        add_bos = _field(reader, "tokenizer.ggml.add_bos_token", "bool", pre in _LLAMA3_NAMES)
-        add_eos = _field(reader, "tokenizer.ggml.add_eos_token", "bool", False)
-        backend.post_processor = _template_processor(
-            special["bos_token"] if add_bos else None,
-            special["eos_token"] if add_eos else None,
-            backend,
-        )
-        # End-of-turn / end-of-message ids are llama.cpp's other end-of-generation markers.
-        extra_eos = [_field(reader, f"tokenizer.ggml.{k}_token_id", "int") for k in ("eot", "eom")]
-        return cls(
-            backend,
-            chat_template=_field(reader, "tokenizer.chat_template", "str"),
-            special_tokens=special,
-            eos_token_ids=extra_eos,
-        )
+        return cls._from_gguf_parts(reader, backend, special, add_bos=pre in _LLAMA3_NAMES)
 
     @classmethod
     def _from_gguf_sentencepiece(cls, reader: Any) -> Tokenizer:
@@ -365,13 +351,22 @@ class Tokenizer:
             "unk_token": unk,
             "pad_token": token("padding_token_id"),
         }
-        add_bos = _field(reader, "tokenizer.ggml.add_bos_token", "bool", True)
+        return cls._from_gguf_parts(reader, backend, special, add_bos=True)
+
+    @classmethod
+    def _from_gguf_parts(
+        cls, reader, backend: tokenizers.Tokenizer, special: dict, *, add_bos: bool
+    ) -> Tokenizer:
+        """The tokenizer of a GGUF file's vocabulary `backend`: BOS/EOS added as its metadata
+        says (`add_bos` when it is silent), its chat template and end-of-generation ids."""
+        add_bos = _field(reader, "tokenizer.ggml.add_bos_token", "bool", add_bos)
         add_eos = _field(reader, "tokenizer.ggml.add_eos_token", "bool", False)
         backend.post_processor = _template_processor(
             special["bos_token"] if add_bos else None,
             special["eos_token"] if add_eos else None,
             backend,
         )
+        # End-of-turn / end-of-message ids are llama.cpp's other end-of-generation markers.
         extra_eos = [_field(reader, f"tokenizer.ggml.{k}_token_id", "int") for k in ("eot", "eom")]
         return cls(
             backend,
