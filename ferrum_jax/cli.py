@@ -154,11 +154,24 @@ def _min_p(text: str) -> float:
     return value
 
 
+def _by_sampling_rule(check: Callable[[int], int], text: str) -> int:
+    """An integer flag checked by the rule JSONL lines and the API share (`sampling`)."""
+    try:
+        return check(_integer(text))
+    except FerrumError as e:  # the rule's words without its parameter name: argparse adds the flag
+        raise argparse.ArgumentTypeError(e.message.split(" ", 1)[1]) from None
+
+
+def _top_k(text: str) -> int:
+    from ferrum_jax.sampling import check_top_k  # here, not at the top: --help stays fast
+
+    return _by_sampling_rule(check_top_k, text)
+
+
 def _seed(text: str) -> int:
-    value = _integer(text)
-    if not -(2**63) <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must fit in 64 bits (got {text})")
-    return value
+    from ferrum_jax.sampling import check_seed
+
+    return _by_sampling_rule(check_seed, text)
 
 
 def _token_limit(text: str) -> int | str:
@@ -317,7 +330,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         )
         p.add_argument(
             "--top-k",
-            type=_int_at_least(0),
+            type=_top_k,
             default=0,
             metavar="K",
             help="keep the K likeliest tokens; 0: all",

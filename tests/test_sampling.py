@@ -16,7 +16,16 @@ from ferrum_jax import engine
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import init_model
-from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.sampling import (
+    SEED_LIMIT,
+    TOP_K_MAX,
+    SamplingParams,
+    check_seed,
+    check_top_k,
+    row_keys,
+    sample,
+    token_logprobs,
+)
 from ferrum_jax.streaming import stream_tokens
 
 N = 4096  # draws per statistical check
@@ -200,6 +209,12 @@ def test_token_logprobs():
         {"temperature": [1.0, -1.0, 1.0]},
         {"top_k": -1},
         {"top_k": 1.5},
+        {"top_k": 2.0},
+        {"top_k": True},
+        {"top_k": 1e23},
+        {"top_k": 2**31},  # past int32: it would overflow at the first sampled step
+        {"top_k": 1099511627776},
+        {"top_k": [1, 2**40, 3]},
         {"top_p": 0.0},
         {"top_p": 1.1},
         {"top_p": float("nan")},
@@ -215,6 +230,23 @@ def test_make_validation(params):
         SamplingParams.make(3, **params)
     assert info.value.kind is ErrorKind.INVALID_PARAMETER
     assert next(iter(params)) in str(info.value)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, True, 1.5, "7", [0, -2]], ids=repr)
+def test_seeds_are_integers_in_range_everywhere(seed):
+    """One rule for seeds: the CLI's --seed, JSONL lines and `row_keys` all refuse these."""
+    with pytest.raises(FerrumError, match="seed must be an integer in") as info:
+        check_seed(seed)
+    assert info.value.kind is ErrorKind.INVALID_PARAMETER
+    with pytest.raises(FerrumError, match="seed must be an integer in"):
+        row_keys(np.asarray(seed) if isinstance(seed, list) else seed, 2)
+
+
+def test_the_largest_top_k_and_seed_are_accepted():
+    assert check_top_k(TOP_K_MAX) == TOP_K_MAX and check_seed(SEED_LIMIT - 1) == SEED_LIMIT - 1
+    assert np.asarray(SamplingParams.make(1, top_k=np.int64(TOP_K_MAX)).top_k).tolist() == [
+        TOP_K_MAX
+    ]
 
 
 def test_make_broadcasts_and_types():
