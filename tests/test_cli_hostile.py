@@ -1,0 +1,176 @@
+"""Files a user (or an attacker) points the CLI at: FIFOs, devices, directories, hard links,
+files that are not results. Each is one `FerrumError` before anything is read without bound,
+written, or loaded, and a refused file is left byte for byte as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ferrum_jax.checkpoint import text_files
+from ferrum_jax.checkpoint.text_files import check_output, read_text_file, same_file
+from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.jsonl_batch import Resume, read_done
+
+RESULT = {"id": 1, "text": "the sea", "token_ids": [5, 6], "finish_reason": "length"}
+
+
+def result_line(**fields) -> bytes:
+    return (json.dumps({**RESULT, **fields}) + "\n").encode()
+
+
+@pytest.fixture
+def fifo(tmp_path) -> pathlib.Path:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+def refused(call, *args, words: str) -> None:
+    with pytest.raises(FerrumError) as info:
+        call(*args)
+    assert info.value.kind is ErrorKind.INVALID_PARAMETER
+    assert words in info.value.message, info.value.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: regular files only, within TEXT_FILE_LIMIT.
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("fifo", "not a regular file"),  # opening one for reading would wait for a writer
+        ("/dev/zero", "not a regular file"),  # never ends
+        ("dir", "is a directory"),
+        ("missing", "no such file"),
+    ],
+)
+def test_text_files_are_regular_files_only(tmp_path, fifo, name, words):
+    (tmp_path / "dir").mkdir()
+    path = name if name.startswith("/") else tmp_path / name
+    refused(read_text_file, path, "--prompt-file", words=f"--prompt-file {path}: {words}")
+
+
+def test_text_files_are_read_within_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_files, "TEXT_FILE_LIMIT", 8)
+    (tmp_path / "eight").write_text("12345678")
+    (tmp_path / "nine").write_text("123456789")
+    assert read_text_file(tmp_path / "eight", "--input-file") == "12345678"
+    refused(read_text_file, tmp_path / "nine", "--input-file", words="larger than the")
+    (tmp_path / "latin1").write_bytes(b"caf\xe9")
+    refused(read_text_file, tmp_path / "latin1", "--input-file", words="not UTF-8 text")
+
+
+def test_the_limit_is_documented():
+    from ferrum_jax.cli import _parser
+
+    _, commands = _parser()
+    help_text = " ".join(commands["generate"].format_help().split())
+    assert f"at most {text_files.TEXT_FILE_LIMIT // 2**20} MiB" in help_text
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert f"{text_files.TEXT_FILE_LIMIT // 2**20} MiB" in " ".join(readme.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths: checked before any work.
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, fifo):
+    assert check_output(tmp_path / "new.json", "--json") is False
+    (tmp_path / "old.json").write_text("{}")
+    assert check_output(tmp_path / "old.json", "--json") is True
+    refused(check_output, tmp_path, "--json", words="is a directory")
+    refused(check_output, tmp_path / "no" / "r.json", "--json", words="does not exist")
+    refused(check_output, fifo, "--output", words="not a regular file")
+    refused(check_output, "/dev/zero", "--output", words="not a regular file")
+
+
+def test_same_file_sees_hard_links_and_symlinks(tmp_path):
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    os.link(tmp_path / "in.jsonl", tmp_path / "hard.jsonl")
+    (tmp_path / "soft.jsonl").symlink_to(tmp_path / "in.jsonl")
+    (tmp_path / "other.jsonl").write_text("{}\n")
+    assert same_file(tmp_path / "hard.jsonl", tmp_path / "in.jsonl")
+    assert same_file(tmp_path / "soft.jsonl", tmp_path / "in.jsonl")
+    assert not same_file(tmp_path / "other.jsonl", tmp_path / "in.jsonl")
+    assert not same_file(tmp_path / "missing.jsonl", tmp_path / "in.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: every line of an existing output is checked before anything is written.
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        (b"notes\nlast line, no newline", 1),
+        (b'{"a": 1}', 1),  # a one-line config.json without a newline
+        (b'{"id": 1, "prompt": "x"}', 1),  # an input file, not results
+        (result_line() + b"a note\n" + result_line(id=2), 2),
+        (result_line() + b"\n", 2),
+        (result_line(finish_reason="eos"), 1),
+        (result_line(token_ids=[1, True]), 1),
+        (result_line()[:-1] + b" and more", 1),
+        (result_line() + b'{"a": 1}', 2),  # valid JSON, not a result: no kill left it
+        (result_line() + b"last words", 2),
+    ],
+)
+def test_a_file_that_is_not_results_is_refused_and_left_as_it_was(tmp_path, content, line):
+    output, input_file = tmp_path / "out.jsonl", tmp_path / "in.jsonl"
+    output.write_bytes(content)
+    input_file.write_text('{"prompt": "x"}\n')
+    refused(read_done, output, input_file, words=f"line {line} is not a result line")
+    assert output.read_bytes() == content
+
+
+def test_a_hard_link_to_the_input_is_refused(tmp_path):
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_bytes(b'{"id": 1, "prompt": "the sea"}')  # no newline: nothing to cut
+    os.link(input_file, tmp_path / "out.jsonl")
+    refused(read_done, tmp_path / "out.jsonl", input_file, words="is the --input-file")
+    assert input_file.read_bytes() == b'{"id": 1, "prompt": "the sea"}'
+
+
+def test_only_a_kill_cut_last_line_of_results_is_dropped(tmp_path):
+    output, input_file = tmp_path / "out.jsonl", tmp_path / "in.jsonl"
+    input_file.write_text('{"prompt": "x"}\n')
+    whole = result_line() + result_line(id="b")
+    tails = [
+        b'{"id": 3, "text": "cut sho',
+        b'{"id": 3, "text": "the", "token_ids": [5, 6',
+        b'{"id": 3, "text": "a\\u00',  # inside an escape
+        b'{"id": 3, "text": "\xe2',  # inside a UTF-8 character
+        result_line(id=3)[:-1],  # all but the newline
+    ]
+    for tail in tails:
+        output.write_bytes(whole + tail)
+        assert read_done(output, input_file) == Resume(frozenset({"1", '"b"'}), cut=len(whole)), (
+            tail
+        )
+        assert output.read_bytes() == whole + tail  # cut by the run, not by the check
+    output.write_bytes(whole)
+    assert read_done(output, input_file) == Resume(frozenset({"1", '"b"'}))
+    output.write_bytes(b"")
+    assert read_done(output, input_file) == Resume(frozenset())
+    assert read_done(tmp_path / "new.jsonl", input_file) == Resume(frozenset())
+
+
+def test_output_to_stdout_through_a_pipe_is_refused_without_hanging(tmp_path):
+    """`generate --input-file x --output /dev/stdout | cat` waited forever reading the pipe."""
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    argv = ["generate", "--input-file", str(tmp_path / "in.jsonl"), "--output", "/dev/stdout"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ferrum_jax.cli", *argv],
+        capture_output=True,  # stdout is a pipe, as under `| cat`
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == b""
+    assert done.stderr.decode() == "ferrum-jax: error: --output /dev/stdout: not a regular file\n"
