@@ -161,16 +161,50 @@ def test_only_a_kill_cut_last_line_of_results_is_dropped(tmp_path):
     assert read_done(tmp_path / "new.jsonl", input_file) == Resume(frozenset())
 
 
-def test_output_to_stdout_through_a_pipe_is_refused_without_hanging(tmp_path):
-    """`generate --input-file x --output /dev/stdout | cat` waited forever reading the pipe."""
+# Run in a child under a time and memory limit: before the fix each of these hung on the
+# FIFO or read /dev/zero until the memory ran out.
+ENDLESS_INPUTS = [
+    ("generate --prompt-file /dev/zero", "--prompt-file /dev/zero: not a regular file"),
+    ("generate --prompt-file {fifo}", "--prompt-file {fifo}: not a regular file"),
+    ("generate --prompt x --chat-template /dev/zero", "--chat-template /dev/zero: not a regular"),
+    ("chat --chat-template {fifo}", "--chat-template {fifo}: not a regular file"),
+    ("generate --input-file /dev/zero --output {new}", "--input-file /dev/zero: not a regular"),
+    ("generate --input-file {fifo} --output {new}", "--input-file {fifo}: not a regular file"),
+    ("generate --input-file {input} --output {fifo}", "--output {fifo}: not a regular file"),
+    # `--output /dev/stdout | cat`: the child's stdout is a pipe, as under `| cat`.
+    ("generate --input-file {input} --output /dev/stdout", "--output /dev/stdout: not a regular"),
+    ("bench --json /dev/stdout", "--json /dev/stdout: not a regular file"),
+]
+
+CHILD = """
+import contextlib, io, json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from ferrum_jax.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results.append((main(argv), err.getvalue()))
+sys.stdout.write(json.dumps(results))
+"""
+
+
+def test_endless_files_are_refused_without_reading_them(tmp_path, fifo):
+    """FIFOs, /dev/zero and /dev/stdout behind a pipe: one error line each, no hang."""
     (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
-    argv = ["generate", "--input-file", str(tmp_path / "in.jsonl"), "--output", "/dev/stdout"]
+    names = {"fifo": fifo, "input": tmp_path / "in.jsonl", "new": tmp_path / "new.jsonl"}
+    cases = [
+        ([a.format(**names) for a in argv.split()], words.format(**names))
+        for argv, words in ENDLESS_INPUTS
+    ]
     done = subprocess.run(
-        [sys.executable, "-m", "ferrum_jax.cli", *argv],
-        capture_output=True,  # stdout is a pipe, as under `| cat`
+        [sys.executable, "-c", CHILD, json.dumps([argv for argv, _ in cases])],
+        capture_output=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        timeout=120,
+        timeout=180,
         check=False,
     )
-    assert done.returncode == 2 and done.stdout == b""
-    assert done.stderr.decode() == "ferrum-jax: error: --output /dev/stdout: not a regular file\n"
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    for (code, err), (argv, words) in zip(json.loads(done.stdout), cases, strict=True):
+        assert code == 2 and err.count("\n") == 1, (argv, err)
+        assert err.startswith("ferrum-jax: error: ") and words in err, (argv, err)
