@@ -10,9 +10,9 @@ The run is resumable: ids already in the output are skipped, and a last line cut
 a kill is dropped before appending. An existing output is read and checked whole before
 anything is written: a file that is not a results file of this command is refused and left
 as it is. Files are regular files only, the input at most `TEXT_FILE_LIMIT` bytes. A bad
-input line (not JSON, unknown fields, a prompt too
-long for the context, a duplicate id, ...) is reported with its line number and skipped; the
-other lines still run. A line without an `id` is named by its line number.
+input line (not JSON, unknown fields, text that is not valid Unicode, a value out of range, a
+prompt too long for the context, a duplicate id, ...) is reported with its line number and
+skipped; the other lines still run. A line without an `id` is named by its line number.
 
 `generate_jsonl` is the API; the command checks both files with `read_done` and
 `read_input` before it loads the model, then calls `run`. Reading goes through

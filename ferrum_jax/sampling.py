@@ -65,31 +65,36 @@ class SamplingParams:
         return cls.make(batch)
 
 
+def _integer(value: Any, name: str, high: int) -> int:
+    """The one rule for integer sampling values, at every entry point (flags, JSONL lines,
+    lm-eval, the API) and before any device work: an integer (not a bool, not a float, not an
+    array) in `[0, high]`."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= value <= high
+    ):
+        raise FerrumError.invalid_parameter(
+            f"{name} must be an integer in [0, {high}], got {value!r}"
+        )
+    return int(value)
+
+
 def _integers(value: Any, name: str, high: int) -> np.ndarray:
-    """`value` (a scalar or sequence) as int64 after checking every entry is an integer (not a
-    bool, not a float) in `[0, high]`: every entry point (flags, JSONL lines, lm-eval, the API)
-    gets this one rule, before any device work."""
-    entries = np.asarray(value, dtype=object).reshape(-1)
-    for entry in entries:
-        if (
-            isinstance(entry, bool | np.bool_)
-            or not isinstance(entry, numbers.Integral)
-            or not 0 <= entry <= high
-        ):
-            raise FerrumError.invalid_parameter(
-                f"{name} must be an integer in [0, {high}], got {entry!r}"
-            )
+    """`value`, a scalar or a sequence, as int64 once `_integer` accepts each entry."""
+    for entry in np.asarray(value, dtype=object).reshape(-1):
+        _integer(entry, name, high)
     return np.asarray(value, dtype=np.int64)
 
 
 def check_top_k(top_k: Any) -> int:
     """`top_k` as an int once it is an integer in `[0, TOP_K_MAX]`."""
-    return int(_integers(top_k, "top_k", TOP_K_MAX))
+    return _integer(top_k, "top_k", TOP_K_MAX)
 
 
 def check_seed(seed: Any) -> int:
     """`seed` as an int once it is an integer in `[0, SEED_LIMIT)`."""
-    return int(_integers(seed, "seed", SEED_LIMIT - 1))
+    return _integer(seed, "seed", SEED_LIMIT - 1)
 
 
 def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:

@@ -300,6 +300,8 @@ HOSTILE_LINES = [
     ),
     ('{"id": "k3", "prompt": "the sea", "top_k": true}', "top_k must be an integer in"),
     ('{"id": "n1", "prompt": "the sea", "seed": -1}', "seed must be an integer in"),
+    ('{"id": "k4", "prompt": "the sea", "top_k": [1, 2]}', "top_k must be an integer in"),
+    ('{"id": "n2", "prompt": "the sea", "seed": [7]}', "seed must be an integer in"),
 ]
 
 

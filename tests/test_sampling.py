@@ -232,14 +232,23 @@ def test_make_validation(params):
     assert next(iter(params)) in str(info.value)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**63, True, 1.5, "7", [0, -2]], ids=repr)
+@pytest.mark.parametrize("seed", [-1, 2**63, True, 1.5, "7", None], ids=repr)
 def test_seeds_are_integers_in_range_everywhere(seed):
     """One rule for seeds: the CLI's --seed, JSONL lines and `row_keys` all refuse these."""
     with pytest.raises(FerrumError, match="seed must be an integer in") as info:
         check_seed(seed)
     assert info.value.kind is ErrorKind.INVALID_PARAMETER
     with pytest.raises(FerrumError, match="seed must be an integer in"):
-        row_keys(np.asarray(seed) if isinstance(seed, list) else seed, 2)
+        row_keys(seed, 2)
+    with pytest.raises(FerrumError, match="seed must be an integer in"):
+        row_keys([0, seed], 2)
+
+
+@pytest.mark.parametrize("value", [[1, 2], np.array([3]), np.int64(-1)], ids=repr)
+def test_a_scalar_rule_refuses_arrays(value):
+    for check in (check_seed, check_top_k):
+        with pytest.raises(FerrumError, match="must be an integer in"):
+            check(value)
 
 
 def test_the_largest_top_k_and_seed_are_accepted():
