@@ -343,6 +343,17 @@ def test_generate_rows_independent_of_batch(gen_model):
     assert np.array_equal(other[0], batch[0])
 
 
+def test_stream_tokens_refuses_a_bad_seed_before_any_device_work(gen_model, monkeypatch):
+    graphdef, params = gen_model
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache was allocated")
+
+    monkeypatch.setattr("ferrum_jax.streaming.init_cache", fail)
+    with pytest.raises(FerrumError, match="seed must be an integer in"):
+        next(stream_tokens(graphdef, params, [1, 2], max_new_tokens=2, seed=-1))
+
+
 def test_stream_tokens_samples_what_generate_samples(gen_model):
     """Sampled `stream_tokens` (one jitted step per token) and `generate` (one while_loop) draw
     the same tokens from the same seed: both fold the step into each row's key."""
