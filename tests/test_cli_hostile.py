@@ -4,6 +4,7 @@ written, or loaded, and a refused file is left byte for byte as it was."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -208,3 +209,14 @@ def test_endless_files_are_refused_without_reading_them(tmp_path, fifo):
     for (code, err), (argv, words) in zip(json.loads(done.stdout), cases, strict=True):
         assert code == 2 and err.count("\n") == 1, (argv, err)
         assert err.startswith("ferrum-jax: error: ") and words in err, (argv, err)
+
+
+def test_standard_input_is_read_within_the_limit(capsys, monkeypatch):
+    from ferrum_jax import cli
+
+    monkeypatch.setattr(cli, "TEXT_FILE_LIMIT", 4)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello"))
+    assert cli.main(["generate", "--prompt", "-"]) == 2
+    assert capsys.readouterr().err == (
+        "ferrum-jax: error: --prompt -: standard input is longer than 4 characters\n"
+    )
