@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -147,6 +148,8 @@ class Resume:
     """Ids (`id_key`) of the results it holds."""
     cut: int | None = None
     """Where a last line cut short by a kill starts: `run` drops it before appending."""
+    size: int = 0
+    """Bytes the output held when checked: `run` cuts nothing from a file that changed since."""
 
 
 _RESULT_FIELDS = frozenset({"id", "text", "token_ids", "finish_reason"})
@@ -200,7 +203,7 @@ def read_done(output: pathlib.Path, input_file: pathlib.Path) -> Resume:
                 whole += len(raw)
                 continue
             if _killed_write(raw):
-                return Resume(frozenset(done), cut=whole)
+                return Resume(frozenset(done), cut=whole, size=whole + len(raw))
             raise FerrumError.invalid_parameter(
                 f"--output {output}: line {number} is not a result line of this command; "
                 "refusing to append to it (the file is left as it is)"
@@ -362,6 +365,11 @@ def run(
     finished = 0
     with output.open("a", encoding="utf-8") as out:
         if resume.cut is not None:
+            if os.fstat(out.fileno()).st_size != resume.size:
+                raise FerrumError.io(
+                    f"--output {output} changed since it was checked; nothing was written, "
+                    "run again"
+                )
             out.truncate(resume.cut)
         for result in generate_batch(executor, requests, tokenizer=tokenizer, on_tokens=counted):
             record = {

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from ferrum_jax import jsonl_batch
 from ferrum_jax.checkpoint import text_files
 from ferrum_jax.checkpoint.text_files import check_output, read_text_file, same_file
 from ferrum_jax.errors import ErrorKind, FerrumError
@@ -151,9 +152,8 @@ def test_only_a_kill_cut_last_line_of_results_is_dropped(tmp_path):
     ]
     for tail in tails:
         output.write_bytes(whole + tail)
-        assert read_done(output, input_file) == Resume(frozenset({"1", '"b"'}), cut=len(whole)), (
-            tail
-        )
+        resume = read_done(output, input_file)
+        assert resume == Resume(frozenset({"1", '"b"'}), len(whole), len(whole + tail)), tail
         assert output.read_bytes() == whole + tail  # cut by the run, not by the check
     output.write_bytes(whole)
     assert read_done(output, input_file) == Resume(frozenset({"1", '"b"'}))
@@ -220,3 +220,18 @@ def test_standard_input_is_read_within_the_limit(capsys, monkeypatch):
     assert capsys.readouterr().err == (
         "ferrum-jax: error: --prompt -: standard input is longer than 4 characters\n"
     )
+
+
+def test_a_run_cuts_nothing_from_an_output_that_changed_since_its_check(tmp_path):
+    """Another writer appended between the check and the run: cutting at the checked offset
+    would delete its lines."""
+    output, input_file = tmp_path / "out.jsonl", tmp_path / "in.jsonl"
+    input_file.write_text('{"prompt": "x"}\n')
+    output.write_bytes(result_line() + b'{"id": 2, "text": "cu')
+    resume = read_done(output, input_file)
+    with output.open("ab") as f:
+        f.write(b"t short\n" + result_line(id=3))
+    changed = output.read_bytes()
+    with pytest.raises(FerrumError, match="changed since it was checked"):
+        jsonl_batch.run(None, [], output, tokenizer=None, resume=resume)
+    assert output.read_bytes() == changed
