@@ -293,7 +293,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             1 << (max_num_batched_tokens.bit_length() - 1),
             engine.bucket(max_batch_size * max_sequence_length),
         )
-        self._programs: dict[tuple[int, int], Any] = {}
+        self._programs: dict[tuple[int, int, int], Any] = {}
+        self._needs: dict[tuple[int, int, int], int] = {}
         self._allocator = PageAllocator(self._num_pages)
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
         self._live: dict[str, Record] = {}
@@ -800,15 +801,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return self._programs[key]
 
     def _need(self, tokens: int, items: int, rows: int) -> int:
-        """Device bytes the step needs beyond its arguments, per device."""
-        analysis = self._program(tokens, items, rows).memory_analysis()
-        if analysis is None:
-            return 0
-        return (
-            analysis.temp_size_in_bytes
-            + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes
-        )
+        """Device bytes the step needs beyond its arguments, per device. Kept per program:
+        XLA's analysis costs tens of milliseconds, as much as a small step itself."""
+        key = (tokens, items, rows)
+        if key not in self._needs:
+            analysis = self._program(tokens, items, rows).memory_analysis()
+            self._needs[key] = (
+                0
+                if analysis is None
+                else analysis.temp_size_in_bytes
+                + analysis.output_size_in_bytes
+                - analysis.alias_size_in_bytes
+            )
+        return self._needs[key]
 
     def _fits(self, tokens: int, items: int, rows: int | None = None) -> bool:
         rows = items if rows is None else rows
