@@ -482,3 +482,39 @@ def test_update_params_swaps_weights_without_recompiling(model):
     assert executor.compiled_programs == programs
     with pytest.raises(FerrumError):
         executor.update_params({"not": "params"})
+
+
+def test_update_params_keep_cache_never_reuses_pages_of_old_weights(model):
+    """`keep_cache=True` keeps the live sequences' KV, but no page computed under the old
+    weights is ever reused: not the prefix cache's (emptied by the swap), nor the pages of
+    a sequence live during the swap and released after it (never cached). New sequences'
+    logits equal a twin's that got the new weights before anything was cached."""
+    import jax
+
+    _, _, params = model
+    new = jax.tree.map(lambda x: x * 0.5, params)
+    first, second = SYSTEM[:33], [(5 * i) % 240 + 9 for i in range(33)]  # two full pages each
+    executor = make_executor(model, enable_prefix_caching=True)
+    twin = make_executor(model, enable_prefix_caching=True)
+    twin.update_params(new)
+    start = [
+        UnifiedBatchItem("a", first, None, 0, True),
+        UnifiedBatchItem("c", second, None, 0, True),
+    ]
+    run(executor.unified_decode(UnifiedBatch(start)))
+    assert executor.update_params(new, keep_cache=True) == 1
+    assert executor.cache_metrics_snapshot()["pages_cached"] == 0
+
+    def same_as_twin(seq_id: str, prompt: list[int]) -> None:
+        item = [UnifiedBatchItem(seq_id, prompt, None, 0, True)]
+        (got,) = run(executor.unified_decode(UnifiedBatch(item)))
+        (want,) = run(twin.unified_decode(UnifiedBatch(item)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    same_as_twin("b1", [*first, 11])
+    executor.release_cache("c")  # its pages hold KV of the old weights
+    same_as_twin("b2", [*second, 12])
+    for seq_id in ("a", "b1", "b2"):
+        executor.release_cache(seq_id)
+    check_pages(executor)
+    assert executor.cache_metrics_snapshot()["hits"] == 0

@@ -731,11 +731,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _release_rows(self, rows: Sequence[Row]) -> None:
         """Gives the rows' pages back (full pages go to the prefix cache first, if enabled)."""
+        self._cache_full_pages(rows)
         for row in rows:
-            if self._prefix is not None:
-                self._prefix.insert(row.tokens, row.pages)
             self._allocator.release(row.pages)
             row.pages = []
+
+    def _cacheable(self, row: Row) -> bool:
+        """Whether the row's pages may meet the prefix cache: KV of the current weights only."""
+        return row.params_version == self.params_version
 
     def _borrow_prefix(self, row: Row, tokens: np.ndarray, final: bool = True) -> int:
         """Prefix-cache hit for a row about to take `tokens`: cached full pages that continue
@@ -744,7 +747,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         again; returns the tokens reused. Chunks need not be page-aligned: a chunk that ended
         inside a page borrows that page once a later chunk completes it in the cache. A
         `final` chunk keeps at least one token to compute (its logits are wanted)."""
-        if self._prefix is None:
+        if self._prefix is None or not self._cacheable(row):
             return 0
         full = [*row.tokens, *tokens.tolist()]
         limit = (len(full) - 1 if final else len(full)) // self.block_size
@@ -1107,8 +1110,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return record
 
     def _cache_full_pages(self, rows: Sequence[Row]) -> None:
-        if self._prefix is not None:
-            for row in rows:
+        for row in rows:
+            if self._prefix is not None and self._cacheable(row):
                 self._prefix.insert(row.tokens, row.pages)
 
     # -----------------------------------------------------------------------------------------
@@ -1146,7 +1149,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for r in range(len(ids)):
                         tokens = ids[r, : lengths[r]]
                         if fresh:  # a new sequence, or one started over
-                            row = Row([], [])
+                            row = Row([], [], params_version=self.params_version)
                             reused = self._borrow_prefix(row, tokens)
                         else:
                             row, reused = record.rows[r], 0
@@ -1377,7 +1380,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 borrowed = []
                 for item, record, tokens in plan:
                     txn.touch(item.seq_id, record)
-                    row = record.rows[0] if record is not None else Row([], [])
+                    row = (
+                        record.rows[0]
+                        if record is not None
+                        else Row([], [], params_version=self.params_version)
+                    )
                     reused = self._borrow_prefix(row, tokens, bool(item.is_final_chunk))
                     borrowed.append(reused)
                     self._grow(row, item.pos_offset + len(tokens), copies)
@@ -1691,8 +1698,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                         self._release_rows(record.rows)
                         self._released_by_update.add(record.cache_id)
                     self._live.clear()
-                    if self._prefix is not None:
-                        self._prefix.clear()
+                if self._prefix is not None:
+                    # Pages of the old weights: a hit would serve their KV to a new sequence.
+                    self._prefix.clear()
                 return self.params_version
 
         # On the worker, after the calls already queued: a step never mixes two weights.

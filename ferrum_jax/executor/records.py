@@ -21,9 +21,13 @@ class Row:
     """Page ids, one reference each; enough for `tokens` (possibly more after a rollback)."""
     shared: int = 0
     """Leading pages borrowed from the prefix cache: full, and never written by this row."""
+    params_version: int = -1
+    """The params version the row's first token was computed under. A row that outlives an
+    `update_params(keep_cache=True)` holds KV of older weights, so it neither borrows from
+    nor gives to the prefix cache again (-1: never)."""
 
     def copy(self) -> Row:
-        return Row(list(self.tokens), list(self.pages), self.shared)
+        return Row(list(self.tokens), list(self.pages), self.shared, self.params_version)
 
     def __len__(self) -> int:
         return len(self.tokens)
