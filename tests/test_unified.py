@@ -518,3 +518,27 @@ def test_update_params_keep_cache_never_reuses_pages_of_old_weights(model):
         executor.release_cache(seq_id)
     check_pages(executor)
     assert executor.cache_metrics_snapshot()["hits"] == 0
+
+
+def test_generated_ids_skip_seq_ids_callers_use(model):
+    """A caller's `seq_id` may look like an id the executor makes for its own handles (the
+    executor id shows in any handle): the next handle the executor makes skips it, so the
+    caller's sequence is neither replaced nor leaked and decodes exactly like a twin's."""
+    executor, twin = make_executor(model), make_executor(model)
+    mine = run(executor.prefill(PrefillInput(np.asarray([[5, 6, 7]])))).kv_cache.cache_id()
+    taken = f"{mine.rsplit('-', 1)[0]}-{int(mine.rsplit('-', 1)[1]) + 1}"
+    prompt = [9, 10, 11, 12]
+    start = UnifiedBatch([UnifiedBatchItem(taken, prompt, None, 0, True)])
+    (first,) = run(executor.unified_decode(start))
+    run(twin.unified_decode(start))
+    other = run(executor.prefill(PrefillInput(np.asarray([[20, 21, 22]])))).kv_cache.cache_id()
+    assert other not in (mine, taken)
+    assert executor.status().current_batch_size == 3
+    step = UnifiedBatch([UnifiedBatchItem(taken, [greedy(first)], None, len(prompt), True)])
+    np.testing.assert_array_equal(
+        run(executor.unified_decode(step))[0], run(twin.unified_decode(step))[0]
+    )
+    for seq_id in (mine, taken, other):
+        executor.release_cache(seq_id)
+    check_pages(executor)
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0

@@ -1179,7 +1179,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         for input in inputs:
             ids, lengths, starts = self._prompt_rows(input)
             if input.kv_cache is None:
-                cache_id, record = f"{self._id}-{next(self._ids)}", None
+                cache_id, record = None, None  # named below, once every caller id is known
             else:
                 cache_id = self._key(input.kv_cache)
                 record = self._live.get(cache_id)
@@ -1189,13 +1189,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"cache handle {cache_id!r} appears twice in one batch_prefill"
                 )
-            seen.add(cache_id)
+            if cache_id is not None:
+                seen.add(cache_id)
             continuing = starts is not None and np.any(starts > 0)
             if continuing:
                 if record is None:
                     raise FerrumError.invalid_parameter(
-                        f"position_ids start at {starts.tolist()} for unknown sequence "
-                        f"{cache_id!r}: a new sequence starts at 0"
+                        f"position_ids start at {starts.tolist()} for "
+                        + (
+                            "a new sequence"
+                            if cache_id is None
+                            else f"unknown sequence {cache_id!r}"
+                        )
+                        + ": a new sequence starts at 0"
                     )
                 if len(record.rows) != len(ids) or starts.tolist() != record.lengths:
                     raise FerrumError.invalid_parameter(
@@ -1218,7 +1224,17 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             plans.append((cache_id, record, ids, lengths, True))
         self._check_rows_available(new_rows)
         self._check_pages(pages)
-        return plans
+        return [(self._fresh_id(seen), *plan[1:]) if plan[0] is None else plan for plan in plans]
+
+    def _fresh_id(self, taken: set[str]) -> str:
+        """An id for a sequence the executor names. Callers choose their own ids (any
+        string, an id of ours included, since our handles show them), so one in use by a
+        live sequence or by this batch is skipped rather than taken over."""
+        while True:
+            cache_id = f"{self._id}-{next(self._ids)}"
+            if cache_id not in self._live and cache_id not in taken:
+                taken.add(cache_id)
+                return cache_id
 
     def _run_works(self, copies: list[tuple[int, int]], works: list[_Work]) -> Any:
         self._copy(copies)
