@@ -542,3 +542,37 @@ def test_generated_ids_skip_seq_ids_callers_use(model):
         executor.release_cache(seq_id)
     check_pages(executor)
     assert executor.cache_metrics_snapshot()["pages_used"] == 0
+
+
+def test_release_wins_over_a_queued_call_that_would_create_the_sequence(model):
+    """`release_cache(id)` while that id's first chunk waits in `unified_decode`: the call
+    still runs, but the sequence stays released; nothing leaks, and a batch needing every
+    row and page runs next. An id released before a call is issued is that call's to make."""
+    import threading
+
+    executor = make_executor(model, max_batch_size=2, max_kv_tokens=8 * PAGE)
+    gate = threading.Event()
+    prompt = list(range(3, 3 + 4 * PAGE))
+
+    async def race() -> None:
+        executor._worker.submit(gate.wait)  # holds the worker: the next call stays queued
+        queued = asyncio.ensure_future(
+            executor.unified_decode(UnifiedBatch([UnifiedBatchItem("r", prompt, None, 0, False)]))
+        )
+        await asyncio.sleep(0.01)
+        executor.release_cache("r")
+        gate.set()
+        assert await queued == [None]
+
+    run(race())
+    assert executor.status().current_batch_size == 0
+    check_pages(executor)
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0
+    full = [UnifiedBatchItem(f"f{i}", prompt, None, 0, True) for i in range(2)]
+    assert all(x is not None for x in run(executor.unified_decode(UnifiedBatch(full))))
+    for seq_id in ("f0", "f1"):
+        executor.release_cache(seq_id)
+    # "r" was released before this call was issued: the call makes it again.
+    run(executor.unified_decode(UnifiedBatch([UnifiedBatchItem("r", [1, 2], None, 0, True)])))
+    assert executor.status().current_batch_size == 1
+    assert not executor._released_at and not executor._pending

@@ -299,6 +299,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
         self._live: dict[str, Record] = {}
         self._released_by_update: set[str] = set()
+        # One clock for call issues and releases: a call commits nothing for a sequence
+        # released after the call was issued (a release wins over calls already queued).
+        self._clock = itertools.count()
+        self._pending: dict[int, None] = {}
+        """Issue times of the calls not finished yet, oldest first."""
+        self._released_at: dict[str, int] = {}
+        """Release times of sequences released while calls were pending, oldest first."""
         self._stats = Stats()
         self._last_operation: float | None = None
         self._failure = ""
@@ -1065,11 +1072,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         if self._state is ExecutorState.SHUTDOWN:
             raise FerrumError.backend("executor is shut down; create a new one")
         call = Call()
+        with self._host:
+            issued = next(self._clock)
+            self._pending[issued] = None
         try:
             future = asyncio.get_running_loop().run_in_executor(
-                self._worker, self._execute, call, work, opening
+                self._worker, self._execute, call, work, opening, issued
             )
         except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            self._finished(issued)
             raise FerrumError.backend("executor is shut down; create a new one") from e
         try:
             return await future
@@ -1079,28 +1090,51 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     self._worker.submit(self._roll_back, call.txn)
             raise
 
-    def _execute(self, call: Call, work: Callable[[Txn], T], opening: bool) -> T:
-        if not call.begin():
-            raise FerrumError.cancelled("the call was cancelled before it ran")
-        if opening:
-            self._ensure_ready()
-        txn = Txn()
-        result = work(txn)
+    def _execute(self, call: Call, work: Callable[[Txn], T], opening: bool, issued: int) -> T:
+        try:
+            if not call.begin():
+                raise FerrumError.cancelled("the call was cancelled before it ran")
+            if opening:
+                self._ensure_ready()
+            txn = Txn(issued)
+            result = work(txn)
+            with self._host:
+                self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
+            if not call.finish(txn):
+                self._roll_back(txn)
+                raise FerrumError.cancelled(
+                    "the call was cancelled while it ran; it was rolled back"
+                )
+            return result
+        finally:
+            self._finished(issued)
+
+    def _finished(self, issued: int) -> None:
+        """Forgets a finished call, and the releases no pending call was issued before."""
         with self._host:
-            self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
-        if not call.finish(txn):
-            self._roll_back(txn)
-            raise FerrumError.cancelled("the call was cancelled while it ran; it was rolled back")
-        return result
+            del self._pending[issued]
+            oldest = next(iter(self._pending), None)
+            if self._released_at:
+                self._released_at = {
+                    cache_id: at
+                    for cache_id, at in self._released_at.items()
+                    if oldest is not None and at > oldest
+                }
 
     # -----------------------------------------------------------------------------------------
     # Commits (worker thread, under `_host`)
 
     def _commit(self, txn: Txn, record: Record) -> None:
-        """Marks `record` changed by this call (after its device work succeeded)."""
+        """Marks `record` changed by this call (after its device work succeeded); a sequence
+        released after the call was issued stays released, and what the call gave it is
+        given back."""
         record.version += 1
         record.last_access = time.monotonic()
         txn.committed(record)
+        if self._released_at.get(record.cache_id, -1) > txn.issued:
+            if self._live.get(record.cache_id) is record:
+                del self._live[record.cache_id]
+            self._release_rows(record.rows)
 
     def _new_record(self, txn: Txn, cache_id: str, rows: list[Row]) -> Record:
         txn.touch(cache_id, None)
@@ -1111,7 +1145,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _cache_full_pages(self, rows: Sequence[Row]) -> None:
         for row in rows:
-            if self._prefix is not None and self._cacheable(row):
+            # A row released while its call ran holds no pages any more: nothing to cache.
+            if self._prefix is not None and self._cacheable(row) and row.pages:
                 self._prefix.insert(row.tokens, row.pages)
 
     # -----------------------------------------------------------------------------------------
@@ -1922,11 +1957,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def release_cache(self, cache_id: str) -> None:
         """Frees the sequence's pages (full ones stay in the prefix cache, if enabled);
-        idempotent, unknown ids change nothing. Never waits for device work."""
+        idempotent, unknown ids change nothing. Never waits for device work. The release
+        wins over calls issued before it and still queued or running: what they create or
+        extend of this sequence is released as they finish."""
+        if not isinstance(cache_id, str):
+            return
         with self._host:
-            record = self._live.pop(cache_id, None) if isinstance(cache_id, str) else None
+            record = self._live.pop(cache_id, None)
             if record is not None and self._state is not ExecutorState.SHUTDOWN:
                 self._release_rows(record.rows)
+            if self._pending:  # a call already queued may create or extend it
+                self._released_at.pop(cache_id, None)
+                self._released_at[cache_id] = next(self._clock)
 
     def _pages_view(self, handle: JaxKvCacheHandle, layer: int, *, keys: bool) -> TensorLike:
         self._single_host("key_cache / value_cache")

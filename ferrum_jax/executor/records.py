@@ -57,7 +57,9 @@ class Txn:
     """The undo log of one call: each sequence it changes as it was before (None: the call
     created it) and the version the call's commit left."""
 
-    def __init__(self) -> None:
+    def __init__(self, issued: int) -> None:
+        self.issued = issued
+        """When the call was issued, on the executor's clock of calls and releases."""
         self.before: dict[str, Sequence | None] = {}
         self.after: dict[str, int] = {}
 
