@@ -576,3 +576,74 @@ def test_release_wins_over_a_queued_call_that_would_create_the_sequence(model):
     run(executor.unified_decode(UnifiedBatch([UnifiedBatchItem("r", [1, 2], None, 0, True)])))
     assert executor.status().current_batch_size == 1
     assert not executor._released_at and not executor._pending
+
+
+def _next_logits(executor, seq_id: str, prompt: list[int]) -> np.ndarray:
+    item = UnifiedBatchItem(seq_id, prompt, None, 0, True)
+    return run(executor.unified_decode(UnifiedBatch([item])))[0]
+
+
+def test_update_params_serves_its_own_copy(model):
+    """`update_params(nnx.state(module))`, then the trainer's in-place `nnx.update` (new
+    values, even new shapes): the executor serves the weights it was given, like a twin
+    given a separate copy, and takes the next update."""
+    import jax
+    from flax import nnx
+
+    _, graphdef, params = model
+    module = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5, params))
+    executor, twin = make_executor(model), make_executor(model)
+    assert executor.update_params(nnx.state(module)) == 1
+    twin.update_params(jax.tree.map(lambda x: x * 0.5, params))
+    nnx.update(module, jax.tree.map(lambda x: x * 0.0, nnx.state(module)))
+    np.testing.assert_array_equal(
+        _next_logits(executor, "a", SYSTEM), _next_logits(twin, "a", SYSTEM)
+    )
+    nnx.update(module, jax.tree.map(lambda x: np.zeros((*x.shape, 2), x.dtype), nnx.state(module)))
+    np.testing.assert_array_equal(
+        _next_logits(executor, "b", [5, 6]), _next_logits(twin, "b", [5, 6])
+    )
+    assert executor.update_params(params) == 2
+
+
+def test_update_params_refuses_bad_calls_and_never_blocks_a_loop(model):
+    """Non-boolean `keep_cache`, NaN weights (named), a call after `shutdown()`: one
+    FerrumError each and the weights unchanged. From a coroutine the blocking call is
+    refused (it would stall the loop); `update_params_async` lets the loop run while the
+    calls queued before it finish."""
+    import threading
+
+    import jax
+
+    _, _, params = model
+    executor = make_executor(model)
+    with pytest.raises(FerrumError, match="keep_cache must be True or False"):
+        executor.update_params(params, keep_cache="false")
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0].set(np.nan) if "norm" in jax.tree_util.keystr(path) else x,
+        params,
+    )
+    with pytest.raises(FerrumError, match=r"norm.*NaN or infinity") as e:
+        executor.update_params(poisoned)
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    assert executor.params_version == 0
+
+    gate = threading.Event()
+
+    async def in_a_coroutine() -> int:
+        with pytest.raises(FerrumError, match="update_params_async"):
+            executor.update_params(params)
+        executor._worker.submit(gate.wait)  # a call still running on the worker
+        swap = asyncio.ensure_future(executor.update_params_async(params, keep_cache=True))
+        ticks = 0
+        while ticks < 5:  # the loop keeps running while the swap waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not swap.done()
+        gate.set()
+        return await swap
+
+    assert run(in_a_coroutine()) == 1
+    run(executor.shutdown())
+    with pytest.raises(FerrumError, match="shut down"):
+        executor.update_params(params)

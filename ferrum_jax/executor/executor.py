@@ -88,6 +88,7 @@ from ferrum_jax.executor.lazy_logits import LazyLogits, lm_head_step
 from ferrum_jax.executor.records import Row, Txn
 from ferrum_jax.executor.records import Sequence as Record
 from ferrum_jax.executor.stats import Stats, p95
+from ferrum_jax.finite import nonfinite_leaf
 from ferrum_jax.interfaces import (
     AttentionType,
     BatchModelExecutor,
@@ -1711,10 +1712,48 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         version (also in `info().metadata` and `cache_metrics_snapshot()`).
 
         `params` must match the current ones in tree structure, shapes, dtypes and
-        shardings. `keep_cache=False` releases every live sequence (their next use fails
-        with a clear error) and empties the prefix cache; `True` keeps their KV, computed by
-        the old weights: stale-KV semantics, for RL loops that accept it.
+        shardings, and be finite. The executor keeps its own copy, so a trainer may go on
+        updating its state in place (`nnx.update`) without reaching the served weights.
+        `keep_cache=False` releases every live sequence (their next use fails with a clear
+        error); `True` keeps their KV, computed by the old weights: stale-KV semantics, for
+        RL loops that accept it. Either way the prefix cache is emptied, and no page
+        computed under older weights is reused by another sequence.
+
+        Waits for the calls queued before it (a step never mixes two weights). Called from
+        a coroutine (an event loop running in this thread) that wait would stall the loop,
+        so it is refused there: `await update_params_async(...)` instead.
         """
+        keep = self._swap_options(keep_cache)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no event loop in this thread: waiting stalls nobody
+        else:
+            raise FerrumError.invalid_parameter(
+                "update_params blocks until the queued calls have run, which would stall "
+                "the event loop running in this thread: use `await "
+                "executor.update_params_async(params)` from a coroutine"
+            )
+        return self._submit_swap(self._own_params(params), keep).result()
+
+    async def update_params_async(self, params: nnx.State, *, keep_cache: bool = False) -> int:
+        """`update_params` for coroutines: the loop runs on while the queued calls finish
+        and the weights are checked and swapped. Cancelled before the swap starts, the
+        weights stay; once it started, it completes."""
+        keep = self._swap_options(keep_cache)
+        return await asyncio.wrap_future(self._submit_swap(self._own_params(params), keep))
+
+    def _swap_options(self, keep_cache: Any) -> bool:
+        if self._state is ExecutorState.SHUTDOWN:
+            raise FerrumError.backend("executor is shut down; create a new one")
+        if not isinstance(keep_cache, bool | np.bool_):
+            raise FerrumError.invalid_parameter(
+                f"update_params: keep_cache must be True or False, got {keep_cache!r}"
+            )
+        return bool(keep_cache)
+
+    def _own_params(self, params: nnx.State) -> nnx.State:
+        """A copy of `params` (same shardings) once they match the current weights."""
         old_leaves, old_tree = jax.tree.flatten(self._params)
         new_leaves, new_tree = jax.tree.flatten(params)
         if new_tree != old_tree:
@@ -1736,26 +1775,40 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"update_params: {path} is sharded {b.sharding}, expected {a.sharding}"
                 )
+        # The caller's tree may hold the trainer's live variables: copy containers and arrays.
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
 
-        def swap() -> int:
-            with self._host:
-                self._params = params
-                self.model = self.model.with_params(params)
-                self.params_version += 1
-                if self._link is not None:
-                    self._link.send(mh.Op.PARAMS, aux=self.params_version)
-                if not keep_cache:
-                    for record in list(self._live.values()):
-                        self._release_rows(record.rows)
-                        self._released_by_update.add(record.cache_id)
-                    self._live.clear()
-                if self._prefix is not None:
-                    # Pages of the old weights: a hit would serve their KV to a new sequence.
-                    self._prefix.clear()
-                return self.params_version
+    def _submit_swap(self, params: nnx.State, keep_cache: bool) -> concurrent.futures.Future:
+        """Queues the swap on the worker, after the calls already queued."""
+        try:
+            return self._worker.submit(self._swap, params, keep_cache)
+        except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            raise FerrumError.backend("executor is shut down; create a new one") from e
 
-        # On the worker, after the calls already queued: a step never mixes two weights.
-        return self._worker.submit(swap).result()
+    def _swap(self, params: nnx.State, keep_cache: bool) -> int:
+        """Worker: checks the owned copy is finite, then serves it from the next step on."""
+        bad = nonfinite_leaf(params)
+        if bad is not None:
+            raise FerrumError.invalid_parameter(
+                f"update_params: {bad} holds NaN or infinity; the weights were not changed"
+            )
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            self._params = params
+            self.model = self.model.with_params(params)
+            self.params_version += 1
+            if self._link is not None:
+                self._link.send(mh.Op.PARAMS, aux=self.params_version)
+            if not keep_cache:
+                for record in list(self._live.values()):
+                    self._release_rows(record.rows)
+                    self._released_by_update.add(record.cache_id)
+                self._live.clear()
+            if self._prefix is not None:
+                # Pages of the old weights: a hit would serve their KV to a new sequence.
+                self._prefix.clear()
+            return self.params_version
 
     def optimal_batch_size(self) -> int:
         return self.max_batch_size
