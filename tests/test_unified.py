@@ -647,3 +647,44 @@ def test_update_params_refuses_bad_calls_and_never_blocks_a_loop(model):
     run(executor.shutdown())
     with pytest.raises(FerrumError, match="shut down"):
         executor.update_params(params)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_quantized_kv_prefix_hit_logits_equal_a_twin_without_prefix_caching(model, kv_dtype):
+    """Quantized KV pages with prefix caching: every prefill position of a prompt that
+    reused cached pages (those a hit skipped are computed when read) equals a twin's
+    without prefix caching, which computed them all in its step."""
+    executor = make_executor(model, kv_dtype=kv_dtype, enable_prefix_caching=True)
+    twin = make_executor(model, kv_dtype=kv_dtype)
+    prompt = [*SYSTEM, 9, 10]
+    for ex in (executor, twin):
+        run(ex.prefill(PrefillInput(np.asarray([SYSTEM[:33]]))))
+    got = run(executor.prefill(PrefillInput(np.asarray([prompt])))).logits.array
+    want = run(twin.prefill(PrefillInput(np.asarray([prompt])))).logits.array
+    assert executor.cache_metrics_snapshot()["tokens_reused"] == 2 * PAGE
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_lazy_prefill_logits_are_refused_after_a_weight_swap(model):
+    """Prefill logits other than the last position are computed when read; after
+    `update_params` that would use the new weights, so reading them is refused. The last
+    positions, computed in the step, stay readable and equal a twin's that kept its
+    weights."""
+    import jax
+
+    _, _, params = model
+    executor, twin = make_executor(model), make_executor(model)
+    prompt = PrefillInput(
+        np.asarray([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]]),
+        attention_mask=np.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+    )
+    out, same = run(executor.prefill(prompt)), run(twin.prefill(prompt))
+    executor.update_params(jax.tree.map(lambda x: x * 0.5, params), keep_cache=True)
+    with pytest.raises(FerrumError, match="params version 0") as e:
+        out.logits.view([0, 0, 0], [2, 2, out.logits.shape[2]])
+    assert e.value.kind is ErrorKind.UNSUPPORTED
+    with pytest.raises(FerrumError, match="params version 0"):
+        np.asarray(out.logits.array)
+    np.testing.assert_array_equal(
+        np.asarray(out.last_token_logits().array), np.asarray(same.last_token_logits().array)
+    )

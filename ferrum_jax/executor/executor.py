@@ -1324,28 +1324,52 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                             [w.logits for w in mine],
                             [w.hidden for w in mine],
                             first,
-                            self._head,
-                            functools.partial(self._recompute, prompts),
+                            functools.partial(self._head, self.params_version),
+                            functools.partial(self._recompute, self.params_version, prompts),
                         ),
                         handle,
                     )
                 )
         return outputs
 
-    def _head(self, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
+    def _head(self, version: int, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
         """LM head on rows `rows` of a step's `hidden: [T, embed]`, the rows padded to a
-        power-of-two bucket (one program per (T, bucket))."""
+        power-of-two bucket (one program per (T, bucket)); the step ran under params
+        `version`."""
         self._single_host("reading prefill logits other than the last position")
+        params = self._weights_of(version)
         index = np.zeros((engine.bucket(len(rows)),), np.int32)
         index[: len(rows)] = rows
-        logits = lm_head_step(self._graphdef, self._params, hidden, jax.device_put(index))
+        logits = lm_head_step(self._graphdef, params, hidden, jax.device_put(index))
         return np.asarray(logits)[: len(rows)]
 
-    def _recompute(self, prompts: list[np.ndarray], row: int, upto: int) -> np.ndarray:
-        """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped."""
+    def _recompute(
+        self, version: int, prompts: list[np.ndarray], row: int, upto: int
+    ) -> np.ndarray:
+        """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped. A
+        quantized pool's attention read quantized keys and values: the forward quantizes
+        them alike (a float forward differs by up to 0.08)."""
         self._single_host("reading prefill logits other than the last position")
-        logits = engine.forward(self._graphdef, self._params, prompts[row][None, :upto])
+        params = self._weights_of(version)
+        impl = self._impl if self._kv_dtype is not None else "xla"
+        logits = engine.forward(
+            self._graphdef, params, prompts[row][None, :upto], attention_impl=impl
+        )
         return np.asarray(logits)[0]
+
+    def _weights_of(self, version: int) -> nnx.State:
+        """The params of `version`, which must still be served: prefill logits are never
+        finished with other weights than their step's, and keeping old weights alive for
+        them could double the memory of an RL loop."""
+        with self._host:
+            if version != self.params_version:
+                raise FerrumError.unsupported(
+                    f"these prefill logits were computed under params version {version}; the "
+                    f"executor now serves version {self.params_version} (update_params), "
+                    "and positions other than each row's last are computed when read: read "
+                    "them before swapping the weights"
+                )
+            return self._params
 
     async def decode(self, input: DecodeInput) -> DecodeOutput:
         return (await self.batch_decode([input]))[0]
