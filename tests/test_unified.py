@@ -688,3 +688,141 @@ def test_lazy_prefill_logits_are_refused_after_a_weight_swap(model):
     np.testing.assert_array_equal(
         np.asarray(out.last_token_logits().array), np.asarray(same.last_token_logits().array)
     )
+
+
+def test_prefix_caching_twin_soak_with_swaps_and_racing_releases(model):
+    """Randomized operations on an executor with prefix caching and int8 KV pages, and on
+    a twin without prefix caching:
+    chunked prompts over shared prefixes, decodes, releases, releases racing the calls
+    queued before them, weight swaps (keep_cache either way), prefills whose every
+    position is read. Every logit agrees with the twin (≤ 1e-5) and the page accounting of
+    both is exact throughout."""
+    import threading
+
+    import jax
+
+    _, _, params = model
+    rng = random.Random(25)
+    # int8 pages: what a hit reuses is quantized, so its logits show any stale page too.
+    sizes = {"max_kv_tokens": 16 * PAGE, "kv_dtype": "int8", "max_num_batched_tokens": 32}
+    executor = make_executor(model, enable_prefix_caching=True, **sizes)
+    twin = make_executor(model, **sizes)
+    both = (executor, twin)
+    seqs: dict[str, dict] = {}  # seq_id -> prompt, fed, tokens
+    names, raced, swaps = iter(range(10**6)), 0, 0
+
+    def prompt() -> list[int]:
+        tail = [rng.randrange(3, 256) for _ in range(rng.randrange(1, 12))]
+        return [*SYSTEM[: rng.choice([0, 16, 32, 40])], *tail]
+
+    def close(got, want) -> None:
+        for x, y in zip(got, want, strict=True):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+    async def on_both(call, *args):
+        """`call(ex, *args)` on each executor; FerrumErrors must agree, and come back."""
+        outs = []
+        for ex in both:
+            try:
+                outs.append(await call(ex, *args))
+            except FerrumError as e:
+                outs.append(e)
+        kinds = [o.kind if isinstance(o, FerrumError) else None for o in outs]
+        assert kinds[0] == kinds[1], outs
+        return outs
+
+    def release(sid: str) -> None:
+        seqs.pop(sid, None)
+        for ex in both:
+            ex.release_cache(sid)
+
+    async def queued_then_released(ex, batch, sid):
+        """`batch` queued behind a held worker, then `sid` released before it runs."""
+        gate = threading.Event()
+        ex._worker.submit(gate.wait)
+        call = asyncio.ensure_future(ex.unified_decode(batch))
+        await asyncio.sleep(0.005)
+        ex.release_cache(sid)
+        gate.set()
+        return await call
+
+    async def soak():
+        nonlocal raced, swaps
+        for _ in range(100):
+            op = rng.choice(["unified"] * 5 + ["release", "race", "swap", "prefill"])
+            if op == "unified":
+                if len(seqs) < 6 and rng.random() < 0.5:
+                    seqs[f"s{next(names)}"] = {"prompt": prompt(), "fed": 0, "tokens": []}
+                items, owners = [], []
+                for sid, s in rng.sample(list(seqs.items()), min(len(seqs), 2)):
+                    if s["fed"] < len(s["prompt"]):
+                        n = min(rng.randrange(1, 17), len(s["prompt"]) - s["fed"])
+                        final = s["fed"] + n == len(s["prompt"])
+                        q = s["prompt"][s["fed"] : s["fed"] + n]
+                        items.append(UnifiedBatchItem(sid, q, None, s["fed"], final))
+                        owners.append((sid, n))
+                    elif len(s["tokens"]) < NEW:
+                        at = s["fed"] + len(s["tokens"]) - 1
+                        items.append(UnifiedBatchItem(sid, [s["tokens"][-1]], None, at, True))
+                        owners.append((sid, 0))
+                if not items:
+                    continue
+                got, want = await on_both(JaxModelExecutor.unified_decode, UnifiedBatch(items))
+                if isinstance(got, FerrumError):
+                    assert got.kind is ErrorKind.RESOURCE_EXHAUSTED, got
+                    release(rng.choice([sid for sid, _ in owners]))
+                    continue
+                close(got, want)
+                for (sid, n), logits in zip(owners, want, strict=True):
+                    seqs[sid]["fed"] += n
+                    if logits is not None:
+                        seqs[sid]["tokens"].append(greedy(logits))
+            elif op == "release" and seqs:
+                release(rng.choice(list(seqs)))
+            elif op == "race":
+                raced += 1
+                live = [sid for sid, s in seqs.items() if s["tokens"] and len(s["tokens"]) < NEW]
+                if live and rng.random() < 0.5:  # a queued decode of a live sequence
+                    sid = rng.choice(live)
+                    s = seqs[sid]
+                    at = s["fed"] + len(s["tokens"]) - 1
+                    batch = UnifiedBatch([UnifiedBatchItem(sid, [s["tokens"][-1]], None, at, True)])
+                    outs = await on_both(queued_then_released, batch, sid)
+                    assert all(o.kind is ErrorKind.NOT_FOUND for o in outs), outs
+                else:  # a queued first chunk of a new sequence
+                    sid = f"r{next(names)}"
+                    batch = UnifiedBatch([UnifiedBatchItem(sid, prompt(), None, 0, False)])
+                    outs = await on_both(queued_then_released, batch, sid)
+                    assert all(o == [None] or o.kind is ErrorKind.RESOURCE_EXHAUSTED for o in outs)
+                seqs.pop(sid, None)
+                assert all(sid not in ex._live for ex in both)
+            elif op == "swap":
+                swaps += 1
+                new = jax.tree.map(lambda x: x * rng.choice([0.5, 0.9, 1.0]), params)
+                keep = rng.random() < 0.6
+                for ex in both:
+                    await ex.update_params_async(new, keep_cache=keep)
+                if not keep:
+                    seqs.clear()
+            elif op == "prefill":
+                outs = await on_both(JaxModelExecutor.prefill, PrefillInput(np.asarray([prompt()])))
+                if not isinstance(outs[0], FerrumError):
+                    close(*(np.asarray(o.logits.array)[0] for o in outs))
+                    for ex, o in zip(both, outs, strict=True):
+                        ex.release_cache(o.kv_cache.cache_id())
+            for ex in both:
+                check_pages(ex)
+
+    run(soak())
+    for sid in list(seqs):
+        release(sid)
+    for ex in both:
+        check_pages(ex)
+        assert ex.status().current_batch_size == 0
+        assert not ex._released_at and not ex._pending
+    metrics = executor.cache_metrics_snapshot()
+    assert metrics["pages_used"] == len(executor._prefix.cached_pages())
+    assert twin.cache_metrics_snapshot()["pages_used"] == 0
+    assert metrics["hits"] > 0 and raced > 5 and swaps > 5
