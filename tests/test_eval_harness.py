@@ -370,8 +370,8 @@ def test_top_p_zero_is_greedy_as_in_transformers(tiny_dir):
     request = lm._generation_request(0, "Q: hi\nA:", {**sampled, "top_p": 0.0})
     assert (request.temperature, request.top_k, request.top_p) == (0.0, 0, 1.0)
     # do_sample without a temperature samples at transformers' default of 1.0.
-    assert lm._generation_request(0, "Q:", {"do_sample": True}).temperature == 1.0
-    assert lm._generation_request(0, "Q:", {"do_sample": True, "top_p": 0.5}).top_p == 0.5
+    assert lm._generation_request(0, "Q:", {**GOOD, "do_sample": True}).temperature == 1.0
+    assert lm._generation_request(0, "Q:", {**GOOD, "do_sample": True, "top_p": 0.5}).top_p == 0.5
     prompts = [("Q: hi\nA:", {**sampled, "top_p": 0.0}), ("Q: hi\nA:", {**GOOD, "max_gen_toks": 8})]
     top_p_zero, greedy = lm.generate_until(
         [Instance("generate_until", {}, args, i) for i, args in enumerate(prompts)],
