@@ -437,14 +437,18 @@ class FerrumJaxLM(TemplateLM):
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def _generation_request(self, index: int, context: str, gen_kwargs: dict) -> GenerationRequest:
-        """The request for `generate_until` request `index`; every bad argument is one
-        `FerrumError` naming the request and the key, before anything runs."""
-        where = f"generate_until request {index}"
+    def _generation_request(self, index: int, args: Any) -> GenerationRequest:
+        """The request for `generate_until` request `index` (`args`: its `(context,
+        gen_kwargs)`); every bad argument is one `FerrumError` naming the request and the
+        key, before anything runs."""
         try:
-            return self._checked_request(index, context, gen_kwargs)
+            if not (isinstance(args, tuple) and len(args) == 2):
+                raise FerrumError.invalid_parameter(
+                    f"args must be (context, gen_kwargs), got {args!r}"
+                )
+            return self._checked_request(index, *args)
         except FerrumError as e:
-            raise type(e)(e.kind, f"{where}: {e.message}") from None
+            raise type(e)(e.kind, f"generate_until request {index}: {e.message}") from None
 
     def _checked_request(self, index: int, context: str, gen_kwargs: dict) -> GenerationRequest:
         if not isinstance(context, str):
@@ -512,7 +516,7 @@ class FerrumJaxLM(TemplateLM):
         first stop string."""
         if not requests:
             return []
-        made = [self._generation_request(i, *request.args) for i, request in enumerate(requests)]
+        made = [self._generation_request(i, request.args) for i, request in enumerate(requests)]
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in made)
         # A power-of-two sequence length: another call with similar requests reuses the
         # executor's compiled programs.

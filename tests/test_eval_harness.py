@@ -338,6 +338,9 @@ _INT32_BOUNDS = pytest.mark.xfail(
         pytest.param({"top_k": 1099511627776}, "top_k", marks=_INT32_BOUNDS),
         ({"top_k": 1.5}, "top_k must be an integer"),
         pytest.param({"seed": "x"}, "seed", marks=_INT32_BOUNDS),
+        (("Q:",), "args must be (context, gen_kwargs)"),
+        ((5, dict(GOOD)), "the context must be a string"),
+        (("Q:", "until=x"), "gen_kwargs must be a dict"),
     ],
 )
 def test_generate_until_bad_kwargs_are_one_error_naming_the_request(tiny_dir, bad, named):
@@ -348,9 +351,10 @@ def test_generate_until_bad_kwargs_are_one_error_naming_the_request(tiny_dir, ba
     from lm_eval.api.instance import Instance
 
     lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
+    args = ("Q: ho\nA:", {**GOOD, **bad}) if isinstance(bad, dict) else bad
     requests = [
         Instance("generate_until", {}, ("Q: hi\nA:", dict(GOOD)), 0),
-        Instance("generate_until", {}, ("Q: ho\nA:", {**GOOD, **bad}), 1),
+        Instance("generate_until", {}, args, 1),
     ]
     with pytest.raises(fj.FerrumError) as e:
         lm.generate_until(requests, disable_tqdm=True)
@@ -367,11 +371,12 @@ def test_top_p_zero_is_greedy_as_in_transformers(tiny_dir):
 
     lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
     sampled = {**GOOD, "max_gen_toks": 8, "do_sample": True, "temperature": 1.5}
-    request = lm._generation_request(0, "Q: hi\nA:", {**sampled, "top_p": 0.0})
+    request = lm._generation_request(0, ("Q: hi\nA:", {**sampled, "top_p": 0.0}))
     assert (request.temperature, request.top_k, request.top_p) == (0.0, 0, 1.0)
     # do_sample without a temperature samples at transformers' default of 1.0.
-    assert lm._generation_request(0, "Q:", {**GOOD, "do_sample": True}).temperature == 1.0
-    assert lm._generation_request(0, "Q:", {**GOOD, "do_sample": True, "top_p": 0.5}).top_p == 0.5
+    sample = {**GOOD, "do_sample": True}
+    assert lm._generation_request(0, ("Q:", sample)).temperature == 1.0
+    assert lm._generation_request(0, ("Q:", {**sample, "top_p": 0.5})).top_p == 0.5
     prompts = [("Q: hi\nA:", {**sampled, "top_p": 0.0}), ("Q: hi\nA:", {**GOOD, "max_gen_toks": 8})]
     top_p_zero, greedy = lm.generate_until(
         [Instance("generate_until", {}, args, i) for i, args in enumerate(prompts)],
