@@ -421,7 +421,12 @@ class FerrumJaxLM(TemplateLM):
         """Whole-text log-likelihoods over `max_length` windows (each token scored once)."""
         windows, owner = [], []
         for i, request in enumerate(requests):
-            (text,) = request.args
+            args = getattr(request, "args", None)
+            if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], str)):
+                raise FerrumError.invalid_parameter(
+                    f"loglikelihood_rolling request {i}: args must be (text,), got {args!r}"
+                )
+            (text,) = args
             for pair in rolling_windows(
                 self.tok_encode(text), prefix_token=self.prefix_token_id, max_length=self.max_length
             ):

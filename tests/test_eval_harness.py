@@ -408,3 +408,17 @@ def test_loglikelihood_bad_pairs_are_one_error_naming_the_request(tiny_dir, args
         lm.loglikelihood(requests, disable_tqdm=True)
     assert e.value.kind is fj.ErrorKind.INVALID_PARAMETER
     assert e.value.message.startswith(named), e.value.message
+
+
+@pytest.mark.parametrize("args", [(5,), ("a", "b")])
+def test_loglikelihood_rolling_bad_args_are_one_error_naming_the_request(tiny_dir, args):
+    _, harness = require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
+    requests = [
+        Instance("loglikelihood_rolling", {}, ("bees",), 0),
+        Instance("loglikelihood_rolling", {}, args, 1),
+    ]
+    with pytest.raises(fj.FerrumError, match=r"loglikelihood_rolling request 1: args must be"):
+        lm.loglikelihood_rolling(requests, disable_tqdm=True)
