@@ -63,7 +63,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> pat
     anything else (a file, a directory of other things) is never replaced, so a mistyped
     destination cannot delete someone's data.
     """
-    dst = pathlib.Path(dst)
+    dst = pathlib.Path(dst).absolute()  # orbax refuses relative paths
     if not (dst.exists() or dst.is_symlink()):
         for parent in dst.parents:
             if parent.exists():
@@ -235,7 +235,7 @@ def load_orbax(
     """
     target = model_dtype(dtype)
     finite = not check_allow_non_finite(allow_non_finite)
-    root = pathlib.Path(path)
+    root = pathlib.Path(path).absolute()  # orbax refuses relative paths
     marker = read_marker(root)
     version = marker["version"]
     config = read_config(root)
