@@ -80,7 +80,7 @@ from ferrum_jax import engine, progress, sharding
 from ferrum_jax.cache import init_pages
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.executor import memory
+from ferrum_jax.executor import memory, reservation
 from ferrum_jax.executor import multihost as mh
 from ferrum_jax.executor.calls import Call
 from ferrum_jax.executor.handle import JaxKvCacheHandle
@@ -101,6 +101,10 @@ from ferrum_jax.interfaces import (
     ExecutorState,
     ExecutorStatus,
     KvCacheHandle,
+    KvSlotAllocation,
+    KvSlotCapacitySnapshot,
+    KvSlotRequest,
+    KvSlotReservation,
     MemoryRequirements,
     ModelInfo,
     ModelType,
@@ -111,6 +115,7 @@ from ferrum_jax.interfaces import (
     TensorLike,
     UnifiedBatch,
     UnifiedBatchItem,
+    kv_admission_exhausted,
 )
 from ferrum_jax.model import Model
 from ferrum_jax.models import attention, kv_quant, quant
@@ -1121,6 +1126,73 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         """Tokens one sequence may hold (`max_sequence_length`)."""
         return self.max_sequence_length
 
+    def _allocatable(self) -> int:
+        """Pages an allocation may take now: free ones and cached ones it would evict."""
+        reclaimable = self._prefix.reclaimable() if self._prefix is not None else 0
+        return self._allocator.num_free + reclaimable
+
+    def kv_slot_capacity_snapshot(self) -> KvSlotCapacitySnapshot | None:
+        """The page pool (Ferrum main): `free_blocks` counts evictable prefix-cache pages, as
+        an allocation would reclaim them."""
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            return KvSlotCapacitySnapshot(self.block_size, self._num_pages, self._allocatable())
+
+    def reserve_kv_slots(self, requests: Sequence[KvSlotRequest]) -> KvSlotReservation | None:
+        """Makes each `cache_id` hold the pages of `target_len` tokens before the next forward
+        (Ferrum main); all or nothing.
+
+        Unknown ids become empty sequences holding their pages (a `unified_decode` item at
+        `pos_offset` 0 fills them); duplicate ids merge to the largest bounds; a repeat
+        allocates nothing. `admission_target_len` is only checked: the pages it needs beyond
+        the targets must be free too, or the whole call fails with the `resource_exhausted`
+        text Ferrum's engine parses (`kv_admission_exhausted`) and changes nothing. Host
+        bookkeeping only, so it never waits for device work.
+        """
+        merged = reservation.merge(requests)
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            plan = []
+            immediate = admission = new_rows = 0
+            for cache_id, (target, bound) in merged.items():
+                record = self._live.get(cache_id)
+                if record is not None and len(record.rows) != 1:
+                    raise FerrumError.invalid_parameter(
+                        f"sequence {cache_id!r} holds {len(record.rows)} rows; KV slots are "
+                        "reserved for single-row sequences"
+                    )
+                self._check_length(cache_id, target)
+                # A bound past the context cannot be reached: the sequence ends there first.
+                bound = min(bound, self.max_sequence_length)
+                row = record.rows[0] if record is not None else Row([], [])
+                new_rows += record is None
+                pages = max(attention.pages_for(target, self.block_size) - len(row.pages), 0)
+                # A shared page the next token writes is copied at the step: count it here.
+                immediate += self._pages_needed(row, target) if target > len(row) else 0
+                admission += self._pages_needed(row, bound) if bound > len(row) else 0
+                plan.append((cache_id, record, row, pages))
+            free = self._allocatable()
+            if admission > free:
+                raise kv_admission_exhausted(admission, immediate, free)
+            self._check_rows_available(new_rows)
+            allocations = []
+            for cache_id, record, row, pages in plan:
+                before = len(row.pages)
+                row.pages.extend(self._allocator.allocate(pages))
+                if record is None:
+                    self._live[cache_id] = Record(cache_id, [row], time.monotonic())
+                    self._released_by_update.discard(cache_id)
+                allocations.append(KvSlotAllocation(cache_id, before, len(row.pages), pages))
+            return KvSlotReservation(
+                block_size=self.block_size,
+                total_blocks=self._num_pages,
+                free_blocks_before=free,
+                free_blocks_after=self._allocatable(),
+                allocations=allocations,
+            )
+
     async def prefill(self, input: PrefillInput) -> PrefillOutput:
         return (await self.batch_prefill([input]))[0]
 
@@ -1370,7 +1442,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 copies: list[tuple[int, int]] = []
                 works = []
                 borrowed = []
-                for item, record, tokens in plan:
+                for item, record, tokens, _ in plan:
                     txn.touch(item.seq_id, record)
                     row = record.rows[0] if record is not None else Row([], [])
                     reused = self._borrow_prefix(row, tokens, bool(item.is_final_chunk))
@@ -1378,6 +1450,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     self._grow(row, item.pos_offset + len(tokens), copies)
                     want = "last" if item.is_final_chunk else "none"
                     works.append(_Work(row, tokens[reused:], item.pos_offset + reused, want))
+                self._presize(plan, works)
             tokens = sum(len(w.tokens) for w in works)
             try:
                 self._device("decode", tokens, len(works), lambda: self._run_works(copies, works))
@@ -1385,20 +1458,21 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 with self._host:
                     self._release_fresh(plan, works)
                     kept = [
-                        (w, n) for w, n, (_, r, _) in zip(works, borrowed, plan, strict=True) if r
+                        (w, n)
+                        for w, n, (_, r, _, _) in zip(works, borrowed, plan, strict=True)
+                        if r
                     ]
                     for w, n in kept:
                         self._unborrow(w.row, n)
                     self._shrink([w for w, _ in kept])
                 raise
             with self._host:
-                for (item, record, tokens), w in zip(plan, works, strict=True):
+                for (item, record, tokens, _), w in zip(plan, works, strict=True):
                     w.row.tokens.extend(w.tokens.tolist())
-                    fresh = record is None
-                    if fresh:
+                    if record is None:
                         record = self._new_record(txn, item.seq_id, [w.row])
                     # A one-token item continuing a sequence is taken for a decode.
-                    prefill = len(tokens) > 1 or fresh
+                    prefill = len(tokens) > 1 or item.pos_offset == 0
                     if prefill:
                         self._stats.prefill_tokens_computed += len(w.tokens)
                     self._commit(txn, record)
@@ -1409,8 +1483,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return await self._run(work)
 
     def _plan_unified(self, items: list[Any]) -> list[tuple]:
-        """Per item `(item, record or None, tokens)`; every check before any change."""
-        plan, seen, new_rows, pages = [], set(), 0, 0
+        """Per item `(item, record or None, tokens, capacity hint or None)`; every check
+        before any change. Pages that do not suffice for the items, or for their metadata's
+        `ferrum_kv_admission_target_len` bounds (checked, never allocated), fail the whole
+        batch with the text Ferrum's engine parses."""
+        plan, seen, new_rows, pages, admission = [], set(), 0, 0, 0
         for item in items:
             if not isinstance(item, UnifiedBatchItem):
                 raise FerrumError.invalid_parameter(f"expected a UnifiedBatchItem, got {item!r}")
@@ -1442,6 +1519,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"is_final_chunk of {item.seq_id!r} must be a bool, got {item.is_final_chunk!r}"
                 )
+            metadata = item.metadata if isinstance(item.metadata, dict) else None
+            target = int(offset) + len(tokens)
+            bound = reservation.metadata_length(metadata, reservation.ADMISSION_KEY, item.seq_id)
+            bound = min(max(bound or 0, target), self.max_sequence_length)
+            hint = reservation.metadata_length(metadata, reservation.CAPACITY_HINT_KEY, item.seq_id)
             record = self._live.get(item.seq_id)
             if record is None:
                 if offset != 0:
@@ -1451,6 +1533,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     )
                 new_rows += 1
                 pages += attention.pages_for(len(tokens), self.block_size)
+                admission += attention.pages_for(bound, self.block_size)
             else:
                 if len(record.rows) != 1:
                     raise FerrumError.invalid_parameter(
@@ -1462,15 +1545,29 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                         f"pos_offset {offset} of {item.seq_id!r} differs from its length "
                         f"{len(record.rows[0])}"
                     )
-                pages += self._pages_needed(record.rows[0], offset + len(tokens))
-            self._check_length(item.seq_id, int(offset) + len(tokens))
-            plan.append((item, record, tokens))
+                pages += self._pages_needed(record.rows[0], target)
+                admission += self._pages_needed(record.rows[0], bound)
+            self._check_length(item.seq_id, target)
+            plan.append((item, record, tokens, hint if offset == 0 else None))
         self._check_rows_available(new_rows)
-        self._check_pages(pages)
+        if admission > (free := self._allocatable()):
+            raise kv_admission_exhausted(admission, pages, free)
         return plan
 
+    def _presize(self, plan: list[tuple], works: list[_Work]) -> None:
+        """New sequences take the pages of their `ferrum_kv_capacity_hint` up front, as the
+        reference does, where the pool has them beyond this batch's needs (else they grow
+        step by step): their decodes then never wait on the pool."""
+        for (_, _, _, hint), work in zip(plan, works, strict=True):
+            if hint is None:
+                continue
+            length = min(hint, self.max_sequence_length)
+            extra = attention.pages_for(length, self.block_size) - len(work.row.pages)
+            if extra > 0 and self._allocator.can_allocate(extra):
+                work.row.pages.extend(self._allocator.allocate(extra))
+
     def _release_fresh(self, plan: list[tuple], works: list[_Work]) -> None:
-        for (_, record, _), work in zip(plan, works, strict=True):
+        for (_, record, _, _), work in zip(plan, works, strict=True):
             if record is None:
                 self._allocator.release(work.row.pages)
                 work.row.pages = []
