@@ -42,10 +42,11 @@ Deliberate differences from Rust:
 Ferrum main (1330a73, after 0.7.7) additions, with their own differences from Rust:
 
 - KV slot reservation: `KvSlotRequest`, `KvSlotAllocation`, `KvSlotReservation`,
-  `KvSlotCapacitySnapshot` (serde, frozen) and the plain trait methods `reserve_kv_slots` and
-  `kv_slot_capacity_snapshot` (Rust `Result<Option<T>>` is `T | None` or a raised
-  `FerrumError`). `kv_admission_exhausted` builds the one `resource_exhausted` error whose
-  text the engine parses; Rust has no such helper (the reference formats it inline).
+  `KvSlotCapacitySnapshot` (serde; frozen, unlike the 0.7.x structs) and the plain trait
+  methods `reserve_kv_slots` and `kv_slot_capacity_snapshot` (Rust `Result<Option<T>>` is
+  `T | None` or a raised `FerrumError`). `kv_admission_exhausted` builds the one
+  `resource_exhausted` error whose text the engine parses; Rust has no such helper (the
+  reference formats it inline).
 - Model-side greedy: `LogitsReturnPolicy` carries a payload, so it is a frozen dataclass over
   `LogitsReturnPolicyKind` like `Device` (`LogitsReturnPolicy.FullLogits`,
   `LogitsReturnPolicy.GreedyArgmax(token_mask, repetition_penalty)`, `default()`);
@@ -913,7 +914,7 @@ class TokenSelectionMask:
         return not self.valid_token_mask
 
     def allowed(self) -> np.ndarray:
-        """The mask as a read-only bool array of its own length (no copy of the bytes)."""
+        """The mask as a bool array of its own length (True: allowed)."""
         return np.frombuffer(self.valid_token_mask, dtype=np.int8) != 0
 
     def __repr__(self) -> str:
