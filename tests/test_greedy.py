@@ -106,6 +106,25 @@ def test_ties_go_to_the_lowest_index() -> None:
     assert tokens.tolist() == [2, 0, 6] and any_allowed.all()
 
 
+def test_penalty_division_is_exact_so_a_penalised_tie_breaks_low() -> None:
+    """`v / p` exactly as IEEE (Rust) divides, not XLA's `v * (1 / p)`: for values where the
+    two differ, a logit penalised onto a lower id's logit ties with it, and the lower wins."""
+    rng = np.random.default_rng(0)
+    v = rng.uniform(1, 3, 4096).astype(np.float32)
+    p = rng.uniform(1.01, 2, 4096).astype(np.float32)
+    differ = np.flatnonzero(v / p != v * (np.float32(1) / p))
+    assert differ.size, "no value where division and reciprocal-multiply differ"
+    rows = min(differ.size, 16)
+    logits = np.full((rows, 8), -5.0, np.float32)
+    logits[:, 2] = (v / p)[differ[:rows]]  # the lower id: already the penalised value
+    logits[:, 5] = v[differ[:rows]]  # the higher id, penalised onto it
+    ids = np.full((rows, 8), -1, np.int32)
+    ids[:, 0] = 5
+    mask = np.ones((rows, 8), bool)
+    got, allowed = jax.jit(greedy_argmax)(logits, mask, p[differ[:rows]], ids)
+    assert allowed.all() and np.asarray(got).tolist() == [2] * rows
+
+
 def test_penalty_divides_positive_and_multiplies_negative_logits_once_per_id() -> None:
     logits = np.array(
         [

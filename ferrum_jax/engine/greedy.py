@@ -56,7 +56,11 @@ def greedy_argmax(
     # value twice, so it is penalised once; invalid ids point past the vocabulary and drop.
     gather_ids = jnp.where(valid, penalty_ids, 0)
     listed = logits[row, gather_ids]
-    p = penalty.astype(logits.dtype)[:, None]
+    # XLA rewrites `x / broadcast(p)` as `x * (1 / p)`, an ulp off for many values; the
+    # barrier keeps the reference's IEEE division, so exact ties break as they do in Rust.
+    p = jax.lax.optimization_barrier(
+        jnp.broadcast_to(penalty.astype(logits.dtype)[:, None], listed.shape)
+    )
     penalised = jnp.where(listed > 0, listed / p, listed * p)
     scatter_ids = jnp.where(valid, penalty_ids, vocab)
     logits = logits.at[row, scatter_ids].set(penalised, mode="drop")

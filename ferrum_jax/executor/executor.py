@@ -105,6 +105,7 @@ from ferrum_jax.interfaces import (
     KvSlotCapacitySnapshot,
     KvSlotRequest,
     KvSlotReservation,
+    LogitsReturnPolicy,
     MemoryRequirements,
     ModelInfo,
     ModelType,
@@ -167,6 +168,20 @@ class _Work:
     hidden: list[tuple[jax.Array, int, int]] = dataclasses.field(default_factory=list)
     """Per chunk `(step hidden [T, embed], first row, rows)`, for `"hidden"`: references,
     never sliced on the device (a slice per prompt length would compile per length)."""
+    greedy: LogitsReturnPolicy | None = None
+    """A `GreedyArgmax` policy for `"last"`: the step picks the token on the device."""
+    token: int | None = None
+    """The token `greedy` picked, in place of `logits` (None: no id was allowed)."""
+
+    def answer(self) -> np.ndarray | None:
+        """The final position's logits, or `[token_id]` as float32 when the device picked
+        it (Ferrum main reads any length-1 answer as a token id)."""
+        if self.token is not None:
+            return np.asarray([self.token], np.float32)
+        return self.logits
+
+
+_greedy_argmax = jax.jit(engine.greedy_argmax)
 
 
 _copy_pages = jax.jit(
@@ -299,6 +314,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             engine.bucket(max_batch_size * max_sequence_length),
         )
         self._programs: dict[tuple[int, int], Any] = {}
+        self._greedy_mask: tuple[tuple, jax.Array] | None = None
+        """The last step's stacked greedy masks on the device, by `mask_key`: a decode
+        batch that keeps its requests uploads them once."""
         self._allocator = PageAllocator(self._num_pages)
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
         self._live: dict[str, Record] = {}
@@ -636,6 +654,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
         for length in record.lengths:
             self._check_length(cache_id, length + 1)
+        self._greedy_policy(input)  # checked before any change; the step reads it again
         return record, ids
 
     def _drafts(self, draft_tokens: Any) -> np.ndarray:
@@ -862,13 +881,31 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     f"{memory.mib(self._step_budget or 0)} free for steps"
                 )
         for step, batch in zip(steps, batches, strict=True):
-            host, hidden = self._step(
-                (batch.tokens, batch.cu_q_lens, batch.kv_lens, batch.page_table, batch.logits_at)
+            arrays = (
+                batch.tokens,
+                batch.cu_q_lens,
+                batch.kv_lens,
+                batch.page_table,
+                batch.logits_at,
             )
+            # Followers run every device program in lockstep: device greedy is single-host,
+            # and full logits are always an accepted answer.
+            greedy = {
+                batch.logit_rows[i][0]: work.greedy
+                for i, (work, _, _) in enumerate(step)
+                if work.greedy is not None and batch.logit_rows[i]
+            }
+            if greedy and self._link is None:
+                needed = sum(map(len, batch.logit_rows))
+                host, hidden, tokens = self._greedy_step(arrays, greedy, needed)
+            else:
+                (host, hidden), tokens = self._step(arrays), {}
             self._stats.steps += 1
             for i, (work, _, n) in enumerate(step):
                 rows = batch.logit_rows[i]
-                if work.want == "all":
+                if rows and rows[0] in tokens:
+                    work.token = tokens[rows[0]]
+                elif work.want == "all":
                     part = host[rows]
                     if work.logits is not None:
                         part = np.concatenate([work.logits, part])
@@ -888,12 +925,43 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _run_step(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, jax.Array | None]:
         """`_step` on this process's devices."""
+        logits, hidden = self._dispatch(arrays)
+        host = np.asarray(logits)  # one transfer; rows are picked on the host
+        self._stats.logits_bytes_to_host += host.nbytes
+        return host, hidden
+
+    def _dispatch(self, arrays: tuple[np.ndarray, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """The ragged step on this process's devices; logits `[R, vocab]` stay there."""
         tokens, _, kv_lens, _, logits_at = arrays
         program = self._program(len(tokens), len(kv_lens), len(logits_at))
         args = [self._put(x) for x in arrays]
         params = self._params
-        logits, hidden = self._donate(lambda pages: _unpack(program(params, pages, *args)))
-        return np.asarray(logits), hidden  # one transfer; rows are picked on the host
+        return self._donate(lambda pages: _unpack(program(params, pages, *args)))
+
+    def _greedy_step(
+        self, arrays: tuple[np.ndarray, ...], greedy: dict[int, LogitsReturnPolicy], needed: int
+    ) -> tuple[np.ndarray | None, jax.Array | None, dict[int, int]]:
+        """A single-host step whose logit rows `greedy` pick their token on the device
+        (`engine.greedy_argmax`): `(host logits or None, hidden, {row: token})`. Only the
+        `[R]` token ids travel to the host, plus the full logits when some of the `needed`
+        rows still want them (a full-logits row, or a greedy row whose mask allowed no id)."""
+        logits, hidden = self._dispatch(arrays)
+        rows = len(arrays[4])
+        policies = [LogitsReturnPolicy.FullLogits] * rows
+        for row, policy in greedy.items():
+            policies[row] = policy
+        packed = engine.pack_greedy(policies, logits.shape[-1], rows)
+        if self._greedy_mask is None or self._greedy_mask[0] != packed.mask_key:
+            self._greedy_mask = (packed.mask_key, self._put(packed.mask))
+        ids, allowed = _greedy_argmax(
+            logits, self._greedy_mask[1], self._put(packed.penalty), self._put(packed.penalty_ids)
+        )
+        ids, allowed = np.asarray(ids), np.asarray(allowed)
+        tokens = {row: int(ids[row]) for row in greedy if allowed[row]}
+        host = np.asarray(logits) if len(tokens) < needed else None
+        self._stats.logits_bytes_to_host += ids.nbytes + allowed.nbytes
+        self._stats.logits_bytes_to_host += 0 if host is None else host.nbytes
+        return host, hidden, tokens
 
     def _chunk(self, works: list[_Work], budget: int) -> list[list[tuple[_Work, int, int]]]:
         """`(work, offset, n)` chunks grouped into steps of at most `budget` tokens and
@@ -1387,11 +1455,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
                 copies: list[tuple[int, int]] = []
                 works = []
-                for record, ids in checked:
+                for input, (record, ids) in zip(inputs, checked, strict=True):
                     txn.touch(record.cache_id, record)
+                    # One policy per input: it picks a token only for a single-row sequence.
+                    policy = self._greedy_policy(input) if len(record.rows) == 1 else None
                     for row, token in zip(record.rows, ids, strict=True):
                         self._grow(row, len(row) + 1, copies)
-                        works.append(_Work(row, np.asarray([token], np.int32), len(row)))
+                        works.append(
+                            _Work(row, np.asarray([token], np.int32), len(row), greedy=policy)
+                        )
             n = len(works)
             try:
                 self._device("decode", n, n, lambda: self._run_works(copies, works))
@@ -1407,7 +1479,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for work in works[start : start + rows]:
                         work.row.tokens.extend(work.tokens.tolist())
                     self._commit(txn, record)
-                    logits = np.stack([w.logits for w in works[start : start + rows]])
+                    logits = np.stack([w.answer() for w in works[start : start + rows]])
                     outputs.append(DecodeOutput(JaxTensor(jax.device_put(logits)), input.kv_cache))
                     start += rows
             return outputs
@@ -1444,12 +1516,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 borrowed = []
                 for item, record, tokens, _ in plan:
                     txn.touch(item.seq_id, record)
+                    policy = self._greedy_policy(item) if item.is_final_chunk else None
                     row = record.rows[0] if record is not None else Row([], [])
                     reused = self._borrow_prefix(row, tokens, bool(item.is_final_chunk))
                     borrowed.append(reused)
                     self._grow(row, item.pos_offset + len(tokens), copies)
                     want = "last" if item.is_final_chunk else "none"
-                    works.append(_Work(row, tokens[reused:], item.pos_offset + reused, want))
+                    works.append(
+                        _Work(row, tokens[reused:], item.pos_offset + reused, want, greedy=policy)
+                    )
                 self._presize(plan, works)
             tokens = sum(len(w.tokens) for w in works)
             try:
@@ -1478,9 +1553,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     self._commit(txn, record)
                     if prefill:
                         self._cache_full_pages(record.rows)
-            return [w.logits for w in works]
+            return [w.answer() for w in works]
 
         return await self._run(work)
+
+    @staticmethod
+    def _greedy_policy(input: Any) -> LogitsReturnPolicy | None:
+        """An item's `GreedyArgmax` policy, None for `FullLogits`."""
+        policy = input.logits_policy
+        if not isinstance(policy, LogitsReturnPolicy):
+            raise FerrumError.invalid_parameter(
+                f"logits_policy must be a LogitsReturnPolicy, got {policy!r}"
+            )
+        return None if policy.requires_full_logits() else policy
 
     def _plan_unified(self, items: list[Any]) -> list[tuple]:
         """Per item `(item, record or None, tokens, capacity hint or None)`; every check
@@ -1519,6 +1604,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"is_final_chunk of {item.seq_id!r} must be a bool, got {item.is_final_chunk!r}"
                 )
+            self._greedy_policy(item)  # checked before any change; the step reads it again
             metadata = item.metadata if isinstance(item.metadata, dict) else None
             target = int(offset) + len(tokens)
             bound = reservation.metadata_length(metadata, reservation.ADMISSION_KEY, item.seq_id)
@@ -1895,6 +1981,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 "prefill_tokens_computed": self._stats.prefill_tokens_computed,
                 "prefill_tokens_reused": self._stats.prefill_tokens_reused,
                 "steps": self._stats.steps,
+                "logits_bytes_to_host": self._stats.logits_bytes_to_host,
                 "params_version": self.params_version,
             }
             if self._prefix is not None:
