@@ -117,7 +117,8 @@ class EngineHandle(KvCacheHandle):
 @dataclasses.dataclass
 class _Running:
     request: Request
-    handle: KvCacheHandle
+    handle: KvCacheHandle | None
+    """The sequence's handle (the split path's comes from its prefill)."""
     prefilled: int = 0
     result: Result = dataclasses.field(default_factory=Result)
     context: list[int] = dataclasses.field(default_factory=list)
@@ -147,11 +148,22 @@ def _greedy(logits) -> int:
     return int(logits[0]) if logits.size == 1 else int(np.argmax(logits))
 
 
-def _admit(waiting: list[Request], running: dict, capacity: int, now: float) -> list[Request]:
-    admitted = []
-    while waiting and waiting[0].arrival <= now and len(running) + len(admitted) < capacity:
+def _admit(
+    waiting: list[_Running], running: dict, capacity: int, now: float, held: bool
+) -> list[_Running]:
+    """Arrived requests, in order, while rows are free. After a deferral (`held`) none while
+    others run, and one alone otherwise: it must fit by itself or the pool is too small."""
+    admitted: list[_Running] = []
+    while waiting and waiting[0].request.arrival <= now and len(running) + len(admitted) < capacity:
+        if held and (running or admitted):
+            break
         admitted.append(waiting.pop(0))
     return admitted
+
+
+def _pressure(error: FerrumError, running: dict) -> bool:
+    """A `resource_exhausted` the loop can act on: others run, so pages will come back."""
+    return error.kind is ErrorKind.RESOURCE_EXHAUSTED and len(running) > 1
 
 
 async def run_unified(
@@ -172,20 +184,12 @@ async def run_unified(
     waiting = [_Running(r, EngineHandle(r.id)) for r in sorted(requests, key=lambda r: r.arrival)]
     running: dict[str, _Running] = {}
     results: dict[str, Result] = {}
-    held = False  # after a deferral, admit no one until a request finishes (or one alone)
+    held = False  # after a deferral, admit no one until a request finishes
     start = time.perf_counter()
     while waiting or running:
         now = time.perf_counter() - start
-        while (
-            waiting
-            and waiting[0].request.arrival <= now
-            and len(running) < executor.max_batch_size
-            and not (held and running)
-        ):
-            r = waiting.pop(0)
+        for r in _admit(waiting, running, executor.max_batch_size, now, held):
             running[r.request.id] = r
-            if held:
-                break
         if not running:
             time.sleep(max(waiting[0].request.arrival - now, 0.0))
             continue
@@ -195,8 +199,8 @@ async def run_unified(
                 reserve([_slot(item) for item in items])
             outputs = await executor.unified_decode(UnifiedBatch(items))
         except FerrumError as e:
-            if e.kind is not ErrorKind.RESOURCE_EXHAUSTED or len(running) == 1:
-                raise  # not pressure, or one request alone does not fit the pool
+            if not _pressure(e, running):
+                raise
             held = True
             deferred = [r for r, n in owners if n]
             if not deferred:  # decodes alone do not fit: preempt the newest
@@ -276,23 +280,33 @@ def _slot(item: UnifiedBatchItem) -> KvSlotRequest:
 
 async def run_split(executor, requests: Sequence[Request]) -> dict[str, Result]:
     """Serves `requests` the 0.6 way: a `batch_prefill` per new request, then one
-    `batch_decode` of every running request per iteration."""
-    waiting = sorted(requests, key=lambda r: r.arrival)
+    `batch_decode` of every running request per iteration. Under KV pressure a prefill waits
+    until a request finishes, and a decode batch that does not fit preempts its newest
+    request, recomputed later from its prompt and generated tokens."""
+    waiting = [_Running(r, None) for r in sorted(requests, key=lambda r: r.arrival)]
     running: dict[str, _Running] = {}
     results: dict[str, Result] = {}
+    held = False
     start = time.perf_counter()
     while waiting or running:
         now = time.perf_counter() - start
-        admitted = _admit(waiting, running, executor.max_batch_size, now)
+        admitted = _admit(waiting, running, executor.max_batch_size, now, held)
         if not running and not admitted:
-            time.sleep(max(waiting[0].arrival - now, 0.0))
+            time.sleep(max(waiting[0].request.arrival - now, 0.0))
             continue
-        for request in admitted:
-            (out,) = await executor.batch_prefill(
-                [PrefillInput(np.asarray([list(request.prompt)], np.int32))]
-            )
-            r = _Running(request, out.kv_cache, len(request.prompt))
-            running[request.id] = r
+        for i, r in enumerate(admitted):
+            try:
+                (out,) = await executor.batch_prefill(
+                    [PrefillInput(np.asarray([r.context], np.int32))]
+                )
+            except FerrumError as e:
+                if not _pressure(e, {**running, r.request.id: r}):
+                    raise
+                held = True
+                waiting[:0] = admitted[i:]
+                break
+            r.handle, r.prefilled = out.kv_cache, len(r.context)
+            running[r.request.id] = r
             _emit(r, out.last_token_logits().argmax_last_dim_u32()[0], time.perf_counter() - start)
         decoding = [r for r in running.values() if not r.done]
         if decoding:
@@ -300,13 +314,24 @@ async def run_split(executor, requests: Sequence[Request]) -> dict[str, Result]:
                 DecodeInput(np.asarray([[r.result.tokens[-1]]], np.int32), r.handle)
                 for r in decoding
             ]
-            outputs = await executor.batch_decode(inputs)
+            try:
+                outputs = await executor.batch_decode(inputs)
+            except FerrumError as e:
+                if not _pressure(e, running):
+                    raise
+                held = True
+                victim = running.pop(decoding[-1].request.id)
+                executor.release_cache(victim.handle.cache_id())
+                victim.restart()
+                waiting.insert(0, victim)
+                continue
             clock = time.perf_counter() - start
             for r, out in zip(decoding, outputs, strict=True):
                 _emit(r, out.logits.argmax_last_dim_u32()[0], clock)
         for r in [r for r in running.values() if r.done]:
             executor.release_cache(r.handle.cache_id())
             results[r.request.id] = running.pop(r.request.id).result
+            held = False
     return results
 
 

@@ -215,3 +215,35 @@ def test_replica_serves_48_requests_through_a_pool_that_holds_12(model):
     assert metrics["pages_used"] == 0 and free(executor) == metrics["pages_total"]
     # Greedy answers were token ids: far fewer bytes than a vocabulary per final item.
     assert metrics["logits_bytes_to_host"] < metrics["steps"] * 16 * 256 * 4 // 8
+
+
+def test_split_path_defers_and_preempts_under_pressure(model):
+    """The 0.6 split loop on a pool of 6 x 100 tokens with 8 rows: prefills wait, decodes
+    preempt, and every request's greedy tokens equal its isolated run."""
+    from ferrum_jax import engine
+    from ferrum_jax.engine_loop import Request, run_split
+
+    config, graphdef, params = model
+    rng = np.random.default_rng(1)
+    reqs = [
+        Request(f"r{i}", rng.integers(3, 256, int(rng.integers(40, 90))).tolist(), 12)
+        for i in range(12)
+    ]
+    executor = JaxModelExecutor(
+        config,
+        graphdef,
+        params,
+        max_batch_size=8,
+        max_sequence_length=MAX_LEN,
+        block_size=PAGE,
+        max_kv_tokens=6 * 100,
+        max_num_batched_tokens=128,
+    )
+    results = asyncio.run(run_split(executor, reqs))
+    assert sum(r.preemptions for r in results.values()) > 0, "the pool never ran short"
+    for r in reqs:
+        out = engine.generate(
+            graphdef, params, np.asarray([r.prompt]), max_new_tokens=12, stop_tokens=[]
+        )
+        assert results[r.id].tokens == np.asarray(out.tokens[0]).tolist(), r.id
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0
