@@ -32,7 +32,7 @@ from ferrum_jax.engine.buckets import bucket
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
 from ferrum_jax.interfaces import DecodeInput, PrefillInput
-from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.sampling import SamplingParams, check_seed, row_keys, sample, token_logprobs
 from ferrum_jax.tensor import as_jax_array
 from ferrum_jax.text.answer import AnswerText
 from ferrum_jax.text.tokenizer import Tokenizer
@@ -108,8 +108,7 @@ def check_request(request: GenerationRequest, *, vocab: int, max_sequence_length
             f"{ids.size + request.max_new_tokens} tokens exceed the {max_sequence_length} "
             "a sequence may hold"
         )
-    if not 0 <= request.seed < 2**63:
-        raise FerrumError.invalid_parameter(f"seed must be in [0, 2**63), got {request.seed}")
+    check_seed(request.seed)
     # Ranges of the sampling parameters, in SamplingParams' own words.
     SamplingParams.make(
         1,

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import ferrum_jax
 from ferrum_jax import progress
+from ferrum_jax.checkpoint.text_files import TEXT_FILE_LIMIT, check_output, read_text_file
 from ferrum_jax.dtypes import DTYPE_NAMES, model_dtype
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models import kv_quant
 from ferrum_jax.models.kv_quant import KV_DTYPES
 from ferrum_jax.models.quant import QUANTIZATIONS
+from ferrum_jax.sampling import check_seed, check_top_k
 
 if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument errors stay fast
     from jax.sharding import Mesh
@@ -46,6 +48,8 @@ _SYNONYMS = {"--input": "--prompt", "--text": "--prompt"}
 """Flags of other tools that users type for ours; difflib catches plain typos."""
 
 log = progress.logger
+
+_FILE_LIMIT = f"a regular file of at most {TEXT_FILE_LIMIT // 2**20} MiB"
 
 
 def _arg_error(message: str) -> FerrumError:
@@ -154,11 +158,20 @@ def _min_p(text: str) -> float:
     return value
 
 
+def _by_sampling_rule(check: Callable[[int], int], text: str) -> int:
+    """An integer flag checked by the rule JSONL lines and the API share (`sampling`)."""
+    try:
+        return check(_integer(text))
+    except FerrumError as e:  # the rule's words without its parameter name: argparse adds the flag
+        raise argparse.ArgumentTypeError(e.message.split(" ", 1)[1]) from None
+
+
+def _top_k(text: str) -> int:
+    return _by_sampling_rule(check_top_k, text)
+
+
 def _seed(text: str) -> int:
-    value = _integer(text)
-    if not -(2**63) <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must fit in 64 bits (got {text})")
-    return value
+    return _by_sampling_rule(check_seed, text)
 
 
 def _token_limit(text: str) -> int | str:
@@ -296,7 +309,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--chat-template",
             metavar="FILE",
-            help="a Jinja chat template to use instead of the model's (for a model without one)",
+            help="a Jinja chat template to use instead of the model's (for a model without one); "
+            f"{_FILE_LIMIT}",
         )
 
     def sampling_args(p: argparse.ArgumentParser, *, per: str) -> None:
@@ -317,7 +331,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         )
         p.add_argument(
             "--top-k",
-            type=_int_at_least(0),
+            type=_top_k,
             default=0,
             metavar="K",
             help="keep the K likeliest tokens; 0: all",
@@ -359,20 +373,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument(
         "--prompt-file",
         metavar="PATH",
-        help="read the prompt from this UTF-8 file (one trailing newline is dropped)",
+        help="read the prompt from this UTF-8 file (one trailing newline is dropped); "
+        f"{_FILE_LIMIT}",
     )
     gen.add_argument(
         "--input-file",
         metavar="FILE.jsonl",
         help='batch mode: one JSON object per line, {"id", "prompt"} or {"id", "messages"}, '
         "optionally with max_new_tokens, temperature, top_k, top_p, min_p, seed, stop "
-        "(the flags give the defaults); needs --output",
+        f"(the flags give the defaults); needs --output; {_FILE_LIMIT}",
     )
     gen.add_argument(
         "--output",
         metavar="FILE.jsonl",
         help='batch mode: appends {"id", "text", "token_ids", "finish_reason"} as each line '
-        "finishes; ids already there are skipped (a killed run resumes)",
+        "finishes; ids already there are skipped (a killed run resumes); an existing file "
+        "must hold only such lines",
     )
     gen.add_argument(
         "--batch-size",
@@ -547,9 +563,13 @@ def _prompt_text(args: argparse.Namespace) -> tuple[str, str]:
     if args.prompt == "-":
         flag = "--prompt -"
         try:
-            text = sys.stdin.read()
+            text = sys.stdin.read(TEXT_FILE_LIMIT + 1)
         except UnicodeDecodeError:
             raise _arg_error("--prompt -: standard input is not UTF-8 text") from None
+        if len(text) > TEXT_FILE_LIMIT:
+            raise _arg_error(
+                f"--prompt -: standard input is longer than {TEXT_FILE_LIMIT} characters"
+            )
     elif args.prompt is not None:
         flag, text = "--prompt", args.prompt
     else:
@@ -560,22 +580,21 @@ def _prompt_text(args: argparse.Namespace) -> tuple[str, str]:
     if not text:
         where = {"--prompt -": "--prompt -: standard input", "--prompt-file": "--prompt-file"}
         raise _arg_error(f"{where.get(flag, flag)} is empty")
+    _check_utf8(text, flag)
     return text, flag
 
 
+def _check_utf8(text: str, flag: str) -> None:
+    """Bytes that are not UTF-8 in an argument reach Python as lone surrogates, which no
+    tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _arg_error(f"{flag} is not UTF-8 text") from None
+
+
 def _read_prompt_file(path: pathlib.Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise _arg_error(f"--prompt-file {path}: no such file") from None
-    except IsADirectoryError:
-        raise _arg_error(f"--prompt-file {path}: is a directory") from None
-    except OSError as e:
-        raise _arg_error(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _arg_error(f"--prompt-file {path}: not UTF-8 text") from None
+    return read_text_file(path, "--prompt-file")
 
 
 def _mesh(spec: str | None) -> Mesh | None:
@@ -692,16 +711,8 @@ def _family_line(config: ModelConfig) -> str:
 
 
 def _read_chat_template(path: pathlib.Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _arg_error(f"--chat-template {path}: no such file") from None
-    except IsADirectoryError:
-        raise _arg_error(f"--chat-template {path}: is a directory") from None
-    except OSError as e:
-        raise _arg_error(f"--chat-template {path}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise _arg_error(f"--chat-template {path}: not UTF-8 text") from None
+    # Universal newlines, as Python reads text: a template saved with CRLF renders no \r.
+    text = read_text_file(path, "--chat-template").replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
         raise _arg_error(f"--chat-template {path}: is empty")
     return text
@@ -831,6 +842,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise _arg_error("--system needs --chat (the system message is part of the chat template)")
     if args.system == "":
         raise _arg_error("--system is empty")
+    if args.system is not None:
+        _check_utf8(args.system, "--system")
     text, flag = _prompt_text(args)
     sampling = _sampling(args)
     args.attention = _attention_for(args)
@@ -908,10 +921,7 @@ def _generate_file(args: argparse.Namespace) -> int:
                 f"{flag} does not go with --input-file (each line holds its prompt or messages)"
             )
     input_file, output = pathlib.Path(args.input_file), pathlib.Path(args.output)
-    if output.resolve() == input_file.resolve():
-        raise _arg_error("--output must not be the --input-file")
-    if output.is_dir():
-        raise _arg_error(f"--output {output}: is a directory")
+    resume = jsonl_batch.read_done(output, input_file)
     args.attention = _attention_for(args)
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
@@ -919,10 +929,6 @@ def _generate_file(args: argparse.Namespace) -> int:
     from ferrum_jax.checkpoint import describe_model
 
     config = describe_model(model_path).config
-    try:
-        done = jsonl_batch.read_done(output)
-    except FerrumError as e:
-        raise _arg_error(e.message) from None
     defaults = jsonl_batch.LineDefaults(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -938,7 +944,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         context=config.max_position_embeddings,
         vocab=config.vocab_size,
         defaults=defaults,
-        done=done,
+        done=resume.done,
     )
     for error in batch.errors:
         print(
@@ -959,7 +965,7 @@ def _generate_file(args: argparse.Namespace) -> int:
             attention_impl=args.attention,
         )
         log.info("generating %d line(s), %d at a time", len(batch.requests), args.batch_size)
-        jsonl_batch.run(executor, batch.requests, output, tokenizer=tokenizer)
+        jsonl_batch.run(executor, batch.requests, output, tokenizer=tokenizer, resume=resume)
     if batch.errors:
         print(
             f"ferrum-jax: {len(batch.errors)} line(s) of {args.input_file} skipped (see above)",
@@ -1156,6 +1162,10 @@ def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.bench import run_bench
     from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
+    # Before the benchmark runs: a report path that cannot be written would lose its result.
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot)):
+        if path is not None:
+            check_output(path, flag)
     args.attention = _attention_for(args)
     _mesh(args.mesh)
     args.model = _hub_model(args)  # run_bench loads the local path

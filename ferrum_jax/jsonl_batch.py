@@ -7,15 +7,17 @@ the command's flags. Output: one line per finished request, `{"id", "text", "tok
 "finish_reason"}`, written and flushed as each finishes (not in input order).
 
 The run is resumable: ids already in the output are skipped, and a last line cut short by
-a kill is dropped before appending. A bad input line (not JSON, unknown fields, a prompt too
-long for the context, a duplicate id, ...) is reported with its line number and skipped; the
-other lines still run. A line without an `id` is named by its line number.
+a kill is dropped before appending. An existing output is read and checked whole before
+anything is written: a file that is not a results file of this command is refused and left
+as it is. Files are regular files only, the input at most `TEXT_FILE_LIMIT` bytes. A bad
+input line (not JSON, unknown fields, text that is not valid Unicode, a value out of range, a
+prompt too long for the context, a duplicate id, ...) is reported with its line number and
+skipped; the other lines still run. A line without an `id` is named by its line number.
 
-`generate_jsonl` is the API; the command checks the file with `read_input` before it loads
-the model, then calls `run`. This module reads and writes files outside `checkpoint/`
-because these are the user's request and result files, not model files: reading them is
-the feature, and keeping the line-by-line parsing, resume and append logic in one place
-keeps the command and the API identical.
+`generate_jsonl` is the API; the command checks both files with `read_done` and
+`read_input` before it loads the model, then calls `run`. Reading goes through
+`checkpoint.text_files`; the appending stays here, next to the line format it writes, so the
+command and the API share one resume and append logic.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -36,9 +39,17 @@ from ferrum_jax.batch_generation import (
     check_request,
     generate_batch,
 )
+from ferrum_jax.checkpoint.text_files import (
+    TEXT_FILE_LIMIT,
+    check_output,
+    open_regular,
+    read_text_file,
+    same_file,
+)
 from ferrum_jax.engine.limits import check_context_length
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
+from ferrum_jax.sampling import check_seed, check_top_k
 from ferrum_jax.text.tokenizer import Tokenizer
 
 MAX = "max"
@@ -129,30 +140,102 @@ def id_key(value: str | int) -> str:
     return json.dumps(value)
 
 
-def read_done(output: pathlib.Path) -> set[str]:
-    """Ids (`id_key`) already in `output`; a last line cut short by a kill is truncated away,
-    so the run appends whole lines only."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):  # an unterminated last line: the write a kill interrupted
-        with output.open("r+b") as f:
-            f.truncate(end)
-        data = data[:end]
-    done = set()
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-            done.add(id_key(record["id"]))
-        except (ValueError, TypeError, KeyError):
-            raise FerrumError.invalid_format(
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """What an existing output holds, read and checked before anything is written."""
+
+    done: frozenset[str]
+    """Ids (`id_key`) of the results it holds."""
+    cut: int | None = None
+    """Where a last line cut short by a kill starts: `run` drops it before appending."""
+    size: int = 0
+    """Bytes the output held when checked: `run` cuts nothing from a file that changed since."""
+
+
+_RESULT_FIELDS = frozenset({"id", "text", "token_ids", "finish_reason"})
+_RESULT_START = b'{"id": '
+"""How every result line starts (`run` writes the id first): a kill leaves a prefix of one."""
+
+
+def _result_id(raw: bytes) -> str | None:
+    """The `id_key` of a result line of this command, None when `raw` is not one."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or set(record) != _RESULT_FIELDS:
+        return None
+    tokens = record["token_ids"]
+    if (
+        not isinstance(record["text"], str)
+        or not isinstance(tokens, list)
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+        or record["finish_reason"] not in ("stop", "length")
+    ):
+        return None
+    try:
+        return id_key(_line_id(record["id"]))
+    except FerrumError:
+        return None
+
+
+def read_done(output: pathlib.Path, input_file: pathlib.Path) -> Resume:
+    """Reads and checks every line of an existing `output` before anything is written to it.
+
+    Anything but a results file of this command (the input itself, under any name; notes; a
+    config file; a FIFO or terminal) is refused and left untouched. Only the last line of a
+    genuine results file may be unterminated, the write a kill interrupted: `Resume.cut`.
+    """
+    if same_file(output, input_file):
+        raise FerrumError.invalid_parameter(
+            f"--output {output} is the --input-file {input_file}; give another file"
+        )
+    if not check_output(output, "--output"):
+        return Resume(frozenset())
+    done: set[str] = set()
+    whole = 0  # bytes of the complete lines read so far
+    with open_regular(output, "--output") as f:
+        lines = iter(lambda: f.readline(TEXT_FILE_LIMIT + 1), b"")
+        for number, raw in enumerate(lines, start=1):
+            key = _result_id(raw)
+            if raw.endswith(b"\n") and key is not None:
+                done.add(key)
+                whole += len(raw)
+                continue
+            if _killed_write(raw):
+                return Resume(frozenset(done), cut=whole, size=whole + len(raw))
+            raise FerrumError.invalid_parameter(
                 f"--output {output}: line {number} is not a result line of this command; "
-                "refusing to append to it"
-            ) from None
-    return done
+                "refusing to append to it (the file is left as it is)"
+            )
+    return Resume(frozenset(done))
+
+
+def _killed_write(raw: bytes) -> bool:
+    """Whether an unterminated last line is what a kill leaves of a result line: the whole
+    record without its newline, or the start of one that ends too early."""
+    if raw.endswith(b"\n") or len(raw) > TEXT_FILE_LIMIT:
+        return False
+    if _result_id(raw) is not None:
+        return True
+    if not raw.startswith(_RESULT_START):
+        return False
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # a character cut in two is what a kill leaves
+            return False
+        text = raw[: e.start].decode("utf-8")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg.startswith("Unterminated string"):  # the rest of the line is inside a string
+            return True
+        # A cut `\uXXXX` escape is reported at its `u`, at most 4 characters from the end;
+        # any other error short of the end means text that is not JSON, not a cut line.
+        slack = 4 if e.msg.startswith("Invalid \\uXXXX escape") else 0
+        return e.pos >= len(text.rstrip()) - slack
+    return False
 
 
 def read_input(
@@ -162,23 +245,12 @@ def read_input(
     context: int,
     vocab: int,
     defaults: LineDefaults,
-    done: set[str] | None = None,
+    done: frozenset[str] | None = None,
 ) -> BatchInput:
     """Parses and checks every line (tokenizing prompts) without touching the model; ids
     in `done` (`id_key`s) are counted as skipped."""
-    done = done or set()
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise FerrumError.invalid_parameter(f"--input-file {path}: no such file") from None
-    except IsADirectoryError:
-        raise FerrumError.invalid_parameter(f"--input-file {path}: is a directory") from None
-    except UnicodeDecodeError:
-        raise FerrumError.invalid_parameter(f"--input-file {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise FerrumError.invalid_parameter(
-            f"--input-file {path}: cannot read it ({e.strerror})"
-        ) from None
+    done = done or frozenset()
+    text = read_text_file(path, "--input-file")
     requests, errors, skipped = [], [], 0
     seen: set[str] = set()
     for number, line in enumerate(text.splitlines(), start=1):
@@ -211,6 +283,15 @@ def _request(
         raise FerrumError.invalid_format(f"not valid JSON ({e})") from None
     if not isinstance(record, dict):
         raise FerrumError.invalid_format(f"expected a JSON object, got {type(record).__name__}")
+    try:
+        # JSON escapes can spell lone surrogates (`"\ud800"`): no tokenizer encodes them, and
+        # an id holding one could not be written to the UTF-8 output.
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FerrumError.invalid_parameter(
+            f"text {e.object[e.start : e.end]!a} is not valid Unicode (a lone surrogate): "
+            "it cannot be UTF-8 encoded"
+        ) from None
     unknown = sorted(set(record) - _FIELDS)
     if unknown:
         raise FerrumError.invalid_parameter(
@@ -248,10 +329,10 @@ def _request(
         prompt_ids=ids,
         max_new_tokens=max_new,
         temperature=_number(record.get("temperature", defaults.temperature), "temperature"),
-        top_k=_integer(record.get("top_k", defaults.top_k), "top_k"),
+        top_k=check_top_k(record.get("top_k", defaults.top_k)),
         top_p=_number(record.get("top_p", defaults.top_p), "top_p"),
         min_p=_number(record.get("min_p", defaults.min_p), "min_p"),
-        seed=_integer(record.get("seed", defaults.seed), "seed"),
+        seed=check_seed(record.get("seed", defaults.seed)),
         stop=_stops(record["stop"]) if "stop" in record else defaults.stop,
         key=line_id,
     )
@@ -263,9 +344,11 @@ def run(
     output: pathlib.Path,
     *,
     tokenizer: Tokenizer,
+    resume: Resume,
     on_result: Callable[[GenerationResult], None] | None = None,
 ) -> tuple[int, int]:
-    """Generates every request, appending each result line to `output` as it finishes.
+    """Generates every request, appending each result line to `output` as it finishes
+    (`resume`, from `read_done`, says where a line cut short by a kill starts).
 
     Returns `(sequences, tokens)` generated. Progress: a tqdm bar (sequences, with tokens/s)
     on a terminal, stage lines otherwise.
@@ -281,6 +364,13 @@ def run(
 
     finished = 0
     with output.open("a", encoding="utf-8") as out:
+        if resume.cut is not None:
+            if os.fstat(out.fileno()).st_size != resume.size:
+                raise FerrumError.io(
+                    f"--output {output} changed since it was checked; nothing was written, "
+                    "run again"
+                )
+            out.truncate(resume.cut)
         for result in generate_batch(executor, requests, tokenizer=tokenizer, on_tokens=counted):
             record = {
                 "id": result.key,
@@ -325,8 +415,7 @@ def generate_jsonl(
     if tokenizer is None:
         raise FerrumError.tokenizer("batch generation needs a tokenizer; the model ships none")
     input_file, output = pathlib.Path(input_file), pathlib.Path(output)
-    if output.resolve() == input_file.resolve():
-        raise FerrumError.invalid_parameter("the output must not be the input file")
+    resume = read_done(output, input_file)
     config = executor.model.config
     batch = read_input(
         input_file,
@@ -334,11 +423,13 @@ def generate_jsonl(
         context=min(executor.max_sequence_length, config.max_position_embeddings),
         vocab=config.vocab_size,
         defaults=defaults or LineDefaults(),
-        done=read_done(output),
+        done=resume.done,
     )
     for error in batch.errors:
         progress.logger.warning("%s:%d: skipped: %s", input_file, error.line, error.message)
     generated, tokens = (
-        run(executor, batch.requests, output, tokenizer=tokenizer) if batch.requests else (0, 0)
+        run(executor, batch.requests, output, tokenizer=tokenizer, resume=resume)
+        if batch.requests
+        else (0, 0)
     )
     return JsonlReport(generated, tokens, batch.skipped, tuple(batch.errors))

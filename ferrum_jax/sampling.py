@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ferrum_jax.errors import FerrumError
+
+TOP_K_MAX = 2**31 - 1
+"""Largest `top_k`: the sampler holds it as int32 (any k >= the vocabulary keeps all)."""
+SEED_LIMIT = 2**63
+"""Seeds are integers in `[0, SEED_LIMIT)`."""
 
 
 @jax.tree_util.register_dataclass
@@ -37,13 +44,11 @@ class SamplingParams:
     ) -> SamplingParams:
         """Broadcasts scalars or `[batch]` sequences; validates ranges on the host."""
         t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
-        k = np.broadcast_to(np.asarray(top_k), (batch,))
+        k = np.broadcast_to(_integers(top_k, "top_k", TOP_K_MAX), (batch,))
         p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
         m = np.broadcast_to(np.asarray(min_p, np.float32), (batch,))
         if not np.all(np.isfinite(t)) or np.any(t < 0):
             raise FerrumError.invalid_parameter(f"temperature must be finite and >= 0, got {t}")
-        if np.any(k < 0) or not np.all(k == np.round(k)):
-            raise FerrumError.invalid_parameter(f"top_k must be an integer >= 0, got {k}")
         if np.any(~(p > 0)) or np.any(p > 1):
             raise FerrumError.invalid_parameter(f"top_p must be in (0, 1], got {p}")
         if np.any(~(m >= 0)) or np.any(m > 1):
@@ -58,6 +63,38 @@ class SamplingParams:
     @classmethod
     def greedy(cls, batch: int) -> SamplingParams:
         return cls.make(batch)
+
+
+def _integer(value: Any, name: str, high: int) -> int:
+    """The one rule for integer sampling values, at every entry point (flags, JSONL lines,
+    lm-eval, the API) and before any device work: an integer (not a bool, not a float, not an
+    array) in `[0, high]`."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= value <= high
+    ):
+        raise FerrumError.invalid_parameter(
+            f"{name} must be an integer in [0, {high}], got {value!r}"
+        )
+    return int(value)
+
+
+def _integers(value: Any, name: str, high: int) -> np.ndarray:
+    """`value`, a scalar or a sequence, as int64 once `_integer` accepts each entry."""
+    for entry in np.asarray(value, dtype=object).reshape(-1):
+        _integer(entry, name, high)
+    return np.asarray(value, dtype=np.int64)
+
+
+def check_top_k(top_k: Any) -> int:
+    """`top_k` as an int once it is an integer in `[0, TOP_K_MAX]`."""
+    return _integer(top_k, "top_k", TOP_K_MAX)
+
+
+def check_seed(seed: Any) -> int:
+    """`seed` as an int once it is an integer in `[0, SEED_LIMIT)`."""
+    return _integer(seed, "seed", SEED_LIMIT - 1)
 
 
 def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> jax.Array:
@@ -120,7 +157,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 def row_keys(seeds: int | np.ndarray, batch: int) -> jax.Array:
     """One PRNG key per row: from one seed (split) or from `[batch]` seeds."""
-    seeds = np.asarray(seeds)
+    seeds = _integers(seeds, "seed", SEED_LIMIT - 1)
     if seeds.ndim == 0:
         return jax.random.split(jax.random.key(int(seeds)), batch)
     if seeds.shape != (batch,):

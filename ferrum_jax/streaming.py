@@ -75,6 +75,7 @@ def stream_tokens(
         raise FerrumError.invalid_parameter(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config, dtype = graph_facts(graphdef)
     engine.check_context_length(len(prompt), max_new_tokens, config.max_position_embeddings)
+    keys = row_keys(seed, 1)  # checks the seed before the cache is allocated
     cache = init_cache(
         config,
         1,
@@ -91,7 +92,7 @@ def stream_tokens(
         logits,
         max_new_tokens=max_new_tokens,
         sampling=sampling or SamplingParams.greedy(1),
-        keys=row_keys(seed, 1),
+        keys=keys,
         stop_tokens=config.eos_token_ids if stop_tokens is None else stop_tokens,
         timings={} if timings is None else timings,
         start=start,

@@ -104,6 +104,13 @@ def test_a_bad_request_is_named_before_anything_runs(executor):
         (GenerationRequest([5], max_new_tokens=4, top_p=0.0), r"request 1: top_p must be in"),
         (GenerationRequest([10**6], max_new_tokens=4), r"request 1: prompt_ids must be in"),
         (GenerationRequest([5], max_new_tokens=4, stop=[""]), "request 1: stop strings"),
+        # Past int32: it passed the checks, then overflowed at the first sampled step.
+        (
+            GenerationRequest([5], max_new_tokens=4, temperature=1.0, top_k=2**40),
+            r"request 1: top_k must be an integer in \[0, 2147483647\]",
+        ),
+        (GenerationRequest([5], max_new_tokens=4, top_k=True), "request 1: top_k must be"),
+        (GenerationRequest([5], max_new_tokens=4, seed=-1), "request 1: seed must be an integer"),
     ]
     before = executor.status().prefill_operations
     for bad, message in cases:

@@ -116,10 +116,14 @@ def files(tmp_path_factory):
     (root / "notes" / "keep.txt").write_text("not a checkpoint")
     (root / "out").mkdir()
     (root / "out" / "ferrum_jax.json").write_text("{}")  # looks like a checkpoint
+    (root / "in.jsonl").write_text('{"id": 1, "prompt": "the sea"}\n')
+    os.link(root / "in.jsonl", root / "in-link.jsonl")
     return root
 
 
 # argv ({root} is the `files` folder), stdin, exit code, words the one error line contains.
+# FIFOs and /dev/zero are in test_cli_hostile.py: in a child process, under a time and memory
+# limit, since a regression would hang or fill the memory of the test process.
 BAD_INPUTS = [
     ("top-p", "generate --prompt x --top-p 2", None, 2, "--top-p must be in (0, 1] (got 2)"),
     (
@@ -136,7 +140,49 @@ BAD_INPUTS = [
         2,
         "--temperature must be a number",
     ),
-    ("top-k", "generate --prompt x --top-k -3", None, 2, "--top-k must be >= 0 (got -3)"),
+    (
+        "top-k",
+        "generate --prompt x --top-k -3",
+        None,
+        2,
+        "--top-k must be an integer in [0, 2147483647], got -3",
+    ),
+    (
+        "top-k-past-int32",  # used to overflow at the first sampled step, after loading
+        "generate --prompt x --top-k 1099511627776 --temperature 1",
+        None,
+        2,
+        "--top-k must be an integer in [0, 2147483647], got 1099511627776",
+    ),
+    (
+        "seed-negative",  # the JSONL lines refuse it: one rule
+        "generate --prompt x --seed -1",
+        None,
+        2,
+        "--seed must be an integer in [0, 9223372036854775807], got -1",
+    ),
+    ("prompt-not-utf8", ["generate", "--prompt", "caf\udce9"], None, 2, "--prompt is not UTF-8"),
+    (
+        "output-not-results",
+        "generate --input-file {root}/in.jsonl --output {root}/notes/keep.txt",
+        None,
+        2,
+        "line 1 is not a result line of this command",
+    ),
+    (
+        "output-hard-link-to-input",
+        "generate --input-file {root}/in.jsonl --output {root}/in-link.jsonl",
+        None,
+        2,
+        "--output {root}/in-link.jsonl is the --input-file",
+    ),
+    (
+        "output-no-folder",
+        "generate --input-file {root}/in.jsonl --output {root}/missing/out.jsonl",
+        None,
+        2,
+        "its folder {root}/missing does not exist",
+    ),
     ("min-p", "generate --prompt x --min-p 1.5", None, 2, "--min-p must be in [0, 1] (got 1.5)"),
     ("seed", "generate --prompt x --seed abc", None, 2, "--seed must be an integer (got 'abc')"),
     (
@@ -295,6 +341,21 @@ BAD_INPUTS = [
         "--batch must be batch sizes >= 1 like 1,8 (got '0')",
     ),
     ("bench-new-tokens", "bench --new-tokens 1", None, 2, "--new-tokens must be >= 2 (got 1)"),
+    ("bench-json-dir", "bench --json {root}/notes", None, 2, "--json {root}/notes: is a directory"),
+    (
+        "bench-serve-json-dir",
+        "bench --serve --json {root}/notes",
+        None,
+        2,
+        "--json {root}/notes: is a directory",
+    ),
+    (
+        "bench-plot-no-folder",
+        "bench --plot {root}/missing/p.png",
+        None,
+        2,
+        "--plot {root}/missing/p.png: its folder {root}/missing does not exist",
+    ),
     (
         "bench-context",
         "bench --prompt-len 9000",

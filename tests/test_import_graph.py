@@ -39,7 +39,6 @@ FILE_FORMAT_LIBRARIES = ("safetensors", "gguf", "orbax", "mmap")
 # Library modules outside checkpoint/ that open files that are not model files.
 NON_MODEL_FILES = {
     "ferrum_jax.bench": "writes the --json report",
-    "ferrum_jax.cli": "reads --prompt-file and --chat-template",
     "ferrum_jax.executor.memory": "reads the host's free memory (/proc/meminfo, the cgroup limit)",
     "ferrum_jax.jsonl_batch": "reads the user's JSONL requests, appends their results",
     "ferrum_jax.serve_bench": "writes the --serve --json report",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from ferrum_jax import (
     stream_tokens,
 )
 from ferrum_jax.cli import main
+from ferrum_jax.errors import FerrumError
 from ferrum_jax.text.answer import AnswerText
 
 WORDS = [
@@ -175,6 +177,8 @@ def test_bad_lines_are_reported_by_number_and_skipped(capsys, tmp_path, tiny_cha
         {"id": 6, "prompt": "tide", "top_p": 0},
         {"id": 7, "messages": "not a list"},
         {"id": 8, "prompt": "the moon", "max_new_tokens": 4},
+        {"id": 9, "prompt": "\ud800"},  # a lone surrogate, spelled as a JSON escape
+        {"id": 10, "prompt": "the sea", "top_k": 2**40, "temperature": 1.0},  # past int32
     ]
     write(tmp_path / "in.jsonl", rows)
     output = tmp_path / "out.jsonl"
@@ -190,6 +194,8 @@ def test_bad_lines_are_reported_by_number_and_skipped(capsys, tmp_path, tiny_cha
         "5",
         "6",
         "7",
+        "9",
+        "10",
     ]
     assert "not valid JSON" in reported[0]
     assert "more than fit the model's context of 96 tokens" in reported[1]
@@ -197,8 +203,10 @@ def test_bad_lines_are_reported_by_number_and_skipped(capsys, tmp_path, tiny_cha
     assert "duplicate id 1" in reported[3]
     assert "top_p must be in (0, 1]" in reported[4]
     assert "messages must be a non-empty list" in reported[5]
+    assert "'\\ud800' is not valid Unicode" in reported[6]
+    assert "top_k must be an integer in [0, 2147483647]" in reported[7]
     assert err.splitlines()[-1].endswith(
-        "6 line(s) of " + str(tmp_path / "in.jsonl") + " skipped (see above)"
+        "8 line(s) of " + str(tmp_path / "in.jsonl") + " skipped (see above)"
     )
     assert sorted(r["id"] for r in read(output)) == [1, 8]  # the good lines still ran
 
@@ -274,3 +282,107 @@ def test_a_killed_run_resumes_without_duplicates(capsys, tmp_path, tiny_chat_mod
     assert sorted(ids) == list(range(40)) and len(set(ids)) == 40
     for result in results[written - 1 :: 9]:  # lines from both runs equal single runs
         assert result == expected(model, rows[result["id"]], 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files and lines (issue 25): nothing lost, one bad line never kills the batch.
+
+HOSTILE_LINES = [
+    # JSON escapes spell lone surrogates, which no tokenizer encodes.
+    ('{"id": "s1", "prompt": "\\ud800"}', "'\\ud800' is not valid Unicode"),
+    ('{"id": "s2", "messages": [{"role": "user", "content": "a\\udfff"}]}', "not valid Unicode"),
+    ('{"id": "s3\\udc00", "prompt": "the sea"}', "not valid Unicode"),
+    ('{"id": "k1", "prompt": "the sea", "top_k": 1e23}', "top_k must be an integer in"),
+    # Passed every check, then overflowed int32 at the first sampled step.
+    (
+        '{"id": "k2", "prompt": "the sea", "top_k": 1099511627776, "temperature": 1.0}',
+        "top_k must be an integer in [0, 2147483647], got 1099511627776",
+    ),
+    ('{"id": "k3", "prompt": "the sea", "top_k": true}', "top_k must be an integer in"),
+    ('{"id": "n1", "prompt": "the sea", "seed": -1}', "seed must be an integer in"),
+    ('{"id": "k4", "prompt": "the sea", "top_k": [1, 2]}', "top_k must be an integer in"),
+    ('{"id": "n2", "prompt": "the sea", "seed": [7]}', "seed must be an integer in"),
+]
+
+
+def test_hostile_lines_are_skipped_and_the_rest_runs_and_resumes(tmp_path, model):
+    good = [{"id": "a", "prompt": "the sea is calm"}, {"id": "b", "prompt": "the tide"}]
+    rows = [good[0], *(line for line, _ in HOSTILE_LINES), good[1]]
+    write(tmp_path / "in.jsonl", rows)
+    executor = JaxModelExecutor(model, max_batch_size=2, max_sequence_length=64)
+    argv = (executor, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    report = generate_jsonl(*argv, defaults=LineDefaults(max_new_tokens=2))
+    assert [e.line for e in report.errors] == list(range(2, 2 + len(HOSTILE_LINES)))
+    for error, (_, words) in zip(report.errors, HOSTILE_LINES, strict=True):
+        assert words in error.message, error
+    assert report.generated == 2
+    assert sorted(r["id"] for r in read(tmp_path / "out.jsonl")) == ["a", "b"]
+    # A kill cut the last result short; a resume drops it and appends a new line's result.
+    with (tmp_path / "out.jsonl").open("a") as f:
+        f.write('{"id": "c", "text": "cut sho')
+    write(tmp_path / "in.jsonl", [*rows, {"id": "c", "prompt": "the moon"}])
+    again = generate_jsonl(*argv, defaults=LineDefaults(max_new_tokens=2))
+    assert (again.generated, again.skipped, len(again.errors)) == (1, 2, len(HOSTILE_LINES))
+    assert sorted(r["id"] for r in read(tmp_path / "out.jsonl")) == ["a", "b", "c"]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    from ferrum_jax.checkpoint import load as checkpoint_load
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for reader in ("load_gguf", "load_hf", "load_orbax"):
+        monkeypatch.setattr(checkpoint_load, reader, fail)
+
+
+NOT_RESULTS = pytest.mark.parametrize(
+    ("output", "words"),
+    [
+        ("notes.txt", "line 1 is not a result line"),  # its last line has no newline
+        ("config.json", "line 1 is not a result line"),  # one line, no newline
+        ("link.jsonl", "is the --input-file"),  # a hard link to the input
+        ("dir", "is a directory"),
+    ],
+)
+
+
+def not_results(tmp_path, output: str) -> tuple[pathlib.Path, dict[str, bytes]]:
+    """The input file and `output` next to it; returns the input and every file's bytes."""
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_bytes(b'{"id": 1, "prompt": "the sea"}\n{"id": 2, "prompt": "tide"}')
+    if output == "link.jsonl":
+        os.link(input_file, tmp_path / output)
+    elif output == "dir":
+        (tmp_path / output).mkdir()
+    else:
+        notes = {"notes.txt": b"shopping\nmilk, no newline", "config.json": b'{"vocab_size": 32}'}
+        (tmp_path / output).write_bytes(notes[output])
+    return input_file, files(tmp_path)
+
+
+def files(folder: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@NOT_RESULTS
+def test_an_output_that_is_not_results_is_refused_untouched(
+    capsys, tmp_path, tiny_chat_model, no_load, output, words
+):
+    """Resume used to cut the unterminated last line before checking what the file was."""
+    input_file, before = not_results(tmp_path, output)
+    argv = ["--input-file", str(input_file), "--output", str(tmp_path / output)]
+    code, out, err = run(capsys, tiny_chat_model, *argv)
+    assert (code, out) == (2, "") and err.count("\n") == 1, err
+    assert err.startswith("ferrum-jax: error: --output ") and words in err, err
+    assert files(tmp_path) == before
+
+
+@NOT_RESULTS
+def test_the_api_refuses_an_output_that_is_not_results_untouched(tmp_path, model, output, words):
+    input_file, before = not_results(tmp_path, output)
+    executor = JaxModelExecutor(model, max_batch_size=1, max_sequence_length=64)
+    with pytest.raises(FerrumError, match=words):
+        generate_jsonl(executor, input_file, tmp_path / output)
+    assert files(tmp_path) == before

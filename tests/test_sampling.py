@@ -16,7 +16,16 @@ from ferrum_jax import engine
 from ferrum_jax.errors import ErrorKind, FerrumError
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import init_model
-from ferrum_jax.sampling import SamplingParams, row_keys, sample, token_logprobs
+from ferrum_jax.sampling import (
+    SEED_LIMIT,
+    TOP_K_MAX,
+    SamplingParams,
+    check_seed,
+    check_top_k,
+    row_keys,
+    sample,
+    token_logprobs,
+)
 from ferrum_jax.streaming import stream_tokens
 
 N = 4096  # draws per statistical check
@@ -200,6 +209,12 @@ def test_token_logprobs():
         {"temperature": [1.0, -1.0, 1.0]},
         {"top_k": -1},
         {"top_k": 1.5},
+        {"top_k": 2.0},
+        {"top_k": True},
+        {"top_k": 1e23},
+        {"top_k": 2**31},  # past int32: it would overflow at the first sampled step
+        {"top_k": 1099511627776},
+        {"top_k": [1, 2**40, 3]},
         {"top_p": 0.0},
         {"top_p": 1.1},
         {"top_p": float("nan")},
@@ -215,6 +230,32 @@ def test_make_validation(params):
         SamplingParams.make(3, **params)
     assert info.value.kind is ErrorKind.INVALID_PARAMETER
     assert next(iter(params)) in str(info.value)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, True, 1.5, "7", None], ids=repr)
+def test_seeds_are_integers_in_range_everywhere(seed):
+    """One rule for seeds: the CLI's --seed, JSONL lines and `row_keys` all refuse these."""
+    with pytest.raises(FerrumError, match="seed must be an integer in") as info:
+        check_seed(seed)
+    assert info.value.kind is ErrorKind.INVALID_PARAMETER
+    with pytest.raises(FerrumError, match="seed must be an integer in"):
+        row_keys(seed, 2)
+    with pytest.raises(FerrumError, match="seed must be an integer in"):
+        row_keys([0, seed], 2)
+
+
+@pytest.mark.parametrize("value", [[1, 2], np.array([3]), np.int64(-1)], ids=repr)
+def test_a_scalar_rule_refuses_arrays(value):
+    for check in (check_seed, check_top_k):
+        with pytest.raises(FerrumError, match="must be an integer in"):
+            check(value)
+
+
+def test_the_largest_top_k_and_seed_are_accepted():
+    assert check_top_k(TOP_K_MAX) == TOP_K_MAX and check_seed(SEED_LIMIT - 1) == SEED_LIMIT - 1
+    assert np.asarray(SamplingParams.make(1, top_k=np.int64(TOP_K_MAX)).top_k).tolist() == [
+        TOP_K_MAX
+    ]
 
 
 def test_make_broadcasts_and_types():
@@ -300,6 +341,17 @@ def test_generate_rows_independent_of_batch(gen_model):
     assert np.array_equal(alone[0], batch[0])
     other = sampled(graphdef, params, GEN_PROMPTS[[0, 2, 1]], GEN_LENGTHS[[0, 2, 1]], [42, 1, 2])
     assert np.array_equal(other[0], batch[0])
+
+
+def test_stream_tokens_refuses_a_bad_seed_before_any_device_work(gen_model, monkeypatch):
+    graphdef, params = gen_model
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache was allocated")
+
+    monkeypatch.setattr("ferrum_jax.streaming.init_cache", fail)
+    with pytest.raises(FerrumError, match="seed must be an integer in"):
+        next(stream_tokens(graphdef, params, [1, 2], max_new_tokens=2, seed=-1))
 
 
 def test_stream_tokens_samples_what_generate_samples(gen_model):

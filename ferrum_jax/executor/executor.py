@@ -88,6 +88,7 @@ from ferrum_jax.executor.lazy_logits import LazyLogits, lm_head_step
 from ferrum_jax.executor.records import Row, Txn
 from ferrum_jax.executor.records import Sequence as Record
 from ferrum_jax.executor.stats import Stats, p95
+from ferrum_jax.finite import nonfinite_leaf
 from ferrum_jax.interfaces import (
     AttentionType,
     BatchModelExecutor,
@@ -313,7 +314,8 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             1 << (max_num_batched_tokens.bit_length() - 1),
             engine.bucket(max_batch_size * max_sequence_length),
         )
-        self._programs: dict[tuple[int, int], Any] = {}
+        self._programs: dict[tuple[int, int, int], Any] = {}
+        self._needs: dict[tuple[int, int, int], int] = {}
         self._greedy_mask: tuple[tuple, jax.Array] | None = None
         """The last step's stacked greedy masks on the device, by `mask_key`: a decode
         batch that keeps its requests uploads them once."""
@@ -321,6 +323,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
         self._live: dict[str, Record] = {}
         self._released_by_update: set[str] = set()
+        # One clock for call issues and releases: a call commits nothing for a sequence
+        # released after the call was issued (a release wins over calls already queued).
+        self._clock = itertools.count()
+        self._pending: dict[int, None] = {}
+        """Issue times of the calls not finished yet, oldest first."""
+        self._released_at: dict[str, int] = {}
+        """Release times of sequences released while calls were pending, oldest first."""
         self._stats = Stats()
         self._last_operation: float | None = None
         self._failure = ""
@@ -754,11 +763,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _release_rows(self, rows: Sequence[Row]) -> None:
         """Gives the rows' pages back (full pages go to the prefix cache first, if enabled)."""
+        self._cache_full_pages(rows)
         for row in rows:
-            if self._prefix is not None:
-                self._prefix.insert(row.tokens, row.pages)
             self._allocator.release(row.pages)
             row.pages = []
+
+    def _cacheable(self, row: Row) -> bool:
+        """Whether the row's pages may meet the prefix cache: KV of the current weights only."""
+        return row.params_version == self.params_version
 
     def _borrow_prefix(self, row: Row, tokens: np.ndarray, final: bool = True) -> int:
         """Prefix-cache hit for a row about to take `tokens`: cached full pages that continue
@@ -767,7 +779,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         again; returns the tokens reused. Chunks need not be page-aligned: a chunk that ended
         inside a page borrows that page once a later chunk completes it in the cache. A
         `final` chunk keeps at least one token to compute (its logits are wanted)."""
-        if self._prefix is None:
+        if self._prefix is None or not self._cacheable(row):
             return 0
         full = [*row.tokens, *tokens.tolist()]
         limit = (len(full) - 1 if final else len(full)) // self.block_size
@@ -824,15 +836,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return self._programs[key]
 
     def _need(self, tokens: int, items: int, rows: int) -> int:
-        """Device bytes the step needs beyond its arguments, per device."""
-        analysis = self._program(tokens, items, rows).memory_analysis()
-        if analysis is None:
-            return 0
-        return (
-            analysis.temp_size_in_bytes
-            + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes
-        )
+        """Device bytes the step needs beyond its arguments, per device. Kept per program:
+        XLA's analysis costs tens of milliseconds, as much as a small step itself."""
+        key = (tokens, items, rows)
+        if key not in self._needs:
+            analysis = self._program(tokens, items, rows).memory_analysis()
+            self._needs[key] = (
+                0
+                if analysis is None
+                else analysis.temp_size_in_bytes
+                + analysis.output_size_in_bytes
+                - analysis.alias_size_in_bytes
+            )
+        return self._needs[key]
 
     def _fits(self, tokens: int, items: int, rows: int | None = None) -> bool:
         rows = items if rows is None else rows
@@ -1130,11 +1146,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         if self._state is ExecutorState.SHUTDOWN:
             raise FerrumError.backend("executor is shut down; create a new one")
         call = Call()
+        with self._host:
+            issued = next(self._clock)
+            self._pending[issued] = None
         try:
             future = asyncio.get_running_loop().run_in_executor(
-                self._worker, self._execute, call, work, opening
+                self._worker, self._execute, call, work, opening, issued
             )
         except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            self._finished(issued)
             raise FerrumError.backend("executor is shut down; create a new one") from e
         try:
             return await future
@@ -1144,28 +1164,51 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     self._worker.submit(self._roll_back, call.txn)
             raise
 
-    def _execute(self, call: Call, work: Callable[[Txn], T], opening: bool) -> T:
-        if not call.begin():
-            raise FerrumError.cancelled("the call was cancelled before it ran")
-        if opening:
-            self._ensure_ready()
-        txn = Txn()
-        result = work(txn)
+    def _execute(self, call: Call, work: Callable[[Txn], T], opening: bool, issued: int) -> T:
+        try:
+            if not call.begin():
+                raise FerrumError.cancelled("the call was cancelled before it ran")
+            if opening:
+                self._ensure_ready()
+            txn = Txn(issued)
+            result = work(txn)
+            with self._host:
+                self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
+            if not call.finish(txn):
+                self._roll_back(txn)
+                raise FerrumError.cancelled(
+                    "the call was cancelled while it ran; it was rolled back"
+                )
+            return result
+        finally:
+            self._finished(issued)
+
+    def _finished(self, issued: int) -> None:
+        """Forgets a finished call, and the releases no pending call was issued before."""
         with self._host:
-            self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
-        if not call.finish(txn):
-            self._roll_back(txn)
-            raise FerrumError.cancelled("the call was cancelled while it ran; it was rolled back")
-        return result
+            del self._pending[issued]
+            oldest = next(iter(self._pending), None)
+            if self._released_at:
+                self._released_at = {
+                    cache_id: at
+                    for cache_id, at in self._released_at.items()
+                    if oldest is not None and at > oldest
+                }
 
     # -----------------------------------------------------------------------------------------
     # Commits (worker thread, under `_host`)
 
     def _commit(self, txn: Txn, record: Record) -> None:
-        """Marks `record` changed by this call (after its device work succeeded)."""
+        """Marks `record` changed by this call (after its device work succeeded); a sequence
+        released after the call was issued stays released, and what the call gave it is
+        given back."""
         record.version += 1
         record.last_access = time.monotonic()
         txn.committed(record)
+        if self._released_at.get(record.cache_id, -1) > txn.issued:
+            if self._live.get(record.cache_id) is record:
+                del self._live[record.cache_id]
+            self._release_rows(record.rows)
 
     def _new_record(self, txn: Txn, cache_id: str, rows: list[Row]) -> Record:
         txn.touch(cache_id, None)
@@ -1175,8 +1218,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return record
 
     def _cache_full_pages(self, rows: Sequence[Row]) -> None:
-        if self._prefix is not None:
-            for row in rows:
+        for row in rows:
+            # A row released while its call ran holds no pages any more: nothing to cache.
+            if self._prefix is not None and self._cacheable(row) and row.pages:
                 self._prefix.insert(row.tokens, row.pages)
 
     # -----------------------------------------------------------------------------------------
@@ -1234,7 +1278,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 self._check_length(cache_id, target)
                 # A bound past the context cannot be reached: the sequence ends there first.
                 bound = min(bound, self.max_sequence_length)
-                row = record.rows[0] if record is not None else Row([], [])
+                row = (
+                    record.rows[0]
+                    if record is not None
+                    else Row([], [], params_version=self.params_version)
+                )
                 new_rows += record is None
                 pages = max(attention.pages_for(target, self.block_size) - len(row.pages), 0)
                 # A shared page the next token writes is copied at the step: count it here.
@@ -1281,7 +1329,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for r in range(len(ids)):
                         tokens = ids[r, : lengths[r]]
                         if fresh:  # a new sequence, or one started over
-                            row = Row([], [])
+                            row = Row([], [], params_version=self.params_version)
                             reused = self._borrow_prefix(row, tokens)
                         else:
                             row, reused = record.rows[r], 0
@@ -1311,7 +1359,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         for input in inputs:
             ids, lengths, starts = self._prompt_rows(input)
             if input.kv_cache is None:
-                cache_id, record = f"{self._id}-{next(self._ids)}", None
+                cache_id, record = None, None  # named below, once every caller id is known
             else:
                 cache_id = self._key(input.kv_cache)
                 record = self._live.get(cache_id)
@@ -1321,13 +1369,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"cache handle {cache_id!r} appears twice in one batch_prefill"
                 )
-            seen.add(cache_id)
+            if cache_id is not None:
+                seen.add(cache_id)
             continuing = starts is not None and np.any(starts > 0)
             if continuing:
                 if record is None:
                     raise FerrumError.invalid_parameter(
-                        f"position_ids start at {starts.tolist()} for unknown sequence "
-                        f"{cache_id!r}: a new sequence starts at 0"
+                        f"position_ids start at {starts.tolist()} for "
+                        + (
+                            "a new sequence"
+                            if cache_id is None
+                            else f"unknown sequence {cache_id!r}"
+                        )
+                        + ": a new sequence starts at 0"
                     )
                 if len(record.rows) != len(ids) or starts.tolist() != record.lengths:
                     raise FerrumError.invalid_parameter(
@@ -1350,7 +1404,17 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             plans.append((cache_id, record, ids, lengths, True))
         self._check_rows_available(new_rows)
         self._check_pages(pages)
-        return plans
+        return [(self._fresh_id(seen), *plan[1:]) if plan[0] is None else plan for plan in plans]
+
+    def _fresh_id(self, taken: set[str]) -> str:
+        """An id for a sequence the executor names. Callers choose their own ids (any
+        string, an id of ours included, since our handles show them), so one in use by a
+        live sequence or by this batch is skipped rather than taken over."""
+        while True:
+            cache_id = f"{self._id}-{next(self._ids)}"
+            if cache_id not in self._live and cache_id not in taken:
+                taken.add(cache_id)
+                return cache_id
 
     def _run_works(self, copies: list[tuple[int, int]], works: list[_Work]) -> Any:
         self._copy(copies)
@@ -1404,28 +1468,52 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                             [w.logits for w in mine],
                             [w.hidden for w in mine],
                             first,
-                            self._head,
-                            functools.partial(self._recompute, prompts),
+                            functools.partial(self._head, self.params_version),
+                            functools.partial(self._recompute, self.params_version, prompts),
                         ),
                         handle,
                     )
                 )
         return outputs
 
-    def _head(self, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
+    def _head(self, version: int, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
         """LM head on rows `rows` of a step's `hidden: [T, embed]`, the rows padded to a
-        power-of-two bucket (one program per (T, bucket))."""
+        power-of-two bucket (one program per (T, bucket)); the step ran under params
+        `version`."""
         self._single_host("reading prefill logits other than the last position")
+        params = self._weights_of(version)
         index = np.zeros((engine.bucket(len(rows)),), np.int32)
         index[: len(rows)] = rows
-        logits = lm_head_step(self._graphdef, self._params, hidden, jax.device_put(index))
+        logits = lm_head_step(self._graphdef, params, hidden, jax.device_put(index))
         return np.asarray(logits)[: len(rows)]
 
-    def _recompute(self, prompts: list[np.ndarray], row: int, upto: int) -> np.ndarray:
-        """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped."""
+    def _recompute(
+        self, version: int, prompts: list[np.ndarray], row: int, upto: int
+    ) -> np.ndarray:
+        """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped. A
+        quantized pool's attention read quantized keys and values: the forward quantizes
+        them alike (a float forward differs by up to 0.08)."""
         self._single_host("reading prefill logits other than the last position")
-        logits = engine.forward(self._graphdef, self._params, prompts[row][None, :upto])
+        params = self._weights_of(version)
+        impl = self._impl if self._kv_dtype is not None else "xla"
+        logits = engine.forward(
+            self._graphdef, params, prompts[row][None, :upto], attention_impl=impl
+        )
         return np.asarray(logits)[0]
+
+    def _weights_of(self, version: int) -> nnx.State:
+        """The params of `version`, which must still be served: prefill logits are never
+        finished with other weights than their step's, and keeping old weights alive for
+        them could double the memory of an RL loop."""
+        with self._host:
+            if version != self.params_version:
+                raise FerrumError.unsupported(
+                    f"these prefill logits were computed under params version {version}; the "
+                    f"executor now serves version {self.params_version} (update_params), "
+                    "and positions other than each row's last are computed when read: read "
+                    "them before swapping the weights"
+                )
+            return self._params
 
     async def decode(self, input: DecodeInput) -> DecodeOutput:
         return (await self.batch_decode([input]))[0]
@@ -1517,7 +1605,11 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 for item, record, tokens, _ in plan:
                     txn.touch(item.seq_id, record)
                     policy = self._greedy_policy(item) if item.is_final_chunk else None
-                    row = record.rows[0] if record is not None else Row([], [])
+                    row = (
+                        record.rows[0]
+                        if record is not None
+                        else Row([], [], params_version=self.params_version)
+                    )
                     reused = self._borrow_prefix(row, tokens, bool(item.is_final_chunk))
                     borrowed.append(reused)
                     self._grow(row, item.pos_offset + len(tokens), copies)
@@ -1831,10 +1923,48 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         version (also in `info().metadata` and `cache_metrics_snapshot()`).
 
         `params` must match the current ones in tree structure, shapes, dtypes and
-        shardings. `keep_cache=False` releases every live sequence (their next use fails
-        with a clear error) and empties the prefix cache; `True` keeps their KV, computed by
-        the old weights: stale-KV semantics, for RL loops that accept it.
+        shardings, and be finite. The executor keeps its own copy, so a trainer may go on
+        updating its state in place (`nnx.update`) without reaching the served weights.
+        `keep_cache=False` releases every live sequence (their next use fails with a clear
+        error); `True` keeps their KV, computed by the old weights: stale-KV semantics, for
+        RL loops that accept it. Either way the prefix cache is emptied, and no page
+        computed under older weights is reused by another sequence.
+
+        Waits for the calls queued before it (a step never mixes two weights). Called from
+        a coroutine (an event loop running in this thread) that wait would stall the loop,
+        so it is refused there: `await update_params_async(...)` instead.
         """
+        keep = self._swap_options(keep_cache)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no event loop in this thread: waiting stalls nobody
+        else:
+            raise FerrumError.invalid_parameter(
+                "update_params blocks until the queued calls have run, which would stall "
+                "the event loop running in this thread: use `await "
+                "executor.update_params_async(params)` from a coroutine"
+            )
+        return self._submit_swap(self._own_params(params), keep).result()
+
+    async def update_params_async(self, params: nnx.State, *, keep_cache: bool = False) -> int:
+        """`update_params` for coroutines: the loop runs on while the queued calls finish
+        and the weights are checked and swapped. Cancelled before the swap starts, the
+        weights stay; once it started, it completes."""
+        keep = self._swap_options(keep_cache)
+        return await asyncio.wrap_future(self._submit_swap(self._own_params(params), keep))
+
+    def _swap_options(self, keep_cache: Any) -> bool:
+        if self._state is ExecutorState.SHUTDOWN:
+            raise FerrumError.backend("executor is shut down; create a new one")
+        if not isinstance(keep_cache, bool | np.bool_):
+            raise FerrumError.invalid_parameter(
+                f"update_params: keep_cache must be True or False, got {keep_cache!r}"
+            )
+        return bool(keep_cache)
+
+    def _own_params(self, params: nnx.State) -> nnx.State:
+        """A copy of `params` (same shardings) once they match the current weights."""
         old_leaves, old_tree = jax.tree.flatten(self._params)
         new_leaves, new_tree = jax.tree.flatten(params)
         if new_tree != old_tree:
@@ -1856,25 +1986,40 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"update_params: {path} is sharded {b.sharding}, expected {a.sharding}"
                 )
+        # The caller's tree may hold the trainer's live variables: copy containers and arrays.
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
 
-        def swap() -> int:
-            with self._host:
-                self._params = params
-                self.model = self.model.with_params(params)
-                self.params_version += 1
-                if self._link is not None:
-                    self._link.send(mh.Op.PARAMS, aux=self.params_version)
-                if not keep_cache:
-                    for record in list(self._live.values()):
-                        self._release_rows(record.rows)
-                        self._released_by_update.add(record.cache_id)
-                    self._live.clear()
-                    if self._prefix is not None:
-                        self._prefix.clear()
-                return self.params_version
+    def _submit_swap(self, params: nnx.State, keep_cache: bool) -> concurrent.futures.Future:
+        """Queues the swap on the worker, after the calls already queued."""
+        try:
+            return self._worker.submit(self._swap, params, keep_cache)
+        except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            raise FerrumError.backend("executor is shut down; create a new one") from e
 
-        # On the worker, after the calls already queued: a step never mixes two weights.
-        return self._worker.submit(swap).result()
+    def _swap(self, params: nnx.State, keep_cache: bool) -> int:
+        """Worker: checks the owned copy is finite, then serves it from the next step on."""
+        bad = nonfinite_leaf(params)
+        if bad is not None:
+            raise FerrumError.invalid_parameter(
+                f"update_params: {bad} holds NaN or infinity; the weights were not changed"
+            )
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            self._params = params
+            self.model = self.model.with_params(params)
+            self.params_version += 1
+            if self._link is not None:
+                self._link.send(mh.Op.PARAMS, aux=self.params_version)
+            if not keep_cache:
+                for record in list(self._live.values()):
+                    self._release_rows(record.rows)
+                    self._released_by_update.add(record.cache_id)
+                self._live.clear()
+            if self._prefix is not None:
+                # Pages of the old weights: a hit would serve their KV to a new sequence.
+                self._prefix.clear()
+            return self.params_version
 
     def optimal_batch_size(self) -> int:
         return self.max_batch_size
@@ -2077,11 +2222,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def release_cache(self, cache_id: str) -> None:
         """Frees the sequence's pages (full ones stay in the prefix cache, if enabled);
-        idempotent, unknown ids change nothing. Never waits for device work."""
+        idempotent, unknown ids change nothing. Never waits for device work. The release
+        wins over calls issued before it and still queued or running: what they create or
+        extend of this sequence is released as they finish."""
+        if not isinstance(cache_id, str):
+            return
         with self._host:
-            record = self._live.pop(cache_id, None) if isinstance(cache_id, str) else None
+            record = self._live.pop(cache_id, None)
             if record is not None and self._state is not ExecutorState.SHUTDOWN:
                 self._release_rows(record.rows)
+            if self._pending:  # a call already queued may create or extend it
+                self._released_at.pop(cache_id, None)
+                self._released_at[cache_id] = next(self._clock)
 
     def _pages_view(self, handle: JaxKvCacheHandle, layer: int, *, keys: bool) -> TensorLike:
         self._single_host("key_cache / value_cache")
