@@ -80,7 +80,7 @@ from ferrum_jax import engine, progress, sharding
 from ferrum_jax.cache import init_pages
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.executor import memory
+from ferrum_jax.executor import memory, reservation
 from ferrum_jax.executor import multihost as mh
 from ferrum_jax.executor.calls import Call
 from ferrum_jax.executor.handle import JaxKvCacheHandle
@@ -102,6 +102,11 @@ from ferrum_jax.interfaces import (
     ExecutorState,
     ExecutorStatus,
     KvCacheHandle,
+    KvSlotAllocation,
+    KvSlotCapacitySnapshot,
+    KvSlotRequest,
+    KvSlotReservation,
+    LogitsReturnPolicy,
     MemoryRequirements,
     ModelInfo,
     ModelType,
@@ -112,6 +117,7 @@ from ferrum_jax.interfaces import (
     TensorLike,
     UnifiedBatch,
     UnifiedBatchItem,
+    kv_admission_exhausted,
 )
 from ferrum_jax.model import Model
 from ferrum_jax.models import attention, kv_quant, quant
@@ -163,6 +169,20 @@ class _Work:
     hidden: list[tuple[jax.Array, int, int]] = dataclasses.field(default_factory=list)
     """Per chunk `(step hidden [T, embed], first row, rows)`, for `"hidden"`: references,
     never sliced on the device (a slice per prompt length would compile per length)."""
+    greedy: LogitsReturnPolicy | None = None
+    """A `GreedyArgmax` policy for `"last"`: the step picks the token on the device."""
+    token: int | None = None
+    """The token `greedy` picked, in place of `logits` (None: no id was allowed)."""
+
+    def answer(self) -> np.ndarray | None:
+        """The final position's logits, or `[token_id]` as float32 when the device picked
+        it (Ferrum main reads any length-1 answer as a token id)."""
+        if self.token is not None:
+            return np.asarray([self.token], np.float32)
+        return self.logits
+
+
+_greedy_argmax = jax.jit(engine.greedy_argmax)
 
 
 _copy_pages = jax.jit(
@@ -296,6 +316,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         )
         self._programs: dict[tuple[int, int, int], Any] = {}
         self._needs: dict[tuple[int, int, int], int] = {}
+        self._greedy_mask: tuple[tuple, jax.Array] | None = None
+        """The last step's stacked greedy masks on the device, by `mask_key`: a decode
+        batch that keeps its requests uploads them once."""
         self._allocator = PageAllocator(self._num_pages)
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
         self._live: dict[str, Record] = {}
@@ -640,6 +663,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
         for length in record.lengths:
             self._check_length(cache_id, length + 1)
+        self._greedy_policy(input)  # checked before any change; the step reads it again
         return record, ids
 
     def _drafts(self, draft_tokens: Any) -> np.ndarray:
@@ -873,13 +897,31 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     f"{memory.mib(self._step_budget or 0)} free for steps"
                 )
         for step, batch in zip(steps, batches, strict=True):
-            host, hidden = self._step(
-                (batch.tokens, batch.cu_q_lens, batch.kv_lens, batch.page_table, batch.logits_at)
+            arrays = (
+                batch.tokens,
+                batch.cu_q_lens,
+                batch.kv_lens,
+                batch.page_table,
+                batch.logits_at,
             )
+            # Followers run every device program in lockstep: device greedy is single-host,
+            # and full logits are always an accepted answer.
+            greedy = {
+                batch.logit_rows[i][0]: work.greedy
+                for i, (work, _, _) in enumerate(step)
+                if work.greedy is not None and batch.logit_rows[i]
+            }
+            if greedy and self._link is None:
+                needed = sum(map(len, batch.logit_rows))
+                host, hidden, tokens = self._greedy_step(arrays, greedy, needed)
+            else:
+                (host, hidden), tokens = self._step(arrays), {}
             self._stats.steps += 1
             for i, (work, _, n) in enumerate(step):
                 rows = batch.logit_rows[i]
-                if work.want == "all":
+                if rows and rows[0] in tokens:
+                    work.token = tokens[rows[0]]
+                elif work.want == "all":
                     part = host[rows]
                     if work.logits is not None:
                         part = np.concatenate([work.logits, part])
@@ -899,12 +941,43 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _run_step(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, jax.Array | None]:
         """`_step` on this process's devices."""
+        logits, hidden = self._dispatch(arrays)
+        host = np.asarray(logits)  # one transfer; rows are picked on the host
+        self._stats.logits_bytes_to_host += host.nbytes
+        return host, hidden
+
+    def _dispatch(self, arrays: tuple[np.ndarray, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """The ragged step on this process's devices; logits `[R, vocab]` stay there."""
         tokens, _, kv_lens, _, logits_at = arrays
         program = self._program(len(tokens), len(kv_lens), len(logits_at))
         args = [self._put(x) for x in arrays]
         params = self._params
-        logits, hidden = self._donate(lambda pages: _unpack(program(params, pages, *args)))
-        return np.asarray(logits), hidden  # one transfer; rows are picked on the host
+        return self._donate(lambda pages: _unpack(program(params, pages, *args)))
+
+    def _greedy_step(
+        self, arrays: tuple[np.ndarray, ...], greedy: dict[int, LogitsReturnPolicy], needed: int
+    ) -> tuple[np.ndarray | None, jax.Array | None, dict[int, int]]:
+        """A single-host step whose logit rows `greedy` pick their token on the device
+        (`engine.greedy_argmax`): `(host logits or None, hidden, {row: token})`. Only the
+        `[R]` token ids travel to the host, plus the full logits when some of the `needed`
+        rows still want them (a full-logits row, or a greedy row whose mask allowed no id)."""
+        logits, hidden = self._dispatch(arrays)
+        rows = len(arrays[4])
+        policies = [LogitsReturnPolicy.FullLogits] * rows
+        for row, policy in greedy.items():
+            policies[row] = policy
+        packed = engine.pack_greedy(policies, logits.shape[-1], rows)
+        if self._greedy_mask is None or self._greedy_mask[0] != packed.mask_key:
+            self._greedy_mask = (packed.mask_key, self._put(packed.mask))
+        ids, allowed = _greedy_argmax(
+            logits, self._greedy_mask[1], self._put(packed.penalty), self._put(packed.penalty_ids)
+        )
+        ids, allowed = np.asarray(ids), np.asarray(allowed)
+        tokens = {row: int(ids[row]) for row in greedy if allowed[row]}
+        host = np.asarray(logits) if len(tokens) < needed else None
+        self._stats.logits_bytes_to_host += ids.nbytes + allowed.nbytes
+        self._stats.logits_bytes_to_host += 0 if host is None else host.nbytes
+        return host, hidden, tokens
 
     def _chunk(self, works: list[_Work], budget: int) -> list[list[tuple[_Work, int, int]]]:
         """`(work, offset, n)` chunks grouped into steps of at most `budget` tokens and
@@ -1165,6 +1238,77 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         """Tokens one sequence may hold (`max_sequence_length`)."""
         return self.max_sequence_length
 
+    def _allocatable(self) -> int:
+        """Pages an allocation may take now: free ones and cached ones it would evict."""
+        reclaimable = self._prefix.reclaimable() if self._prefix is not None else 0
+        return self._allocator.num_free + reclaimable
+
+    def kv_slot_capacity_snapshot(self) -> KvSlotCapacitySnapshot | None:
+        """The page pool (Ferrum main): `free_blocks` counts evictable prefix-cache pages, as
+        an allocation would reclaim them."""
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            return KvSlotCapacitySnapshot(self.block_size, self._num_pages, self._allocatable())
+
+    def reserve_kv_slots(self, requests: Sequence[KvSlotRequest]) -> KvSlotReservation | None:
+        """Makes each `cache_id` hold the pages of `target_len` tokens before the next forward
+        (Ferrum main); all or nothing.
+
+        Unknown ids become empty sequences holding their pages (a `unified_decode` item at
+        `pos_offset` 0 fills them); duplicate ids merge to the largest bounds; a repeat
+        allocates nothing. `admission_target_len` is only checked: the pages it needs beyond
+        the targets must be free too, or the whole call fails with the `resource_exhausted`
+        text Ferrum's engine parses (`kv_admission_exhausted`) and changes nothing. Host
+        bookkeeping only, so it never waits for device work.
+        """
+        merged = reservation.merge(requests)
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            plan = []
+            immediate = admission = new_rows = 0
+            for cache_id, (target, bound) in merged.items():
+                record = self._live.get(cache_id)
+                if record is not None and len(record.rows) != 1:
+                    raise FerrumError.invalid_parameter(
+                        f"sequence {cache_id!r} holds {len(record.rows)} rows; KV slots are "
+                        "reserved for single-row sequences"
+                    )
+                self._check_length(cache_id, target)
+                # A bound past the context cannot be reached: the sequence ends there first.
+                bound = min(bound, self.max_sequence_length)
+                row = (
+                    record.rows[0]
+                    if record is not None
+                    else Row([], [], params_version=self.params_version)
+                )
+                new_rows += record is None
+                pages = max(attention.pages_for(target, self.block_size) - len(row.pages), 0)
+                # A shared page the next token writes is copied at the step: count it here.
+                immediate += self._pages_needed(row, target) if target > len(row) else 0
+                admission += self._pages_needed(row, bound) if bound > len(row) else 0
+                plan.append((cache_id, record, row, pages))
+            free = self._allocatable()
+            if admission > free:
+                raise kv_admission_exhausted(admission, immediate, free)
+            self._check_rows_available(new_rows)
+            allocations = []
+            for cache_id, record, row, pages in plan:
+                before = len(row.pages)
+                row.pages.extend(self._allocator.allocate(pages))
+                if record is None:
+                    self._live[cache_id] = Record(cache_id, [row], time.monotonic())
+                    self._released_by_update.discard(cache_id)
+                allocations.append(KvSlotAllocation(cache_id, before, len(row.pages), pages))
+            return KvSlotReservation(
+                block_size=self.block_size,
+                total_blocks=self._num_pages,
+                free_blocks_before=free,
+                free_blocks_after=self._allocatable(),
+                allocations=allocations,
+            )
+
     async def prefill(self, input: PrefillInput) -> PrefillOutput:
         return (await self.batch_prefill([input]))[0]
 
@@ -1399,11 +1543,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
                 copies: list[tuple[int, int]] = []
                 works = []
-                for record, ids in checked:
+                for input, (record, ids) in zip(inputs, checked, strict=True):
                     txn.touch(record.cache_id, record)
+                    # One policy per input: it picks a token only for a single-row sequence.
+                    policy = self._greedy_policy(input) if len(record.rows) == 1 else None
                     for row, token in zip(record.rows, ids, strict=True):
                         self._grow(row, len(row) + 1, copies)
-                        works.append(_Work(row, np.asarray([token], np.int32), len(row)))
+                        works.append(
+                            _Work(row, np.asarray([token], np.int32), len(row), greedy=policy)
+                        )
             n = len(works)
             try:
                 self._device("decode", n, n, lambda: self._run_works(copies, works))
@@ -1419,7 +1567,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for work in works[start : start + rows]:
                         work.row.tokens.extend(work.tokens.tolist())
                     self._commit(txn, record)
-                    logits = np.stack([w.logits for w in works[start : start + rows]])
+                    logits = np.stack([w.answer() for w in works[start : start + rows]])
                     outputs.append(DecodeOutput(JaxTensor(jax.device_put(logits)), input.kv_cache))
                     start += rows
             return outputs
@@ -1454,8 +1602,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 copies: list[tuple[int, int]] = []
                 works = []
                 borrowed = []
-                for item, record, tokens in plan:
+                for item, record, tokens, _ in plan:
                     txn.touch(item.seq_id, record)
+                    policy = self._greedy_policy(item) if item.is_final_chunk else None
                     row = (
                         record.rows[0]
                         if record is not None
@@ -1465,7 +1614,10 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     borrowed.append(reused)
                     self._grow(row, item.pos_offset + len(tokens), copies)
                     want = "last" if item.is_final_chunk else "none"
-                    works.append(_Work(row, tokens[reused:], item.pos_offset + reused, want))
+                    works.append(
+                        _Work(row, tokens[reused:], item.pos_offset + reused, want, greedy=policy)
+                    )
+                self._presize(plan, works)
             tokens = sum(len(w.tokens) for w in works)
             try:
                 self._device("decode", tokens, len(works), lambda: self._run_works(copies, works))
@@ -1473,32 +1625,46 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 with self._host:
                     self._release_fresh(plan, works)
                     kept = [
-                        (w, n) for w, n, (_, r, _) in zip(works, borrowed, plan, strict=True) if r
+                        (w, n)
+                        for w, n, (_, r, _, _) in zip(works, borrowed, plan, strict=True)
+                        if r
                     ]
                     for w, n in kept:
                         self._unborrow(w.row, n)
                     self._shrink([w for w, _ in kept])
                 raise
             with self._host:
-                for (item, record, tokens), w in zip(plan, works, strict=True):
+                for (item, record, tokens, _), w in zip(plan, works, strict=True):
                     w.row.tokens.extend(w.tokens.tolist())
-                    fresh = record is None
-                    if fresh:
+                    if record is None:
                         record = self._new_record(txn, item.seq_id, [w.row])
                     # A one-token item continuing a sequence is taken for a decode.
-                    prefill = len(tokens) > 1 or fresh
+                    prefill = len(tokens) > 1 or item.pos_offset == 0
                     if prefill:
                         self._stats.prefill_tokens_computed += len(w.tokens)
                     self._commit(txn, record)
                     if prefill:
                         self._cache_full_pages(record.rows)
-            return [w.logits for w in works]
+            return [w.answer() for w in works]
 
         return await self._run(work)
 
+    @staticmethod
+    def _greedy_policy(input: Any) -> LogitsReturnPolicy | None:
+        """An item's `GreedyArgmax` policy, None for `FullLogits`."""
+        policy = input.logits_policy
+        if not isinstance(policy, LogitsReturnPolicy):
+            raise FerrumError.invalid_parameter(
+                f"logits_policy must be a LogitsReturnPolicy, got {policy!r}"
+            )
+        return None if policy.requires_full_logits() else policy
+
     def _plan_unified(self, items: list[Any]) -> list[tuple]:
-        """Per item `(item, record or None, tokens)`; every check before any change."""
-        plan, seen, new_rows, pages = [], set(), 0, 0
+        """Per item `(item, record or None, tokens, capacity hint or None)`; every check
+        before any change. Pages that do not suffice for the items, or for their metadata's
+        `ferrum_kv_admission_target_len` bounds (checked, never allocated), fail the whole
+        batch with the text Ferrum's engine parses."""
+        plan, seen, new_rows, pages, admission = [], set(), 0, 0, 0
         for item in items:
             if not isinstance(item, UnifiedBatchItem):
                 raise FerrumError.invalid_parameter(f"expected a UnifiedBatchItem, got {item!r}")
@@ -1530,6 +1696,12 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"is_final_chunk of {item.seq_id!r} must be a bool, got {item.is_final_chunk!r}"
                 )
+            self._greedy_policy(item)  # checked before any change; the step reads it again
+            metadata = item.metadata if isinstance(item.metadata, dict) else None
+            target = int(offset) + len(tokens)
+            bound = reservation.metadata_length(metadata, reservation.ADMISSION_KEY, item.seq_id)
+            bound = min(max(bound or 0, target), self.max_sequence_length)
+            hint = reservation.metadata_length(metadata, reservation.CAPACITY_HINT_KEY, item.seq_id)
             record = self._live.get(item.seq_id)
             if record is None:
                 if offset != 0:
@@ -1539,6 +1711,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     )
                 new_rows += 1
                 pages += attention.pages_for(len(tokens), self.block_size)
+                admission += attention.pages_for(bound, self.block_size)
             else:
                 if len(record.rows) != 1:
                     raise FerrumError.invalid_parameter(
@@ -1550,15 +1723,29 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                         f"pos_offset {offset} of {item.seq_id!r} differs from its length "
                         f"{len(record.rows[0])}"
                     )
-                pages += self._pages_needed(record.rows[0], offset + len(tokens))
-            self._check_length(item.seq_id, int(offset) + len(tokens))
-            plan.append((item, record, tokens))
+                pages += self._pages_needed(record.rows[0], target)
+                admission += self._pages_needed(record.rows[0], bound)
+            self._check_length(item.seq_id, target)
+            plan.append((item, record, tokens, hint if offset == 0 else None))
         self._check_rows_available(new_rows)
-        self._check_pages(pages)
+        if admission > (free := self._allocatable()):
+            raise kv_admission_exhausted(admission, pages, free)
         return plan
 
+    def _presize(self, plan: list[tuple], works: list[_Work]) -> None:
+        """New sequences take the pages of their `ferrum_kv_capacity_hint` up front, as the
+        reference does, where the pool has them beyond this batch's needs (else they grow
+        step by step): their decodes then never wait on the pool."""
+        for (_, _, _, hint), work in zip(plan, works, strict=True):
+            if hint is None:
+                continue
+            length = min(hint, self.max_sequence_length)
+            extra = attention.pages_for(length, self.block_size) - len(work.row.pages)
+            if extra > 0 and self._allocator.can_allocate(extra):
+                work.row.pages.extend(self._allocator.allocate(extra))
+
     def _release_fresh(self, plan: list[tuple], works: list[_Work]) -> None:
-        for (_, record, _), work in zip(plan, works, strict=True):
+        for (_, record, _, _), work in zip(plan, works, strict=True):
             if record is None:
                 self._allocator.release(work.row.pages)
                 work.row.pages = []
@@ -1939,6 +2126,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 "prefill_tokens_computed": self._stats.prefill_tokens_computed,
                 "prefill_tokens_reused": self._stats.prefill_tokens_reused,
                 "steps": self._stats.steps,
+                "logits_bytes_to_host": self._stats.logits_bytes_to_host,
                 "params_version": self.params_version,
             }
             if self._prefix is not None:
