@@ -541,6 +541,18 @@ def test_allow_non_finite_loads_as_saved(tmp_path):
     )
 
 
+def test_the_executor_refuses_non_finite_weights_unless_allowed(tmp_path):
+    """`JaxModelExecutor.from_pretrained` (and the factory through it) loads as load_model."""
+    from ferrum_jax.executor import JaxModelExecutor
+
+    hf = write_hf(tmp_path / "m", poisoned(EMBED))
+    expect(ErrorKind.MODEL, JaxModelExecutor.from_pretrained, str(hf), max_sequence_length=16)
+    executor = JaxModelExecutor.from_pretrained(
+        str(hf), max_sequence_length=16, allow_non_finite=True
+    )
+    assert executor.info().num_layers >= 1
+
+
 @pytest.mark.parametrize("value", ["false", 0, None])
 def test_allow_non_finite_is_a_bool(tmp_path, value):
     hf = write_hf(tmp_path / "m", weights())

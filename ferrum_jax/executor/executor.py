@@ -383,11 +383,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         dtype: str = "float32",
         mesh: jax.sharding.Mesh | None = None,
         quantize: str | None = None,
+        allow_non_finite: bool = False,
         **options: Any,
     ) -> JaxModelExecutor:
         """Loads an HF directory, a `.gguf` file or an orbax directory (None: SmolLM2), with
-        linear weights quantized to `quantize` (`"int8"`, `"int4"`; `load_model`);
-        `options` are the constructor's keywords (`max_kv_tokens`, `kv_dtype`, ...)."""
+        linear weights quantized to `quantize` (`"int8"`, `"int4"`; `load_model`; weights
+        holding NaN or infinity are refused unless `allow_non_finite`); `options` are the
+        constructor's keywords (`max_kv_tokens`, `kv_dtype`, ...)."""
         from ferrum_jax.checkpoint import load_model
 
         model_dtype(dtype)
@@ -395,7 +397,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         kv_quant.check_kv_dtype(options.get("kv_dtype"))
         max_batch_size = _count("max_batch_size", max_batch_size)
         max_sequence_length = _count("max_sequence_length", max_sequence_length)
-        loaded = load_model(model, dtype=dtype, mesh=mesh, quantize=quantize)
+        loaded = load_model(
+            model, dtype=dtype, mesh=mesh, quantize=quantize, allow_non_finite=allow_non_finite
+        )
         if max_sequence_length > loaded.config.max_position_embeddings:
             raise FerrumError.config(
                 f"max_sequence_length {max_sequence_length} exceeds the model's "
