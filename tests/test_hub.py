@@ -183,6 +183,7 @@ class _FakeHub:
 )
 def test_downloads_never_take_pickles(cache, monkeypatch, files, expect):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_module, "_unreachable", lambda: None)  # the fake hub is "online"
     root = cache / "models--org--online" / "snapshots" / MAIN
     root.mkdir(parents=True)
     fake = _FakeHub(files, root)
@@ -204,6 +205,7 @@ def test_downloads_never_take_pickles(cache, monkeypatch, files, expect):
 
 def test_a_failed_download_names_both(cache, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_module, "_unreachable", lambda: None)  # the fake hub is "online"
     fake = _FakeHub([], tmp_path)
 
     def unreachable(repo_id, revision=None):
@@ -277,6 +279,7 @@ def test_cached_ref_leading_out_of_the_cache_is_refused(cache, models, tmp_path)
 
 def test_failed_download_falling_back_on_a_hostile_ref_is_refused(cache, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_module, "_unreachable", lambda: None)  # the fake hub is "online"
     fake = _FakeHub(["config.json", "model.safetensors"], tmp_path)
     monkeypatch.setattr(hub_module, "_hub", lambda: fake)
     with pytest.raises(FerrumError, match="outside"):
@@ -304,3 +307,30 @@ def test_gguf_file_not_a_file_name_is_one_invalid_parameter(cache, gguf_file):
         model_format("org/smol-GGUF", gguf_file=gguf_file)
     assert e.value.kind is ErrorKind.INVALID_PARAMETER
     assert "gguf_file" in e.value.message and repr(gguf_file) in e.value.message
+
+
+def test_an_unreachable_hub_is_one_line_without_retries(cache, monkeypatch, tmp_path):
+    """No network and not offline: one error after a short connection probe; the library's
+    5 retries with backoff (35 s, 10 warnings) are never reached."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    fake = _FakeHub(["config.json", "model.safetensors"], tmp_path)
+    fake.list_repo_files = lambda *a, **k: pytest.fail("the library was asked to download")
+    monkeypatch.setattr(hub_module, "_hub", lambda: fake)
+    probed = []
+
+    def refuse(address, timeout):
+        probed.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(hub_module.socket, "create_connection", refuse)
+    with pytest.raises(FerrumError) as e:
+        load_model("org/online")
+    assert probed == [(("hub.example", 8443), hub_module._PROBE_TIMEOUT_S)]
+    assert e.value.kind is ErrorKind.NOT_FOUND and "\n" not in e.value.message
+    assert "hub.example:8443 cannot be reached (Name or service not known)" in e.value.message
+    # Behind a proxy only the library knows the way: no probe.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub_module._unreachable() is None

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import socket
+import urllib.parse
 from typing import Any
 
 from ferrum_jax.errors import FerrumError
@@ -39,6 +41,11 @@ _CONFIG_FILES = [
 _SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_PROBE_TIMEOUT_S = 2.0
+"""How long the hub may take to accept a connection before a download is given up:
+`huggingface_hub` retries each request 5 times with backoff, 35 s and 10 retry warnings
+without a network here, before failing anyway."""
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
 
 
 def is_repo_id(name: str | os.PathLike) -> bool:
@@ -104,6 +111,12 @@ def resolve(
         raise FerrumError.not_found(
             f"{where}: no such file or directory, and {miss}; HF_HUB_OFFLINE is set, so "
             "nothing was downloaded"
+        )
+    unreachable = _unreachable()
+    if unreachable is not None:
+        raise FerrumError.not_found(
+            f"{where}: no such file or directory, {miss}, and {unreachable}, so nothing was "
+            "downloaded"
         )
     # The library falls back on the cache's refs/ when the network fails: check again.
     found = _download(hub, repo_id, revision, gguf_file, cache, where, miss)
@@ -183,6 +196,22 @@ def _inside_cache(
             "corrupted or hostile refs/ file?); refusing to load it"
         )
     return path
+
+
+def _unreachable() -> str | None:
+    """Why the hub endpoint (`HF_ENDPOINT`) cannot be reached, or None when it accepts a
+    connection within `_PROBE_TIMEOUT_S`. Behind a proxy the library knows the way: no
+    probe."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{url.netloc} cannot be reached ({e})"
+    return None
 
 
 def _hub() -> Any:
