@@ -387,9 +387,9 @@ def run(
     bar.close()
     elapsed = time.perf_counter() - start
     progress.logger.info(
-        "%d sequences, %d tokens in %.1f s (%.1f tokens/s)",
-        finished,
-        tokens,
+        "%s, %s in %.1f s (%.1f tokens/s)",
+        progress.plural(finished, "sequence"),
+        progress.plural(tokens, "token"),
         elapsed,
         tokens / elapsed if elapsed > 0 else 0.0,
     )

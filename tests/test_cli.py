@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -515,6 +516,30 @@ def test_progress_lines_quiet_and_the_stopped_notice(capsys, tiny_chat_model):
     assert quiet_err == "[stopped: max-new-tokens 3 reached]\n"
     _, _, json_err = run_cli(capsys, *argv, "--quiet", "--json")
     assert json_err == ""  # --json carries finish_reason instead
+
+
+def test_generate_reports_compile_time_apart_from_decoding(capsys, tiny_chat_model):
+    """The decode tokens/s leaves out compiling: the issue's cold run said "first after
+    6.78 s, then 1.2 tokens/s" with the decode step's compile counted as decoding."""
+    import jax
+
+    jax.clear_caches()  # this process compiles the tiny model's programs afresh
+    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "5"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0
+    speed = next(line for line in err.splitlines() if "first token after" in line)
+    assert re.fullmatch(
+        r"ferrum-jax: 5 tokens: first token after \d+\.\d\d s \(compile \d+\.\d\d s\), "
+        r"then \d+\.\d tokens/s( \(decode compile \d+\.\d\d s excluded\))?",
+        speed,
+    ), speed
+    jax.clear_caches()
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    timings = json.loads(out)["timings"]
+    assert 0 < timings["compile_s"] <= timings["prefill_s"]
+    assert 0 < timings["decode_compile_s"] < timings["decode_s"]  # the first decode step compiles
+    running = timings["decode_s"] - timings["decode_compile_s"]
+    assert timings["decode_tok_s"] == pytest.approx(4 / running)
 
 
 def test_stop_token_ends_generation_with_real_timings(capsys):
