@@ -10,6 +10,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -540,6 +541,26 @@ def test_generate_reports_compile_time_apart_from_decoding(capsys, tiny_chat_mod
     assert 0 < timings["decode_compile_s"] < timings["decode_s"]  # the first decode step compiles
     running = timings["decode_s"] - timings["decode_compile_s"]
     assert timings["decode_tok_s"] == pytest.approx(4 / running)
+
+
+def test_the_wait_for_a_first_token_prints_a_line_off_a_terminal(
+    capsys, monkeypatch, tiny_chat_model
+):
+    from ferrum_jax import progress, streaming
+
+    stream = streaming.stream_tokens
+
+    def slow_first_token(*args, **kwargs):
+        time.sleep(0.3)  # stands for compiling the prefill: 5-10 s on a 2-core CPU
+        yield from stream(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "stream_tokens", slow_first_token)
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.1)
+    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "2"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0
+    assert re.search(r"^ferrum-jax: prefill: \d+ s$", err, re.MULTILINE), err
+    assert "prefill:" not in run_cli(capsys, *argv, "--quiet")[2]
 
 
 def test_stop_token_ends_generation_with_real_timings(capsys):

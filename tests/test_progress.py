@@ -161,3 +161,18 @@ def test_plural():
     assert progress.plural(1, "sequence") == "1 sequence"
     assert progress.plural(0, "line") == "0 lines"
     assert progress.plural(6, "line") == "6 lines"
+
+
+def test_on_a_terminal_a_stage_is_a_timer_redrawn_while_it_runs(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "REDRAW_S", _INTERVAL_S)
+    with progress.waiting("loading"):
+        time.sleep(_SLOW_STEP_S)  # no step to count: only the redraw shows time passing
+    assert "loading: 00:00" in terminal.getvalue()
+    with progress.stage_lines(quiet=True):
+        terminal.seek(0)
+        terminal.truncate()
+        with progress.waiting("hidden"), progress.bar(1, "hidden too", "step"):
+            time.sleep(_SLOW_STEP_S)
+    assert terminal.getvalue() == ""
