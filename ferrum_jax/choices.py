@@ -1,7 +1,8 @@
 """The names the command line offers, importable without JAX.
 
 `ferrum-jax --help` builds its parser from these: importing JAX (through `dtypes`,
-`models.quant`, `models.kv_quant`) took `--version` and `--help` 2.3-3.8 s on a 2-core CPU.
+`models.quant`, `models.kv_quant`) made `--version` and `--help` take 3.4-4.3 s on a busy
+2-core CPU; they take 0.15-0.17 s without it.
 The modules that implement each choice hold the same names (`dtypes.MODEL_DTYPES`,
 `models.kv_quant.KV_DTYPES`, `models.quant.QUANTIZATIONS`); tests/test_startup.py checks
 that they agree.

@@ -28,8 +28,9 @@ from ferrum_jax.choices import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZATION_NAMES, 
 from ferrum_jax.errors import ErrorKind, FerrumError
 
 # Everything that imports JAX is imported inside the function that needs it: the parser is
-# built from `choices` alone, so `--version` and `--help` answer in 0.2 s instead of 2.3-3.8 s
-# (a 2-core CPU), and tests/test_startup.py checks that they never import JAX.
+# built from `choices` alone, so `--version` and `--help` answer in 0.15-0.17 s instead of
+# 3.4-4.3 s (a busy 2-core AMD EPYC), and tests/test_startup.py checks that they never
+# import JAX.
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
@@ -156,23 +157,25 @@ def _min_p(text: str) -> float:
     return value
 
 
-def _by_sampling_rule(rule: str, text: str) -> int:
-    """An integer flag checked by the rule JSONL lines and the API share (`sampling.<rule>`);
-    `sampling` imports JAX, so only a flag given on the command line loads it."""
-    from ferrum_jax import sampling
-
+def _by_sampling_rule(check: Callable[[int], int], text: str) -> int:
+    """An integer flag checked by the rule JSONL lines and the API share (`sampling`)."""
     try:
-        return getattr(sampling, rule)(_integer(text))
+        return check(_integer(text))
     except FerrumError as e:  # the rule's words without its parameter name: argparse adds the flag
         raise argparse.ArgumentTypeError(e.message.split(" ", 1)[1]) from None
 
 
+# `sampling` imports JAX: only a flag given on the command line loads it.
 def _top_k(text: str) -> int:
-    return _by_sampling_rule("check_top_k", text)
+    from ferrum_jax.sampling import check_top_k
+
+    return _by_sampling_rule(check_top_k, text)
 
 
 def _seed(text: str) -> int:
-    return _by_sampling_rule("check_seed", text)
+    from ferrum_jax.sampling import check_seed
+
+    return _by_sampling_rule(check_seed, text)
 
 
 def _token_limit(text: str) -> int | str:
