@@ -24,12 +24,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ferrum_jax.batch_generation import GenerationRequest, generate_batch
+from ferrum_jax.batch_generation import GenerationRequest, check_request, generate_batch
 from ferrum_jax.checkpoint.load import load_model
 from ferrum_jax.engine.buckets import bucket
 from ferrum_jax.engine.score import DEFAULT_MAX_TOKENS, rolling_windows, score
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
+from ferrum_jax.sampling import SamplingParams
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -75,6 +76,14 @@ _IGNORED = frozenset(
 
 _GEN_KWARGS = frozenset({"do_sample", "temperature", "top_k", "top_p", "min_p", "seed"})
 """Generation kwargs understood besides `until` and `max_gen_toks` (normalised by lm-eval)."""
+_REAL_GEN_KWARGS = frozenset({"temperature", "top_p", "min_p"})
+_INT_GEN_KWARGS = frozenset(
+    {"max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
+)
+"""Numeric generation kwargs whose type is checked here, before lm-eval's
+`normalize_gen_kwargs` and `SamplingParams.make` convert them with `float()`/`int()` (a bare
+ValueError on `"hot"`, or 1.5 truncated to 1). `top_k` and `seed` are integers by
+`SamplingParams.make` and `check_request` themselves."""
 _NEUTRAL_GEN_KWARGS = {"num_beams": 1, "repetition_penalty": 1.0, "use_cache": True}
 """Generation kwargs accepted at the value that changes nothing."""
 
@@ -102,6 +111,31 @@ def _int(value: Any, name: str, *, minimum: int = 1) -> int | None:
             f"{name} must be an integer >= {minimum}, got {value!r}"
         )
     return number
+
+
+def _check_gen_types(gen_kwargs: dict[str, Any]) -> None:
+    """Numbers where lm-eval and the sampler expect them (bools are not numbers here),
+    `do_sample` a bool, `until` a string or a list of strings."""
+    for name, value in gen_kwargs.items():
+        if name in _REAL_GEN_KWARGS:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            what = "a number"
+        elif name in _INT_GEN_KWARGS:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            what = "an integer"
+        elif name == "do_sample":
+            ok, what = isinstance(value, bool), "true or false"
+        elif name == "until":
+            ok = isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(s, str) for s in value)
+            )
+            what = "a string or a list of strings"
+        else:
+            continue  # the neutral and unknown kwargs are named after normalising
+        if not ok:
+            raise FerrumError.invalid_parameter(
+                f"gen_kwargs {name} must be {what}, got {type(value).__name__} {value!r}"
+            )
 
 
 @register_model(NAME)
@@ -313,13 +347,15 @@ class FerrumJaxLM(TemplateLM):
         """Scores `(context, continuation)` token pairs, truncated on the left to
         `max_length + 1` tokens as `HFLM` does; `batch_size` pairs per step, longest first."""
         contexts, continuations = [], []
-        for context, continuation in pairs:
+        for i, (context, continuation) in enumerate(pairs):
             if not continuation:
-                raise FerrumError.invalid_parameter("a loglikelihood continuation has no tokens")
+                raise FerrumError.invalid_parameter(
+                    f"loglikelihood pair {i}: the continuation encodes to no tokens"
+                )
             if len(continuation) > self.max_length:
                 raise FerrumError.invalid_parameter(
-                    f"a continuation of {len(continuation)} tokens exceeds max_length "
-                    f"{self.max_length}"
+                    f"loglikelihood pair {i}: a continuation of {len(continuation)} tokens "
+                    f"exceeds max_length {self.max_length}"
                 )
             whole = (context + continuation)[-(self.max_length + 1) :]
             contexts.append(whole[: len(whole) - len(continuation)])
@@ -343,6 +379,28 @@ class FerrumJaxLM(TemplateLM):
         bar.close()
         return out  # type: ignore[return-value]
 
+    def loglikelihood(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        """As `TemplateLM.loglikelihood`, once every request is checked: two strings, the
+        continuation not empty (lm-eval's own code fails on an empty one with an IndexError
+        or scores nothing)."""
+        for i, request in enumerate(requests):
+            args = getattr(request, "args", None)
+            if not (
+                isinstance(args, tuple) and len(args) == 2 and all(isinstance(a, str) for a in args)
+            ):
+                raise FerrumError.invalid_parameter(
+                    f"loglikelihood request {i}: args must be (context, continuation) strings, "
+                    f"got {args!r}"
+                )
+            if not args[1]:
+                raise FerrumError.invalid_parameter(
+                    f"loglikelihood request {i}: the continuation is empty (context "
+                    f"{args[0][:40]!r}); there is nothing to score"
+                )
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(
         self,
         requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
@@ -363,7 +421,12 @@ class FerrumJaxLM(TemplateLM):
         """Whole-text log-likelihoods over `max_length` windows (each token scored once)."""
         windows, owner = [], []
         for i, request in enumerate(requests):
-            (text,) = request.args
+            args = getattr(request, "args", None)
+            if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], str)):
+                raise FerrumError.invalid_parameter(
+                    f"loglikelihood_rolling request {i}: args must be (text,), got {args!r}"
+                )
+            (text,) = args
             for pair in rolling_windows(
                 self.tok_encode(text), prefix_token=self.prefix_token_id, max_length=self.max_length
             ):
@@ -379,13 +442,31 @@ class FerrumJaxLM(TemplateLM):
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def _generation_request(self, index: int, context: str, gen_kwargs: dict) -> GenerationRequest:
+    def _generation_request(self, index: int, args: Any) -> GenerationRequest:
+        """The request for `generate_until` request `index` (`args`: its `(context,
+        gen_kwargs)`); every bad argument is one `FerrumError` naming the request and the
+        key, before anything runs."""
+        try:
+            if not (isinstance(args, tuple) and len(args) == 2):
+                raise FerrumError.invalid_parameter(
+                    f"args must be (context, gen_kwargs), got {args!r}"
+                )
+            return self._checked_request(index, *args)
+        except FerrumError as e:
+            raise type(e)(e.kind, f"generate_until request {index}: {e.message}") from None
+
+    def _checked_request(self, index: int, context: str, gen_kwargs: dict) -> GenerationRequest:
+        if not isinstance(context, str):
+            raise FerrumError.invalid_parameter(f"the context must be a string, got {context!r}")
         if not isinstance(gen_kwargs, dict):
             raise FerrumError.invalid_parameter(f"gen_kwargs must be a dict, got {gen_kwargs!r}")
+        # None means "not given", as lm-eval's own max-token aliases read it.
+        gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
+        _check_gen_types(gen_kwargs)
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-        max_gen = int(kwargs.pop("max_gen_toks"))
+        max_gen = _int(kwargs.pop("max_gen_toks"), "max_gen_toks")
         for name, neutral in _NEUTRAL_GEN_KWARGS.items():
             if name in kwargs and kwargs.pop(name) != neutral:
                 raise FerrumError.unsupported(
@@ -394,7 +475,20 @@ class FerrumJaxLM(TemplateLM):
         unknown = sorted(set(kwargs) - _GEN_KWARGS)
         if unknown:
             raise FerrumError.unsupported(f"generation kwargs {', '.join(unknown)}")
-        sampled = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature", 1.0)) > 0
+        temperature = kwargs.get("temperature", 1.0)  # transformers' default, as HFLM samples
+        top_p = kwargs.get("top_p", 1.0)
+        values = {
+            "temperature": temperature,
+            "top_k": kwargs.get("top_k", 0),
+            # transformers' TopPLogitsWarper accepts top_p=0 (it refuses only < 0 and > 1)
+            # and then keeps the single most likely token: HFLM generates greedily. Ours
+            # takes (0, 1] (vLLM's range), so 0 is that greedy decoding, said explicitly.
+            "top_p": 1.0 if top_p == 0 else top_p,
+            "min_p": kwargs.get("min_p", 0.0),
+        }
+        # The ranges, in SamplingParams' own words, checked whether or not they are used.
+        SamplingParams.make(1, **values)
+        sampled = kwargs["do_sample"] and temperature > 0 and top_p != 0
         max_context = self.max_length - max_gen
         if max_context < 1:
             raise FerrumError.invalid_parameter(
@@ -403,18 +497,18 @@ class FerrumJaxLM(TemplateLM):
             )
         # HFLM keeps the last `max_length - max_gen_toks` prompt tokens.
         prompt = self._prompt_encode(context)[-max_context:]
-        return GenerationRequest(
+        greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        request = GenerationRequest(
             prompt_ids=prompt,
             max_new_tokens=max_gen,
-            temperature=float(kwargs.get("temperature", 1.0)) if sampled else 0.0,
-            top_k=int(kwargs.get("top_k") or 0) if sampled else 0,
-            top_p=float(kwargs.get("top_p") or 1.0) if sampled else 1.0,
-            min_p=float(kwargs.get("min_p") or 0.0) if sampled else 0.0,
-            seed=int(kwargs.get("seed", self.seed + index)),
+            seed=kwargs.get("seed", self.seed + index),
             stop=tuple(s for s in until if s),
             stop_token_ids=self._stop_token_ids(),
             key=index,
+            **(values if sampled else greedy),
         )
+        check_request(request, vocab=self.vocab_size, max_sequence_length=self.max_length)
+        return request
 
     def _stop_token_ids(self) -> tuple[int, ...]:
         """What ends generation in transformers: the tokenizer's EOS ids and the config's."""
@@ -427,7 +521,7 @@ class FerrumJaxLM(TemplateLM):
         first stop string."""
         if not requests:
             return []
-        made = [self._generation_request(i, *request.args) for i, request in enumerate(requests)]
+        made = [self._generation_request(i, request.args) for i, request in enumerate(requests)]
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in made)
         # A power-of-two sequence length: another call with similar requests reuses the
         # executor's compiled programs.

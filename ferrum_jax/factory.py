@@ -7,6 +7,7 @@ import asyncio
 import jax
 
 from ferrum_jax import sharding
+from ferrum_jax.checkpoint.build import check_allow_non_finite
 from ferrum_jax.dtypes import MODEL_DTYPES
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
@@ -37,6 +38,7 @@ _OPTIONS = frozenset(
         "attention_impl",
         "kv_dtype",
         "quantize",
+        "allow_non_finite",
     }
 )
 """`executor_options` keys; all but `model_path` and `mesh` are the executor's keywords."""
@@ -48,7 +50,8 @@ class JaxExecutorFactory(ModelExecutorFactory):
     `executor_options` may hold `model_path` (HF directory, `.gguf` file or orbax directory;
     absent: the embedded SmolLM2), `mesh` (`"data=D,model=M"`), and the executor's
     `enable_prefix_caching`, `max_kv_tokens`, `kv_memory_fraction`, `max_num_batched_tokens`,
-    `attention_impl` and `kv_dtype`, and `from_pretrained`'s `quantize`. A paged
+    `attention_impl` and `kv_dtype`, and `from_pretrained`'s `quantize` and
+    `allow_non_finite`. A paged
     `attention_config.block_size` is the page size.
     """
 
@@ -140,6 +143,7 @@ class JaxExecutorFactory(ModelExecutorFactory):
         # Before any weight is read: bad formats name the supported ones.
         quantization_format(config.executor_options.get("quantize"))
         check_kv_dtype(config.executor_options.get("kv_dtype"))
+        check_allow_non_finite(config.executor_options.get("allow_non_finite", False))
 
 
 class JaxExecutorRegistry(ExecutorRegistry):

@@ -38,6 +38,31 @@ Deliberate differences from Rust:
 - Async trait methods are `async def`; `&mut self` methods (`warmup`, `shutdown`) take `self`.
 - Not ported: `ModelInfo::memory_requirements` (and its `ModelMemoryRequirements`), which the
   executor contract does not use.
+
+Ferrum main (1330a73, after 0.7.7) additions, with their own differences from Rust:
+
+- KV slot reservation: `KvSlotRequest`, `KvSlotAllocation`, `KvSlotReservation`,
+  `KvSlotCapacitySnapshot` (serde; frozen, unlike the 0.7.x structs) and the plain trait
+  methods `reserve_kv_slots` and `kv_slot_capacity_snapshot` (Rust `Result<Option<T>>` is
+  `T | None` or a raised `FerrumError`). `kv_admission_exhausted` builds the one
+  `resource_exhausted` error whose text the engine parses; Rust has no such helper (the
+  reference formats it inline).
+- Model-side greedy: `LogitsReturnPolicy` carries a payload, so it is a frozen dataclass over
+  `LogitsReturnPolicyKind` like `Device` (`LogitsReturnPolicy.FullLogits`,
+  `LogitsReturnPolicy.GreedyArgmax(token_mask, repetition_penalty)`, `default()`);
+  `TokenSelectionMask` and `GreedyRepetitionPenalty` are frozen dataclasses (see their
+  docstrings for the storage and fingerprint differences). None of the three is serde in
+  Rust, so none has `to_dict`. `len()` is `__len__`.
+- `logits_policy` (on `DecodeInput`, `UnifiedBatchItem`) and `recurrent_state` (on the
+  prefill/decode inputs and outputs and `UnifiedBatchItem`) are keyword-only fields at the
+  end, so positional construction from 0.7.x keeps working; Rust puts `recurrent_state`
+  second or third.
+- Recurrent state (`recurrent_state.rs`): `RecurrentStateTensorSpec`, `RecurrentStateSpec`
+  (serde; `RequestId` is a `str`), `RecurrentStateHandle` (without `as_any`) and
+  `RecurrentStateHandleStats` are ported because the contract names them; the engine-side
+  `RecurrentStateManager`, `RecurrentStateManagerStats` and `RecurrentStateResumePolicy` are
+  not. Every model here is attention-only: `recurrent_state_spec` returns None and every
+  `recurrent_state` field stays None.
 """
 
 from __future__ import annotations
@@ -47,10 +72,14 @@ import copy
 import dataclasses
 import enum
 import functools
+import hashlib
+import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Self
+
+import numpy as np
 
 from ferrum_jax.errors import ErrorKind, FerrumError
 
@@ -76,7 +105,14 @@ __all__ = [
     "ExecutorStatus",
     "ExecutorType",
     "FerrumError",
+    "GreedyRepetitionPenalty",
     "KvCacheHandle",
+    "KvSlotAllocation",
+    "KvSlotCapacitySnapshot",
+    "KvSlotRequest",
+    "KvSlotReservation",
+    "LogitsReturnPolicy",
+    "LogitsReturnPolicyKind",
     "MemoryRequirements",
     "ModelExecutor",
     "ModelExecutorFactory",
@@ -86,12 +122,18 @@ __all__ = [
     "OptimizationConfig",
     "PrefillInput",
     "PrefillOutput",
+    "RecurrentStateHandle",
+    "RecurrentStateHandleStats",
+    "RecurrentStateSpec",
+    "RecurrentStateTensorSpec",
     "SpeculativeDecodeOutput",
     "SpeculativeExecutor",
     "TensorLike",
     "TensorRef",
+    "TokenSelectionMask",
     "UnifiedBatch",
     "UnifiedBatchItem",
+    "kv_admission_exhausted",
 ]
 
 
@@ -655,6 +697,325 @@ class KvCacheHandle(abc.ABC):
 
 
 # --------------------------------------------------------------------------------------------
+# recurrent_state.rs (Ferrum main): the parts the executor contract names
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentStateTensorSpec(_Serde):
+    """One recurrent-state tensor owned by a model layer (Ferrum main).
+
+    `shape` excludes any request/batch slot dimension.
+    """
+
+    layer_index: int
+    name: str
+    shape: list[int]
+
+    def num_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentStateSpec(_Serde):
+    """Recurrent-state allocation request for one request (Ferrum main).
+
+    `request_id` is Rust's `RequestId`, a `str` here.
+    """
+
+    request_id: str
+    num_layers: int
+    tensors: list[RecurrentStateTensorSpec]
+    dtype: DataType
+    device: Device
+    max_batch_slots: int
+
+    def estimated_memory_bytes(self) -> int:
+        elements = sum(t.num_elements() for t in self.tensors)
+        return elements * self.max_batch_slots * self.dtype.size_bytes()
+
+
+@dataclasses.dataclass
+class RecurrentStateHandleStats:
+    """Statistics of one recurrent-state handle (Ferrum main; not serde)."""
+
+    memory_bytes: int
+    state_tensors: int
+    batch_slots: int
+    last_access: float  # time.monotonic() seconds, for eviction policies
+
+
+class RecurrentStateHandle(abc.ABC):
+    """Per-request state of state-space/hybrid layers (Ferrum main), separate from the KV cache.
+
+    Models here are attention-only, so no executor creates one; the type exists so the
+    `recurrent_state` fields and `recurrent_state_spec` are typed as in Rust.
+    """
+
+    @abc.abstractmethod
+    def request_id(self) -> str: ...
+
+    @abc.abstractmethod
+    def device(self) -> Device: ...
+
+    @abc.abstractmethod
+    def num_layers(self) -> int: ...
+
+    @abc.abstractmethod
+    def state_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    def clone_handle(self) -> RecurrentStateHandle:
+        """A new reference to the same state (not a deep copy)."""
+
+    @abc.abstractmethod
+    def stats(self) -> RecurrentStateHandleStats: ...
+
+    @abc.abstractmethod
+    def is_valid(self) -> bool: ...
+
+    @abc.abstractmethod
+    def cache_id(self) -> str: ...
+
+
+# --------------------------------------------------------------------------------------------
+# model_executor.rs (Ferrum main): KV slot reservation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KvSlotRequest(_Serde):
+    """One sequence's KV slot reservation request (Ferrum main).
+
+    `target_len` tokens must be writable before the next forward; `admission_target_len`, when
+    set, is a larger known-context bound that is only checked for fit, never allocated.
+    """
+
+    cache_id: str
+    target_len: int
+    admission_target_len: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KvSlotAllocation(_Serde):
+    """One cache's outcome of a reservation, in blocks (Ferrum main)."""
+
+    cache_id: str
+    blocks_before: int
+    blocks_after: int
+    new_blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KvSlotReservation(_Serde):
+    """Evidence of a successful reservation from a model-owned block pool (Ferrum main)."""
+
+    block_size: int
+    total_blocks: int
+    free_blocks_before: int
+    free_blocks_after: int
+    allocations: list[KvSlotAllocation]
+
+
+@dataclasses.dataclass(frozen=True)
+class KvSlotCapacitySnapshot(_Serde):
+    """Model-owned block pool capacity, observed without allocating (Ferrum main)."""
+
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+
+
+def kv_admission_exhausted(
+    admission_blocks: int, immediate_blocks: int, free_blocks: int
+) -> FerrumError:
+    """The `resource_exhausted` error of a reservation that does not fit.
+
+    Ferrum main's engine recognises KV pressure by parsing this exact text (continuous_engine
+    inner.rs:21-39), so it must not be reworded: `admission_blocks` new blocks are needed to
+    fit every request's admission bound, `immediate_blocks` of them for the target lengths,
+    and the pool has `free_blocks`.
+    """
+    return FerrumError.resource_exhausted(
+        f"paged KV admission: need {admission_blocks} admission blocks "
+        f"({immediate_blocks} immediate) but only {free_blocks} free"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# model_executor.rs (Ferrum main): model-side greedy argmax
+# --------------------------------------------------------------------------------------------
+
+_U32_MAX = 2**32 - 1
+
+
+def _mask_fingerprint(mask: bytes) -> int:
+    # Hashes what Rust's `Vec<i8>::hash` feeds its hasher (the length as a little-endian
+    # u64, then the bytes); blake2b stands in for `DefaultHasher`, whose output Rust does
+    # not promise to keep across releases, so no consumer can depend on the exact value.
+    digest = hashlib.blake2b(len(mask).to_bytes(8, "little") + mask, digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSelectionMask:
+    """Which token ids model-side greedy argmax may pick (Ferrum main).
+
+    Token `id` is allowed iff `id < len(mask)` and `valid_token_mask[id] != 0`. `fingerprint`
+    lets an executor cache the uploaded device mask without comparing the whole vector.
+
+    Differences from Rust: `valid_token_mask` (`Arc<[i8]>`) is immutable `bytes` holding each
+    i8's bit pattern (only zero vs non-zero matters); `fingerprint` is a blake2b-64 of the
+    same input Rust hashes (see `_mask_fingerprint`), not SipHash; equality and hashing are
+    by value (Rust derives neither); `repr` shows Rust's `Debug` fields (fingerprint, len,
+    valid_count) instead of the whole mask; `allowed()` (a bool array view) is an addition
+    for building device masks.
+    """
+
+    fingerprint: int
+    valid_token_mask: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.valid_token_mask, bytes):
+            raise FerrumError.invalid_parameter(
+                f"TokenSelectionMask.valid_token_mask must be bytes, got "
+                f"{type(self.valid_token_mask).__name__}"
+            )
+
+    @classmethod
+    def new(cls, valid_token_mask: bytes | Sequence[int] | np.ndarray) -> TokenSelectionMask:
+        """A mask from i8 values (`bytes` are taken as i8 bit patterns) or bools, fingerprinted.
+
+        Values outside i8 and non-integer or non-1-D input raise `invalid_parameter`: Rust's
+        `Vec<i8>` cannot hold them.
+        """
+        if not isinstance(valid_token_mask, bytes):
+            values = np.asarray(valid_token_mask)
+            if values.size == 0:
+                values = values.astype(np.int8)
+            if values.ndim != 1 or not (
+                np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_
+            ):
+                raise FerrumError.invalid_parameter(
+                    f"TokenSelectionMask needs a 1-D sequence of i8 values, got "
+                    f"{values.dtype} of shape {values.shape}"
+                )
+            if values.size and (values.min() < -128 or values.max() > 127):
+                raise FerrumError.invalid_parameter(
+                    "TokenSelectionMask values must fit in i8 (-128..=127)"
+                )
+            valid_token_mask = values.astype(np.int8).tobytes()
+        return cls(_mask_fingerprint(valid_token_mask), valid_token_mask)
+
+    def __len__(self) -> int:
+        return len(self.valid_token_mask)
+
+    def is_empty(self) -> bool:
+        return not self.valid_token_mask
+
+    def allowed(self) -> np.ndarray:
+        """The mask as a bool array of its own length (True: allowed)."""
+        return np.frombuffer(self.valid_token_mask, dtype=np.int8) != 0
+
+    def __repr__(self) -> str:
+        valid = len(self.valid_token_mask) - self.valid_token_mask.count(0)
+        return (
+            f"TokenSelectionMask(fingerprint={self.fingerprint}, "
+            f"len={len(self.valid_token_mask)}, valid_count={valid})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyRepetitionPenalty:
+    """Repetition penalty applied before model-side greedy argmax (Ferrum main).
+
+    Each listed id's logit `v` becomes `v / penalty` if `v > 0`, else `v * penalty`, once per
+    distinct id (duplicates are allowed and change nothing). The engine lists the distinct
+    generated ids, not prompt ids.
+
+    Differences from Rust: `token_ids` (`Arc<[u32]>`) is a tuple; `penalty` (f32) is a Python
+    float. The checks Rust's types make (a number; ids in u32) raise `invalid_parameter`;
+    Rust checks no more (a penalty of 0 or below is the engine's to avoid), nor does this.
+    """
+
+    penalty: float
+    token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.penalty, bool) or not isinstance(self.penalty, int | float):
+            raise FerrumError.invalid_parameter(
+                f"GreedyRepetitionPenalty.penalty must be a number, got {self.penalty!r}"
+            )
+        bad = [
+            t
+            for t in self.token_ids
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= _U32_MAX
+        ]
+        if bad:
+            raise FerrumError.invalid_parameter(
+                f"GreedyRepetitionPenalty.token_ids must be u32 token ids, got {bad[:4]!r}"
+            )
+
+    @classmethod
+    def new(cls, penalty: float, token_ids: Iterable[int]) -> GreedyRepetitionPenalty:
+        return cls(float(penalty), tuple(int(t) for t in token_ids))
+
+    def is_empty(self) -> bool:
+        """True when applying it changes nothing: no ids, or a penalty of exactly 1."""
+        return not self.token_ids or self.penalty == 1.0
+
+
+class LogitsReturnPolicyKind(enum.Enum):
+    """Variant tag of `LogitsReturnPolicy` (Rust variant names)."""
+
+    FULL_LOGITS = "FullLogits"
+    GREEDY_ARGMAX = "GreedyArgmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsReturnPolicy:
+    """How an executor may return a final position's logits (Ferrum main).
+
+    `LogitsReturnPolicy.FullLogits` (the default): the vocabulary-sized logits.
+    `LogitsReturnPolicy.GreedyArgmax(token_mask, repetition_penalty)`: the executor may
+    instead return `[float(token_id)]`, the lowest-index argmax of the logits after the penalty
+    and among the mask's allowed ids; with no allowed id it returns the full logits. Full
+    logits are always an accepted answer.
+    """
+
+    kind: LogitsReturnPolicyKind
+    token_mask: TokenSelectionMask | None = None
+    repetition_penalty: GreedyRepetitionPenalty | None = None
+
+    FullLogits: ClassVar[LogitsReturnPolicy]
+
+    def __post_init__(self) -> None:
+        if self.kind is LogitsReturnPolicyKind.FULL_LOGITS and (
+            self.token_mask is not None or self.repetition_penalty is not None
+        ):
+            raise FerrumError.invalid_parameter("LogitsReturnPolicy FullLogits takes no payload")
+
+    @classmethod
+    def GreedyArgmax(
+        cls,
+        token_mask: TokenSelectionMask | None = None,
+        repetition_penalty: GreedyRepetitionPenalty | None = None,
+    ) -> LogitsReturnPolicy:
+        return cls(LogitsReturnPolicyKind.GREEDY_ARGMAX, token_mask, repetition_penalty)
+
+    @classmethod
+    def default(cls) -> LogitsReturnPolicy:
+        """Rust's `Default`: `FullLogits`."""
+        return cls.FullLogits
+
+    def requires_full_logits(self) -> bool:
+        return self.kind is LogitsReturnPolicyKind.FULL_LOGITS
+
+
+LogitsReturnPolicy.FullLogits = LogitsReturnPolicy(LogitsReturnPolicyKind.FULL_LOGITS)
+
+
+# --------------------------------------------------------------------------------------------
 # model_executor.rs: inputs and outputs
 # --------------------------------------------------------------------------------------------
 
@@ -665,7 +1026,7 @@ class PrefillInput:
 
     0.7.6: `metadata` (request metadata that can affect execution; serde JSON values).
     0.7.x engines pass a pre-allocated `kv_cache` and, for a chunk continuing a sequence,
-    `position_ids` starting at its length.
+    `position_ids` starting at its length. Ferrum main: `recurrent_state` (keyword-only).
     """
 
     input_ids: TensorLike
@@ -673,9 +1034,13 @@ class PrefillInput:
     position_ids: TensorLike | None = None
     kv_cache: KvCacheHandle | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recurrent_state: RecurrentStateHandle | None = dataclasses.field(default=None, kw_only=True)
 
     def with_kv_cache(self, kv_cache: KvCacheHandle) -> PrefillInput:
         return dataclasses.replace(self, kv_cache=kv_cache)
+
+    def with_recurrent_state(self, recurrent_state: RecurrentStateHandle) -> PrefillInput:
+        return dataclasses.replace(self, recurrent_state=recurrent_state)
 
     def with_metadata(self, metadata: Mapping[str, Any]) -> PrefillInput:
         return dataclasses.replace(self, metadata=dict(metadata))
@@ -696,12 +1061,19 @@ class PrefillInput:
 
 @dataclasses.dataclass
 class PrefillOutput:
-    """Prefill result: logits `[batch, seq, vocab]` and the populated cache."""
+    """Prefill result: logits `[batch, seq, vocab]` and the populated cache.
+
+    Ferrum main: `recurrent_state` (keyword-only), the updated state when one is used.
+    """
 
     logits: TensorLike
     kv_cache: KvCacheHandle
     hidden_states: list[TensorLike] | None = None
     attention_weights: list[TensorLike] | None = None
+    recurrent_state: RecurrentStateHandle | None = dataclasses.field(default=None, kw_only=True)
+
+    def with_recurrent_state(self, recurrent_state: RecurrentStateHandle) -> PrefillOutput:
+        return dataclasses.replace(self, recurrent_state=recurrent_state)
 
     def last_token_logits(self) -> TensorLike:
         """Logits of the last position, as a `[batch, 1, vocab]` view (as in Rust)."""
@@ -718,19 +1090,31 @@ class PrefillOutput:
 class DecodeInput:
     """One decode step: `input_ids` is `[batch, 1]`, continuing `kv_cache`.
 
-    0.7.6: `metadata` (request metadata that can affect execution).
+    0.7.6: `metadata` (request metadata that can affect execution). Ferrum main, both
+    keyword-only: `recurrent_state` and `logits_policy` (how the step may return this
+    request's logits).
     """
 
     input_ids: TensorLike
     kv_cache: KvCacheHandle
     position_ids: TensorLike | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recurrent_state: RecurrentStateHandle | None = dataclasses.field(default=None, kw_only=True)
+    logits_policy: LogitsReturnPolicy = dataclasses.field(
+        default=LogitsReturnPolicy.FullLogits, kw_only=True
+    )
 
     def with_position_ids(self, positions: TensorLike) -> DecodeInput:
         return dataclasses.replace(self, position_ids=positions)
 
+    def with_recurrent_state(self, recurrent_state: RecurrentStateHandle) -> DecodeInput:
+        return dataclasses.replace(self, recurrent_state=recurrent_state)
+
     def with_metadata(self, metadata: Mapping[str, Any]) -> DecodeInput:
         return dataclasses.replace(self, metadata=dict(metadata))
+
+    def with_logits_policy(self, policy: LogitsReturnPolicy) -> DecodeInput:
+        return dataclasses.replace(self, logits_policy=policy)
 
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
@@ -757,6 +1141,12 @@ class UnifiedBatchItem:
     """Return the logits of the last token of `q_tokens`."""
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Request metadata that can affect execution."""
+    recurrent_state: RecurrentStateHandle | None = dataclasses.field(default=None, kw_only=True)
+    """The sequence's recurrent state (Ferrum main); None for attention-only models."""
+    logits_policy: LogitsReturnPolicy = dataclasses.field(
+        default=LogitsReturnPolicy.FullLogits, kw_only=True
+    )
+    """How the step may return this item's final logits (Ferrum main)."""
 
 
 @dataclasses.dataclass
@@ -776,12 +1166,19 @@ class UnifiedBatch:
 
 @dataclasses.dataclass
 class DecodeOutput:
-    """Decode result: next-token logits `[batch, vocab]` and the updated cache."""
+    """Decode result: next-token logits `[batch, vocab]` and the updated cache.
+
+    Ferrum main: `recurrent_state` (keyword-only), the updated state when one is used.
+    """
 
     logits: TensorLike
     kv_cache: KvCacheHandle
     hidden_state: TensorLike | None = None
     attention_weights: list[TensorLike] | None = None
+    recurrent_state: RecurrentStateHandle | None = dataclasses.field(default=None, kw_only=True)
+
+    def with_recurrent_state(self, recurrent_state: RecurrentStateHandle) -> DecodeOutput:
+        return dataclasses.replace(self, recurrent_state=recurrent_state)
 
 
 @dataclasses.dataclass
@@ -963,8 +1360,9 @@ class ModelExecutor(abc.ABC):
 
     The 0.7.x additions (`supports_native_unified_decode`, `kv_capacity`, `batch_prefill`,
     `unified_decode`, `truncate_kv`, `forward_verify`, `cache_metrics_snapshot`,
-    `lora_metrics_snapshot`) keep Rust's defaults, so a 0.6 executor still satisfies the
-    trait.
+    `lora_metrics_snapshot`) and Ferrum main's (`reserve_kv_slots`,
+    `kv_slot_capacity_snapshot`, `recurrent_state_spec`) keep Rust's defaults, so a 0.6
+    executor still satisfies the trait.
     """
 
     @abc.abstractmethod
@@ -976,6 +1374,30 @@ class ModelExecutor(abc.ABC):
 
     def kv_capacity(self) -> int | None:
         """Per-request KV capacity in tokens, when below the model's context (0.7.6)."""
+        return None
+
+    def reserve_kv_slots(self, requests: Sequence[KvSlotRequest]) -> KvSlotReservation | None:
+        """Reserve model-owned KV slots before a forward (Ferrum main).
+
+        The engine calls it before each `unified_decode` so a batch that cannot grow its KV is
+        deferred or preempted instead of failing inside attention; a batch that does not fit
+        raises `kv_admission_exhausted(...)`. Default: None (no model-owned paged KV), as in
+        Rust.
+        """
+        return None
+
+    def kv_slot_capacity_snapshot(self) -> KvSlotCapacitySnapshot | None:
+        """Model-owned paged-KV capacity without allocating (Ferrum main); default None."""
+        return None
+
+    def recurrent_state_spec(
+        self, request_id: str, input_tokens: Sequence[int]
+    ) -> RecurrentStateSpec | None:
+        """Recurrent state a request needs, asked before each prefill (Ferrum main).
+
+        Default: None, an attention-only model, as in Rust; the engine then leaves every
+        `recurrent_state` field None. Raising aborts the engine's prefill batch.
+        """
         return None
 
     @abc.abstractmethod
@@ -994,8 +1416,9 @@ class ModelExecutor(abc.ABC):
 
     async def unified_decode(self, batch: UnifiedBatch) -> list[Sequence[float] | None]:
         """One forward over a mixed batch (0.7.4): per item, the final position's logits
-        (`is_final_chunk`; Rust `Vec<f32>`, any float32 sequence here) or None. Default:
-        unsupported, as in Rust."""
+        (`is_final_chunk`; Rust `Vec<f32>`, any float32 sequence here) or None. Under a
+        `GreedyArgmax` policy (Ferrum main) the answer may be `[float(token_id)]`; the engine
+        reads any length-1 answer as a token id. Default: unsupported, as in Rust."""
         raise FerrumError.unsupported("unified_decode not implemented for this executor")
 
     async def forward(self, input: TensorLike) -> TensorLike:

@@ -273,6 +273,46 @@ MUTATIONS = (
             "tests/test_executor_hostile.py::test_5b_engine_decode_and_extend_past_max_len_are_refused",
         ),
     ),
+    # ---- issue 25: weight swaps, sequence ids, releases --------------------------------------
+    Mutation(
+        "25_2_pages_of_old_weights_cached",
+        "issue 25 item 2: rows live across a keep_cache swap give their pages to the cache",
+        (
+            (
+                EXECUTOR,
+                "        return row.params_version == self.params_version\n",
+                "        return True\n",
+            ),
+        ),
+        ("tests/test_unified.py::test_update_params_keep_cache_never_reuses_pages_of_old_weights",),
+    ),
+    Mutation(
+        "25_5_generated_id_takes_a_caller_id",
+        "issue 25 item 5: an id the executor makes may be a caller's live seq_id",
+        (
+            (
+                EXECUTOR,
+                "            if cache_id not in self._live and cache_id not in taken:\n",
+                "            if True:\n",
+            ),
+        ),
+        ("tests/test_unified.py::test_generated_ids_skip_seq_ids_callers_use",),
+    ),
+    Mutation(
+        "25_6_queued_call_outlives_a_release",
+        "issue 25 item 6: a call queued before a release creates the sequence anyway",
+        (
+            (
+                EXECUTOR,
+                "        if self._released_at.get(record.cache_id, -1) > txn.issued:\n",
+                "        if False:\n",
+            ),
+        ),
+        (
+            "tests/test_unified.py::"
+            "test_release_wins_over_a_queued_call_that_would_create_the_sequence",
+        ),
+    ),
 )
 # Not listed, on purpose: removing the pool's memory check. Its guarding test would then
 # try to allocate a 94 GB pool on the machine running the script.

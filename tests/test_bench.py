@@ -144,6 +144,18 @@ def test_bench_serve_reports_both_paths(checkpoint, tmp_path, capsys):
     assert "more than the model's context" in capsys.readouterr().err
 
 
+def test_bench_serve_finishes_on_a_pool_smaller_than_the_mix(checkpoint, tmp_path, capsys):
+    """`--max-kv-tokens` below what the mix holds at once: both loops defer and preempt under
+    KV pressure (Ferrum main's reservation on the unified path) and still agree."""
+    report_path = tmp_path / "serve.json"
+    argv = ["bench", "--model", str(checkpoint), "--serve", "--requests", "8"]
+    argv += ["--serve-prompts", "30,60", "--serve-outputs", "4,8", "--serve-batch", "4"]
+    argv += ["--max-kv-tokens", "96", "--json", str(report_path)]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["same_tokens"] is True and report["unified"]["output_tokens"] >= 8 * 4
+
+
 def test_device_benchmark_smoke_run_reports_every_figure(tmp_path):
     """`benchmarks/device_bench.py --smoke` (what `device.sh` runs on a GPU, at a tiny size)
     writes every figure the device run records; `device.sh` parses."""

@@ -8,8 +8,10 @@ import struct
 import tracemalloc
 
 import gguf
+import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 import ferrum_jax.checkpoint.load as load_module
@@ -18,7 +20,9 @@ from ferrum_jax.checkpoint import (
     load_gguf,
     load_hf,
     load_model,
+    load_orbax,
     params_from_checkpoint,
+    save_orbax,
 )
 from ferrum_jax.checkpoint.gguf import gguf_name, read_gguf_header
 from ferrum_jax.engine import forward
@@ -452,3 +456,123 @@ def test_gguf_mistyped_tokenizer_metadata(tmp_path, key, value):
     writer.write_tensors_to_file()
     writer.close()
     expect(ErrorKind.TOKENIZER, load_gguf, tmp_path / "m.gguf", names=[key])
+
+
+# ---- non-finite weights --------------------------------------------------------------------
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+INT4_CONFIG = ModelConfig.from_hf({**CONFIG.to_hf(), "hidden_size": 64, "head_dim": 32})
+"""CONFIG with a head_dim of 32: whole int4 blocks."""
+
+
+def poisoned(
+    name: str = DOWN, value: float = np.nan, config: ModelConfig = CONFIG
+) -> dict[str, np.ndarray]:
+    """`config`'s weights with one value of tensor `name` replaced by `value`."""
+    tensors = weights(config)
+    tensors[name][1, 3] = value
+    return tensors
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize(("name", "value"), [(DOWN, np.nan), (EMBED, np.inf), (DOWN, -np.inf)])
+def test_non_finite_safetensors_refused_naming_the_tensor(tmp_path, quantize, name, value):
+    """Refused in every mode: int8/int4 would otherwise hide the NaN behind finite logits."""
+    root = write_hf(tmp_path / "m", poisoned(name, value, INT4_CONFIG), INT4_CONFIG)
+    error = expect(ErrorKind.MODEL, load_model, root, quantize=quantize, names=[name, "NaN"])
+    assert str(root / "model.safetensors") in error.message
+    assert "allow_non_finite=True" in error.message
+
+
+def test_non_finite_bfloat16_safetensors_refused(tmp_path):
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in poisoned().items()}
+    expect(ErrorKind.MODEL, load_hf, write_hf(tmp_path / "m", tensors), names=[DOWN])
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("name", [DOWN, EMBED])
+def test_non_finite_gguf_refused_naming_the_gguf_tensor(tmp_path, quantize, name):
+    path = write_gguf(tmp_path / "m.gguf", poisoned(name))
+    expect(ErrorKind.MODEL, load_model, path, quantize=quantize, names=[path, gguf_name(name)])
+
+
+def q8_0_gguf_with_nan_scale(path):
+    """A GGUF whose `ffn_down` is Q8_0 with one block scale NaN (its int8 values intact)."""
+    tensors = weights()
+    blocks = gguf.quants.quantize(tensors.pop(DOWN), QT.Q8_0)
+    blocks[1, :2] = np.array([np.nan], np.float16).view(np.uint8)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(CONFIG.hidden_size)
+    writer.add_block_count(CONFIG.num_layers)
+    writer.add_feed_forward_length(CONFIG.intermediate_size)
+    writer.add_head_count(CONFIG.num_heads)
+    writer.add_head_count_kv(CONFIG.num_kv_heads)
+    for name, w in tensors.items():
+        writer.add_tensor(gguf_name(name), w)
+    writer.add_tensor(gguf_name(DOWN), blocks, raw_dtype=QT.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gguf_q8_0_nan_scale_refused(tmp_path, quantize):
+    """int8 takes Q8_0 blocks as they are (no dequantization): the scale is checked."""
+    path = q8_0_gguf_with_nan_scale(tmp_path / "q8.gguf")
+    expect(ErrorKind.MODEL, load_model, path, quantize=quantize, names=["blk.0.ffn_down.weight"])
+
+
+def test_allow_non_finite_loads_as_saved(tmp_path):
+    """The opt-out loads the weights untouched: the NaN reaches the logits."""
+    hf = write_hf(tmp_path / "m", poisoned(EMBED))
+    gguf_path = write_gguf(tmp_path / "m.gguf", poisoned(EMBED))
+    for path in (hf, gguf_path):
+        model = load_model(path, allow_non_finite=True)
+        flat = dict(nnx.to_flat_state(model.params))
+        assert np.isnan(np.asarray(flat[("embed",)].get_value())).sum() == 1
+        assert np.isnan(np.asarray(forward(model.graphdef, model.params, [[1, 2]]))).all()
+    assert (
+        load_model(
+            q8_0_gguf_with_nan_scale(tmp_path / "q8.gguf"), quantize="int8", allow_non_finite=True
+        ).quantization
+        == "int8"
+    )
+
+
+def test_the_executor_refuses_non_finite_weights_unless_allowed(tmp_path):
+    """`JaxModelExecutor.from_pretrained` (and the factory through it) loads as load_model."""
+    from ferrum_jax.executor import JaxModelExecutor
+
+    hf = write_hf(tmp_path / "m", poisoned(EMBED))
+    expect(ErrorKind.MODEL, JaxModelExecutor.from_pretrained, str(hf), max_sequence_length=16)
+    executor = JaxModelExecutor.from_pretrained(
+        str(hf), max_sequence_length=16, allow_non_finite=True
+    )
+    assert executor.info().num_layers >= 1
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_allow_non_finite_is_a_bool(tmp_path, value):
+    hf = write_hf(tmp_path / "m", weights())
+    for load in (load_model, load_hf):
+        expect(
+            ErrorKind.INVALID_PARAMETER,
+            load,
+            hf,
+            allow_non_finite=value,
+            names=["allow_non_finite", repr(value)],
+        )
+    with pytest.raises(FerrumError, match="allow_non_finite"):
+        load_gguf(write_gguf(tmp_path / "m.gguf"), allow_non_finite=value)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_non_finite_orbax_refused_naming_the_param(tmp_path, quantize):
+    model = load_hf(write_hf(tmp_path / "m", poisoned()), allow_non_finite=True, quantize=quantize)
+    save_orbax(model, tmp_path / "ckpt")
+    error = expect(ErrorKind.MODEL, load_model, tmp_path / "ckpt", names=["layers.0.mlp.down_proj"])
+    assert str(tmp_path / "ckpt" / "params") in error.message
+    back = load_orbax(tmp_path / "ckpt", allow_non_finite=True)
+    assert back.quantization == quantize

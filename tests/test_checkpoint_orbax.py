@@ -74,6 +74,18 @@ def test_round_trip_is_bit_identical(saved):
     assert restored_tok.chat_template == tok.chat_template
 
 
+def test_a_relative_path_saves_and_loads(saved, tmp_path, monkeypatch):
+    """Orbax wants absolute paths: `convert tiny.gguf out` then `--model out` from the same
+    folder must work (it said "the saved params hold 0 layers")."""
+    original, _ = saved
+    monkeypatch.chdir(tmp_path)
+    save_orbax(original, "relative")
+    restored = load_model("relative")
+    want, got = flat_arrays(original.params), flat_arrays(restored.params)
+    for path, array in want.items():
+        np.testing.assert_array_equal(got[path], array, err_msg=str(path))
+
+
 def test_load_model_places_each_param(saved):
     original, dst = saved
     seen = []

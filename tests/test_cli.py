@@ -359,6 +359,20 @@ BAD_INPUTS = [
         "--plot {root}/missing/p.png: its folder {root}/missing does not exist",
     ),
     (
+        "revision-escapes-the-cache",  # loaded a model from outside the HF cache
+        "generate --prompt x --model org/name --revision ../../evilref",
+        None,
+        2,
+        "--model revision '../../evilref' is not a branch, tag or commit name",
+    ),
+    (
+        "gguf-file-escapes-the-repo",
+        "generate --prompt x --model org/name --gguf-file ../x.gguf",
+        None,
+        2,
+        "--model gguf_file must be the name of a .gguf file inside the repo",
+    ),
+    (
         "bench-context",
         "bench --prompt-len 9000",
         None,

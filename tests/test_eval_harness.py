@@ -311,3 +311,108 @@ def test_smollm2_from_gguf_equals_hf(tmp_path_factory):
     texts = [s["resps"][0][0] for s in runs["ferrum-jax"]["samples"]["fj_gen"]]
     assert not any("." in t or "\n" in t for t in texts), texts
     assert sum(bool(t) for t in texts) >= 4, texts  # "def add(a, b):" stops at once, on "\n"
+
+
+GOOD = {"until": ["\n"], "max_gen_toks": 4}
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"do_sample": True, "temperature": "hot"}, "gen_kwargs temperature must be a number"),
+        ({"do_sample": True, "temperature": 1.0, "top_p": "x"}, "gen_kwargs top_p must be"),
+        ({"max_gen_toks": 1.5}, "gen_kwargs max_gen_toks must be an integer"),
+        ({"max_gen_toks": True}, "gen_kwargs max_gen_toks must be an integer"),
+        ({"do_sample": "yes"}, "gen_kwargs do_sample must be true or false"),
+        ({"until": 5}, "gen_kwargs until must be a string or a list"),
+        ({"temperature": -1.0}, "temperature must be finite and >= 0"),
+        ({"do_sample": True, "temperature": 1.0, "top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"min_p": float("nan")}, "min_p must be in [0, 1]"),
+        ({"seed": -3}, "seed"),
+        ({"top_k": 1099511627776}, "top_k"),
+        ({"top_k": 1.5}, "top_k must be an integer"),
+        ({"seed": "x"}, "seed"),
+        (("Q:",), "args must be (context, gen_kwargs)"),
+        ((5, dict(GOOD)), "the context must be a string"),
+        (("Q:", "until=x"), "gen_kwargs must be a dict"),
+    ],
+)
+def test_generate_until_bad_kwargs_are_one_error_naming_the_request(tiny_dir, bad, named):
+    """Each used to be a bare ValueError/TypeError, an overflow at the first sampled step,
+    or (top_k 2**40) accepted; now one FerrumError naming the request and the key, before
+    any executor is built."""
+    _, harness = require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
+    args = ("Q: ho\nA:", {**GOOD, **bad}) if isinstance(bad, dict) else bad
+    requests = [
+        Instance("generate_until", {}, ("Q: hi\nA:", dict(GOOD)), 0),
+        Instance("generate_until", {}, args, 1),
+    ]
+    with pytest.raises(fj.FerrumError) as e:
+        lm.generate_until(requests, disable_tqdm=True)
+    assert e.value.kind in (fj.ErrorKind.INVALID_PARAMETER, fj.ErrorKind.REQUEST_VALIDATION)
+    assert e.value.message.startswith("generate_until request 1: "), e.value.message
+    assert named in e.value.message, e.value.message
+
+
+def test_top_p_zero_is_greedy_as_in_transformers(tiny_dir):
+    """transformers' TopPLogitsWarper accepts top_p=0 and keeps only the most likely token,
+    so HFLM decodes greedily; it used to become top_p=1.0 here (full sampling)."""
+    _, harness = require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
+    sampled = {**GOOD, "max_gen_toks": 8, "do_sample": True, "temperature": 1.5}
+    request = lm._generation_request(0, ("Q: hi\nA:", {**sampled, "top_p": 0.0}))
+    assert (request.temperature, request.top_k, request.top_p) == (0.0, 0, 1.0)
+    # do_sample without a temperature samples at transformers' default of 1.0.
+    sample = {**GOOD, "do_sample": True}
+    assert lm._generation_request(0, ("Q:", sample)).temperature == 1.0
+    assert lm._generation_request(0, ("Q:", {**sample, "top_p": 0.5})).top_p == 0.5
+    prompts = [("Q: hi\nA:", {**sampled, "top_p": 0.0}), ("Q: hi\nA:", {**GOOD, "max_gen_toks": 8})]
+    top_p_zero, greedy = lm.generate_until(
+        [Instance("generate_until", {}, args, i) for i, args in enumerate(prompts)],
+        disable_tqdm=True,
+    )
+    assert top_p_zero == greedy
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("", ""), "loglikelihood request 1: the continuation is empty"),
+        (("Question:", ""), "loglikelihood request 1: the continuation is empty"),
+        ((5, " x"), "loglikelihood request 1: args must be (context, continuation) strings"),
+        (("only one",), "loglikelihood request 1: args must be"),
+    ],
+)
+def test_loglikelihood_bad_pairs_are_one_error_naming_the_request(tiny_dir, args, named):
+    """("", "") used to raise IndexError inside lm-eval's tokenization."""
+    _, harness = require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
+    requests = [
+        Instance("loglikelihood", {}, ("Q:", " A"), 0),
+        Instance("loglikelihood", {}, args, 1),
+    ]
+    with pytest.raises(fj.FerrumError) as e:
+        lm.loglikelihood(requests, disable_tqdm=True)
+    assert e.value.kind is fj.ErrorKind.INVALID_PARAMETER
+    assert e.value.message.startswith(named), e.value.message
+
+
+@pytest.mark.parametrize("args", [(5,), ("a", "b")])
+def test_loglikelihood_rolling_bad_args_are_one_error_naming_the_request(tiny_dir, args):
+    _, harness = require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    lm = harness.FerrumJaxLM(pretrained=str(tiny_dir), batch_size=2)
+    requests = [
+        Instance("loglikelihood_rolling", {}, ("bees",), 0),
+        Instance("loglikelihood_rolling", {}, args, 1),
+    ]
+    with pytest.raises(fj.FerrumError, match=r"loglikelihood_rolling request 1: args must be"):
+        lm.loglikelihood_rolling(requests, disable_tqdm=True)

@@ -95,6 +95,11 @@ def with_attention(**changes) -> ExecutorConfig:
         ),
         (executor_config(executor_options={"modle_path": "x"}), ErrorKind.CONFIG, "modle_path"),
         (executor_config(executor_options={"mesh": "data=x"}), ErrorKind.INVALID_PARAMETER, "mesh"),
+        (
+            executor_config(executor_options={"allow_non_finite": "false"}),
+            ErrorKind.INVALID_PARAMETER,
+            "allow_non_finite",
+        ),
     ],
 )
 def test_validate_config_names_the_problem(config, kind, words):
@@ -108,6 +113,7 @@ def test_validate_accepts_a_good_config():
     factory = JaxExecutorFactory()
     factory.validate_config(executor_config())
     factory.validate_config(with_attention(enable_paged_attention=True, block_size=16))
+    factory.validate_config(executor_config(executor_options={"allow_non_finite": True}))
     assert ExecutorType.CONTINUOUS_BATCH in factory.supported_types()
     assert ExecutorType.SPECULATIVE in factory.supported_types()
 

@@ -3,7 +3,8 @@ directory (`HF_HUB_CACHE`, `refs/<revision>`, `snapshots/<commit>/...`, blobs): 
 safetensors repo at `main`, at a tag and at a commit; a GGUF repo (its single `.gguf`, or
 one of several chosen with `gguf_file` / `--gguf-file`); a missing id offline fails with one
 error naming both the path and the cache. Downloads (mocked: no network here) never take
-pickled weights."""
+pickled weights. A `revision` or `gguf_file` that is not a name, or a cached `refs/` file
+leading out of the cache, is one `invalid_parameter` error."""
 
 from __future__ import annotations
 
@@ -180,12 +181,14 @@ class _FakeHub:
         (["README.md"], "no safetensors or .gguf weights"),
     ],
 )
-def test_downloads_never_take_pickles(cache, monkeypatch, tmp_path, files, expect):
+def test_downloads_never_take_pickles(cache, monkeypatch, files, expect):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    fake = _FakeHub(files, tmp_path)
+    root = cache / "models--org--online" / "snapshots" / MAIN
+    root.mkdir(parents=True)
+    fake = _FakeHub(files, root)
     monkeypatch.setattr(hub_module, "_hub", lambda: fake)
     if expect in ("snapshot", "m-Q4_0.gguf"):
-        where = tmp_path if expect == "snapshot" else tmp_path / expect
+        where = root if expect == "snapshot" else root / expect
         assert hub_module.resolve("org/online") == where
         ((kind, what),) = fake.calls
         if kind == "snapshot":
@@ -213,3 +216,91 @@ def test_a_failed_download_names_both(cache, monkeypatch, tmp_path):
     assert e.value.kind is ErrorKind.NOT_FOUND
     assert "org/online: no such file or directory, not in the Hugging Face cache" in e.value.message
     assert "downloading it failed: OSError: network is unreachable" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "revision",
+    [
+        "../../../evilref",
+        "/etc/passwd",
+        "",
+        "..",
+        ".",
+        123,
+        "a//b",
+        "main/",
+        ".hidden",
+        "a\\b",
+        "a\x00b",
+        "a b",
+        "main.lock",
+        "v1.",
+        "a@{1}",
+        "@",
+    ],
+)
+def test_revision_not_a_ref_name_is_one_invalid_parameter(cache, models, revision):
+    add_snapshot(cache, "org/tiny", models["main"][1], commit=MAIN)
+    with pytest.raises(FerrumError) as e:
+        load_model("org/tiny", revision=revision)
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    assert "revision" in e.value.message and repr(revision) in e.value.message
+
+
+def test_revision_names_with_slashes_still_resolve(cache, models):
+    snapshot = add_snapshot(cache, "org/tiny", models["v1"][1], commit=V1)
+    refs = cache / "models--org--tiny" / "refs"
+    for name in ("refs/pr/1", "feature/x-1.2"):
+        (refs / name).parent.mkdir(parents=True, exist_ok=True)
+        (refs / name).write_text(V1)
+        assert model_format("org/tiny", revision=name) == (snapshot, "hf")
+
+
+def test_cached_ref_leading_out_of_the_cache_is_refused(cache, models, tmp_path):
+    """A `refs/main` holding `../` would make the library hand back a folder outside the
+    cache (here a complete model next to it)."""
+    add_snapshot(cache, "org/tiny", models["main"][1], commit=MAIN)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name, source in models["v1"][1].items():
+        (outside / name).write_bytes(source.read_bytes())
+    (cache / "models--org--tiny" / "refs" / "main").write_text("../../../outside")
+    with pytest.raises(FerrumError) as e:
+        load_model("org/tiny")
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    assert "outside" in e.value.message and "refs/" in e.value.message
+    # A ref pointing at the snapshots folder itself would glob everything below it.
+    (cache / "models--org--tiny" / "refs" / "main").write_text(".")
+    with pytest.raises(FerrumError, match="outside"):
+        model_format("org/tiny")
+
+
+def test_failed_download_falling_back_on_a_hostile_ref_is_refused(cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    fake = _FakeHub(["config.json", "model.safetensors"], tmp_path)
+    monkeypatch.setattr(hub_module, "_hub", lambda: fake)
+    with pytest.raises(FerrumError, match="outside"):
+        hub_module.resolve("org/online")
+
+
+@pytest.mark.parametrize(
+    "gguf_file",
+    [
+        "../x.gguf",
+        "sub/../../x.gguf",
+        "/etc/passwd",
+        "",
+        "a\\b.gguf",
+        5,
+        "model.bin",
+        "a//b.gguf",
+        "x\n.gguf",
+    ],
+)
+def test_gguf_file_not_a_file_name_is_one_invalid_parameter(cache, gguf_file):
+    gguf = default_model_path()
+    add_snapshot(cache, "org/smol-GGUF", {gguf.name: gguf}, commit=MAIN)
+    with pytest.raises(FerrumError) as e:
+        model_format("org/smol-GGUF", gguf_file=gguf_file)
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    assert "gguf_file" in e.value.message and repr(gguf_file) in e.value.message

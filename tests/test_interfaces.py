@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +37,14 @@ from ferrum_jax.interfaces import (
     ExecutorStatus,
     ExecutorType,
     FerrumError,
+    GreedyRepetitionPenalty,
     KvCacheHandle,
+    KvSlotAllocation,
+    KvSlotCapacitySnapshot,
+    KvSlotRequest,
+    KvSlotReservation,
+    LogitsReturnPolicy,
+    LogitsReturnPolicyKind,
     MemoryRequirements,
     ModelExecutor,
     ModelExecutorFactory,
@@ -45,10 +54,18 @@ from ferrum_jax.interfaces import (
     OptimizationConfig,
     PrefillInput,
     PrefillOutput,
+    RecurrentStateHandle,
+    RecurrentStateHandleStats,
+    RecurrentStateSpec,
+    RecurrentStateTensorSpec,
     SpeculativeDecodeOutput,
     SpeculativeExecutor,
     TensorLike,
     TensorRef,
+    TokenSelectionMask,
+    UnifiedBatch,
+    UnifiedBatchItem,
+    kv_admission_exhausted,
 )
 from ferrum_jax.tensor import JaxTensor
 
@@ -634,6 +651,23 @@ SERDE_STRUCTS = [
     OptimizationConfig(True, False, False, 3),
     executor_config(),
     ExecutorMetrics(10, 4, 6, 12.5, 1.25, 20.0, 2.0, 350.5, 0.8, 0.5),
+    KvSlotRequest("paged-r1", 33),
+    KvSlotRequest("paged-r2", 16, admission_target_len=600),
+    KvSlotAllocation("paged-r1", 2, 3, 1),
+    KvSlotReservation(
+        16, 64, 10, 8, [KvSlotAllocation("a", 0, 1, 1), KvSlotAllocation("b", 2, 3, 1)]
+    ),
+    KvSlotReservation(16, 64, 10, 10, []),
+    KvSlotCapacitySnapshot(16, 64, 9),
+    RecurrentStateTensorSpec(3, "delta_state", [4, 64, 64]),
+    RecurrentStateSpec(
+        "req-1",
+        24,
+        [RecurrentStateTensorSpec(0, "conv", [3, 128])],
+        DataType.BF16,
+        Device.CUDA(1),
+        2,
+    ),
 ]
 
 
@@ -874,3 +908,240 @@ def test_factory_and_registry_contracts(jax_executor) -> None:
     for abstract in (ModelExecutorFactory, ExecutorRegistry, SpeculativeExecutor):
         with pytest.raises(TypeError):
             abstract()  # type: ignore[abstract]
+
+
+# ---------------------------------------------------------------------------- Ferrum main additions
+
+
+def test_new_trait_methods_keep_rust_defaults() -> None:
+    """`reserve_kv_slots`, `kv_slot_capacity_snapshot` and `recurrent_state_spec` are plain
+    (not async) methods whose defaults answer "no model-owned paged KV, attention-only"."""
+    executor = FakeExecutor()
+    for name in ("reserve_kv_slots", "kv_slot_capacity_snapshot", "recurrent_state_spec"):
+        assert getattr(FakeExecutor, name) is getattr(ModelExecutor, name), name
+        assert not inspect.iscoroutinefunction(getattr(ModelExecutor, name)), name
+    requests = [KvSlotRequest("a", 17), KvSlotRequest("b", 1, admission_target_len=900)]
+    assert executor.reserve_kv_slots(requests) is None
+    assert executor.reserve_kv_slots([]) is None
+    assert executor.kv_slot_capacity_snapshot() is None
+    assert executor.recurrent_state_spec("req-1", [1, 2, 3]) is None
+    # Nothing was decoded or released along the way.
+    assert executor.decoded == [] and executor.released == []
+
+
+def test_kv_slot_request_json_shape() -> None:
+    assert KvSlotRequest("paged-r1", 33).to_dict() == {
+        "cache_id": "paged-r1",
+        "target_len": 33,
+        "admission_target_len": None,
+    }
+    # serde reads a missing Option as None.
+    assert KvSlotRequest.from_dict({"cache_id": "x", "target_len": 4}) == KvSlotRequest("x", 4)
+    with pytest.raises(FerrumError) as exc:
+        KvSlotRequest.from_dict({"cache_id": "x", "target_len": "4"})
+    assert exc.value.kind is ErrorKind.SERIALIZATION
+    reservation = KvSlotReservation(16, 64, 10, 9, [KvSlotAllocation("a", 0, 1, 1)])
+    assert json.loads(json.dumps(reservation.to_dict()))["allocations"] == [
+        {"cache_id": "a", "blocks_before": 0, "blocks_after": 1, "new_blocks": 1}
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        reservation.free_blocks_after = 0  # type: ignore[misc]
+
+
+def test_recurrent_state_spec_memory_estimate() -> None:
+    spec = RecurrentStateSpec(
+        "r",
+        2,
+        [RecurrentStateTensorSpec(0, "conv", [3, 128]), RecurrentStateTensorSpec(1, "ssm", [])],
+        DataType.BF16,
+        Device.CPU,
+        4,
+    )
+    # (3*128 + 1 (a scalar)) elements x 4 slots x 2 bytes.
+    assert spec.estimated_memory_bytes() == (384 + 1) * 4 * 2
+    assert spec.to_dict()["tensors"][0] == {"layer_index": 0, "name": "conv", "shape": [3, 128]}
+    assert spec.to_dict()["device"] == "CPU" and spec.to_dict()["dtype"] == "BF16"
+
+
+def test_recurrent_state_handle_is_abstract() -> None:
+    with pytest.raises(TypeError):
+        RecurrentStateHandle()  # type: ignore[abstract]
+    stats = RecurrentStateHandleStats(4096, 2, 1, 0.0)
+    assert stats.memory_bytes == 4096
+
+
+# What Ferrum main's engine parses out of a reservation failure (ENGINE-NOTES.md, "KV
+# reservation": ResourceExhausted("paged KV admission: need A admission blocks (I immediate)
+# but only F free")), written independently of the producer.
+ENGINE_KV_PRESSURE = re.compile(
+    r"paged KV admission: need (\d+) admission blocks \((\d+) immediate\) but only (\d+) free"
+)
+
+
+@pytest.mark.parametrize(("admission", "immediate", "free"), [(3, 2, 1), (120, 40, 0), (7, 7, 6)])
+def test_kv_admission_error_is_what_the_engine_parses(
+    admission: int, immediate: int, free: int
+) -> None:
+    error = kv_admission_exhausted(admission, immediate, free)
+    assert error.kind is ErrorKind.RESOURCE_EXHAUSTED and error.is_retryable()
+    match = ENGINE_KV_PRESSURE.fullmatch(error.message)
+    assert match is not None, error.message
+    assert tuple(map(int, match.groups())) == (admission, immediate, free)
+    # The rendered error (kind prefix included) still carries the parsable text.
+    found = ENGINE_KV_PRESSURE.search(str(error))
+    assert found is not None and found.group(0) == error.message
+
+
+def test_token_selection_mask_new_and_fingerprint() -> None:
+    mask = TokenSelectionMask.new([1, 0, -1, 0, 5])
+    assert mask.valid_token_mask == b"\x01\x00\xff\x00\x05"
+    assert len(mask) == 5 and not mask.is_empty()
+    assert mask.allowed().tolist() == [True, False, True, False, True]
+    # The same i8 values fingerprint alike whatever the input form.
+    same = [
+        TokenSelectionMask.new(b"\x01\x00\xff\x00\x05"),
+        TokenSelectionMask.new(np.array([1, 0, -1, 0, 5], dtype=np.int64)),
+        TokenSelectionMask.new((1, 0, -1, 0, 5)),
+    ]
+    assert all(m == mask and m.fingerprint == mask.fingerprint for m in same)
+    assert 0 <= mask.fingerprint < 2**64
+    # Bools are 0/1 masks.
+    assert TokenSelectionMask.new([True, False]) == TokenSelectionMask.new([1, 0])
+    # Content and length both change the fingerprint (Rust hashes the length too).
+    assert TokenSelectionMask.new([1, 0, 1, 0, 5]).fingerprint != mask.fingerprint
+    assert TokenSelectionMask.new([0]).fingerprint != TokenSelectionMask.new([0, 0]).fingerprint
+    empty = TokenSelectionMask.new([])
+    assert empty.is_empty() and len(empty) == 0 and empty.allowed().shape == (0,)
+    # repr is Rust's Debug: no mask dump.
+    assert repr(mask) == f"TokenSelectionMask(fingerprint={mask.fingerprint}, len=5, valid_count=3)"
+    assert hash(mask) == hash(same[0])
+
+
+@pytest.mark.parametrize(
+    "bad", [[128], [-129], [0.5, 1.0], [[1, 0]], ["1"], np.zeros((2, 2), dtype=np.int8)]
+)
+def test_token_selection_mask_rejects_what_vec_i8_cannot_hold(bad: Any) -> None:
+    with pytest.raises(FerrumError) as exc:
+        TokenSelectionMask.new(bad)
+    assert exc.value.kind is ErrorKind.INVALID_PARAMETER
+
+
+def test_token_selection_mask_field_must_be_bytes() -> None:
+    with pytest.raises(FerrumError) as exc:
+        TokenSelectionMask(1, [1, 0])  # type: ignore[arg-type]
+    assert exc.value.kind is ErrorKind.INVALID_PARAMETER
+
+
+def test_greedy_repetition_penalty_new_and_is_empty() -> None:
+    penalty = GreedyRepetitionPenalty.new(1.3, [5, 9, 5])
+    assert penalty.penalty == 1.3 and penalty.token_ids == (5, 9, 5)  # not de-duplicated
+    assert not penalty.is_empty()
+    assert GreedyRepetitionPenalty.new(1.0, [5]).is_empty()
+    assert GreedyRepetitionPenalty.new(2.0, []).is_empty()
+    assert GreedyRepetitionPenalty.new(np.float32(1.5), np.array([2**32 - 1])).token_ids == (
+        2**32 - 1,
+    )
+    # Rust validates nothing beyond its types, so a penalty below 1 (or 0) is accepted.
+    assert GreedyRepetitionPenalty.new(0.0, [1]).penalty == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        penalty.penalty = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("penalty", "ids"),
+    [(1.2, (-1,)), (1.2, (2**32,)), (1.2, (True,)), (1.2, (1.0,)), (True, (1,)), ("1.2", (1,))],
+)
+def test_greedy_repetition_penalty_rejects_what_rust_types_cannot_hold(
+    penalty: Any, ids: tuple[Any, ...]
+) -> None:
+    with pytest.raises(FerrumError) as exc:
+        GreedyRepetitionPenalty(penalty, ids)
+    assert exc.value.kind is ErrorKind.INVALID_PARAMETER
+
+
+def test_logits_return_policy_variants() -> None:
+    full = LogitsReturnPolicy.FullLogits
+    assert full.kind is LogitsReturnPolicyKind.FULL_LOGITS and full.requires_full_logits()
+    assert LogitsReturnPolicy.default() is full
+    assert [k.value for k in LogitsReturnPolicyKind] == ["FullLogits", "GreedyArgmax"]
+
+    bare = LogitsReturnPolicy.GreedyArgmax()
+    assert bare.kind is LogitsReturnPolicyKind.GREEDY_ARGMAX and not bare.requires_full_logits()
+    assert bare.token_mask is None and bare.repetition_penalty is None
+
+    mask = TokenSelectionMask.new([1, 1, 0])
+    penalty = GreedyRepetitionPenalty.new(1.1, [0])
+    greedy = LogitsReturnPolicy.GreedyArgmax(token_mask=mask, repetition_penalty=penalty)
+    assert greedy.token_mask is mask and greedy.repetition_penalty is penalty
+    assert greedy == LogitsReturnPolicy.GreedyArgmax(TokenSelectionMask.new([1, 1, 0]), penalty)
+    assert greedy != bare and hash(greedy) == hash(LogitsReturnPolicy.GreedyArgmax(mask, penalty))
+    with pytest.raises(FerrumError) as exc:
+        LogitsReturnPolicy(LogitsReturnPolicyKind.FULL_LOGITS, token_mask=mask)
+    assert exc.value.kind is ErrorKind.INVALID_PARAMETER
+
+
+def test_new_input_output_fields_default_to_rust_defaults() -> None:
+    """`logits_policy` and `recurrent_state` are keyword-only with Rust's defaults, so 0.7.x
+    positional construction keeps its meaning."""
+    ids, handle, pos = ShapeTensor([1, 1]), FakeHandle("h"), ShapeTensor([1, 1])
+    decode = DecodeInput(ids, handle, pos, {"k": 1})
+    assert decode.position_ids is pos and decode.metadata == {"k": 1}
+    assert decode.logits_policy is LogitsReturnPolicy.FullLogits and decode.recurrent_state is None
+    greedy = LogitsReturnPolicy.GreedyArgmax()
+    assert decode.with_logits_policy(greedy).logits_policy is greedy
+    assert decode.logits_policy is LogitsReturnPolicy.FullLogits  # builders copy
+    assert DecodeInput(ids, handle, logits_policy=greedy).logits_policy is greedy
+
+    item = UnifiedBatchItem("s", [1, 2], handle, 0, True, {"m": 2})
+    assert item.metadata == {"m": 2} and item.recurrent_state is None
+    assert item.logits_policy is LogitsReturnPolicy.FullLogits
+    keyed = UnifiedBatchItem("s", [3], handle, 2, True, logits_policy=greedy)
+    assert keyed.logits_policy is greedy and keyed.metadata == {}
+    assert UnifiedBatch([item, keyed]).num_sampled_items() == 2
+
+    prefill = PrefillInput(ids, None, None, handle, {})
+    assert prefill.kv_cache is handle and prefill.recurrent_state is None
+    logits = ShapeTensor([1, 4])
+    assert PrefillOutput(logits, handle, None, None).recurrent_state is None
+    assert DecodeOutput(logits, handle, None, None).recurrent_state is None
+    with pytest.raises(TypeError):
+        DecodeInput(ids, handle, None, {}, None)  # type: ignore[misc]
+
+
+class FakeRecurrentState(RecurrentStateHandle):
+    def request_id(self) -> str:
+        return "r"
+
+    def device(self) -> Device:
+        return Device.CPU
+
+    def num_layers(self) -> int:
+        return 1
+
+    def state_bytes(self) -> int:
+        return 8
+
+    def clone_handle(self) -> RecurrentStateHandle:
+        return self
+
+    def stats(self) -> RecurrentStateHandleStats:
+        return RecurrentStateHandleStats(8, 1, 1, 0.0)
+
+    def is_valid(self) -> bool:
+        return True
+
+    def cache_id(self) -> str:
+        return "r"
+
+
+def test_recurrent_state_builders_return_copies() -> None:
+    state, ids, handle = FakeRecurrentState(), ShapeTensor([1, 1]), FakeHandle("h")
+    logits = ShapeTensor([1, 4])
+    for base in (
+        PrefillInput(ids),
+        DecodeInput(ids, handle),
+        PrefillOutput(logits, handle),
+        DecodeOutput(logits, handle),
+    ):
+        attached = base.with_recurrent_state(state)
+        assert attached.recurrent_state is state and base.recurrent_state is None

@@ -16,7 +16,7 @@ from conftest import params_from_hf, require_reference, tiny_hf_model
 
 import ferrum_jax as fj
 from ferrum_jax import engine
-from ferrum_jax.errors import FerrumError
+from ferrum_jax.errors import ErrorKind, FerrumError
 
 TOL = 1e-4
 LENGTHS = [(5, 3), (17, 1), (1, 7), (30, 2), (9, 9), (2, 1)]
@@ -148,9 +148,9 @@ def test_bad_inputs_are_refused_by_name(models):
     _, graphdef, params = models
     with pytest.raises(FerrumError, match="2 contexts but 1 continuations"):
         fj.score(graphdef, params, [[1], [2]], [[3]])
-    with pytest.raises(FerrumError, match="continuation 0 must be a non-empty"):
+    with pytest.raises(FerrumError, match="continuation 0 is empty"):
         fj.score(graphdef, params, [[1]], [[]])
-    with pytest.raises(FerrumError, match="context 0 must be a non-empty"):
+    with pytest.raises(FerrumError, match="context 0 is empty"):
         fj.score(graphdef, params, [[]], [[5]])
     with pytest.raises(FerrumError, match=r"context 0 must be in \[0, 256\)"):
         fj.score(graphdef, params, [[300]], [[5]])
@@ -160,3 +160,25 @@ def test_bad_inputs_are_refused_by_name(models):
         fj.rolling_loglikelihood(graphdef, params, [[4]], prefix_token=1, max_length=600)
     with pytest.raises(FerrumError, match="context_len"):
         fj.rolling_windows([4, 5], prefix_token=1, max_length=4, context_len=5)
+
+
+@pytest.mark.parametrize("max_tokens", [1.5, True, 0, "8", None])
+def test_max_tokens_is_an_integer(models, max_tokens):
+    """1.5 and True passed the old `< 1` check; both are refused before any step runs."""
+    _, graphdef, params = models
+    with pytest.raises(FerrumError, match=r"max_tokens must be an integer >= 1, got") as e:
+        fj.score(graphdef, params, [[1]], [[5]], max_tokens=max_tokens)
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    with pytest.raises(FerrumError, match="max_tokens must be an integer"):
+        fj.rolling_loglikelihood(graphdef, params, [[4]], prefix_token=1, max_tokens=max_tokens)
+
+
+def test_rolling_empty_text_is_named_as_empty(models):
+    """It used to say "must be integers, got float64" (an empty list reads as float64)."""
+    _, graphdef, params = models
+    for empty in ([], np.zeros((0,), np.int32)):
+        with pytest.raises(FerrumError, match=r"^invalid_parameter: text 1 is empty") as e:
+            fj.rolling_loglikelihood(graphdef, params, [[4, 5], empty], prefix_token=1)
+        assert "float64" not in e.value.message
+    with pytest.raises(FerrumError, match="max_length must be an integer"):
+        fj.rolling_loglikelihood(graphdef, params, [[4]], prefix_token=1, max_length=2.5)

@@ -482,3 +482,347 @@ def test_update_params_swaps_weights_without_recompiling(model):
     assert executor.compiled_programs == programs
     with pytest.raises(FerrumError):
         executor.update_params({"not": "params"})
+
+
+def test_update_params_keep_cache_never_reuses_pages_of_old_weights(model):
+    """`keep_cache=True` keeps the live sequences' KV, but no page computed under the old
+    weights is ever reused: not the prefix cache's (emptied by the swap), nor the pages of
+    a sequence live during the swap and released after it (never cached). New sequences'
+    logits equal a twin's that got the new weights before anything was cached."""
+    import jax
+
+    _, _, params = model
+    new = jax.tree.map(lambda x: x * 0.5, params)
+    first, second = SYSTEM[:33], [(5 * i) % 240 + 9 for i in range(33)]  # two full pages each
+    executor = make_executor(model, enable_prefix_caching=True)
+    twin = make_executor(model, enable_prefix_caching=True)
+    twin.update_params(new)
+    start = [
+        UnifiedBatchItem("a", first, None, 0, True),
+        UnifiedBatchItem("c", second, None, 0, True),
+    ]
+    run(executor.unified_decode(UnifiedBatch(start)))
+    assert executor.update_params(new, keep_cache=True) == 1
+    assert executor.cache_metrics_snapshot()["pages_cached"] == 0
+
+    def same_as_twin(seq_id: str, prompt: list[int]) -> None:
+        item = [UnifiedBatchItem(seq_id, prompt, None, 0, True)]
+        (got,) = run(executor.unified_decode(UnifiedBatch(item)))
+        (want,) = run(twin.unified_decode(UnifiedBatch(item)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    same_as_twin("b1", [*first, 11])
+    executor.release_cache("c")  # its pages hold KV of the old weights
+    same_as_twin("b2", [*second, 12])
+    for seq_id in ("a", "b1", "b2"):
+        executor.release_cache(seq_id)
+    check_pages(executor)
+    assert executor.cache_metrics_snapshot()["hits"] == 0
+
+
+def test_generated_ids_skip_seq_ids_callers_use(model):
+    """A caller's `seq_id` may look like an id the executor makes for its own handles (the
+    executor id shows in any handle): the next handle the executor makes skips it, so the
+    caller's sequence is neither replaced nor leaked and decodes exactly like a twin's."""
+    executor, twin = make_executor(model), make_executor(model)
+    mine = run(executor.prefill(PrefillInput(np.asarray([[5, 6, 7]])))).kv_cache.cache_id()
+    taken = f"{mine.rsplit('-', 1)[0]}-{int(mine.rsplit('-', 1)[1]) + 1}"
+    prompt = [9, 10, 11, 12]
+    start = UnifiedBatch([UnifiedBatchItem(taken, prompt, None, 0, True)])
+    (first,) = run(executor.unified_decode(start))
+    run(twin.unified_decode(start))
+    other = run(executor.prefill(PrefillInput(np.asarray([[20, 21, 22]])))).kv_cache.cache_id()
+    assert other not in (mine, taken)
+    assert executor.status().current_batch_size == 3
+    step = UnifiedBatch([UnifiedBatchItem(taken, [greedy(first)], None, len(prompt), True)])
+    np.testing.assert_array_equal(
+        run(executor.unified_decode(step))[0], run(twin.unified_decode(step))[0]
+    )
+    for seq_id in (mine, taken, other):
+        executor.release_cache(seq_id)
+    check_pages(executor)
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0
+
+
+def test_release_wins_over_a_queued_call_that_would_create_the_sequence(model):
+    """`release_cache(id)` while that id's first chunk waits in `unified_decode`: the call
+    still runs, but the sequence stays released; nothing leaks, and a batch needing every
+    row and page runs next. An id released before a call is issued is that call's to make."""
+    import threading
+
+    executor = make_executor(model, max_batch_size=2, max_kv_tokens=8 * PAGE)
+    gate = threading.Event()
+    prompt = list(range(3, 3 + 4 * PAGE))
+
+    async def race() -> None:
+        executor._worker.submit(gate.wait)  # holds the worker: the next call stays queued
+        queued = asyncio.ensure_future(
+            executor.unified_decode(UnifiedBatch([UnifiedBatchItem("r", prompt, None, 0, False)]))
+        )
+        await asyncio.sleep(0.01)
+        executor.release_cache("r")
+        gate.set()
+        assert await queued == [None]
+
+    run(race())
+    assert executor.status().current_batch_size == 0
+    check_pages(executor)
+    assert executor.cache_metrics_snapshot()["pages_used"] == 0
+    full = [UnifiedBatchItem(f"f{i}", prompt, None, 0, True) for i in range(2)]
+    assert all(x is not None for x in run(executor.unified_decode(UnifiedBatch(full))))
+    for seq_id in ("f0", "f1"):
+        executor.release_cache(seq_id)
+    # "r" was released before this call was issued: the call makes it again.
+    run(executor.unified_decode(UnifiedBatch([UnifiedBatchItem("r", [1, 2], None, 0, True)])))
+    assert executor.status().current_batch_size == 1
+    assert not executor._released_at and not executor._pending
+
+
+def _next_logits(executor, seq_id: str, prompt: list[int]) -> np.ndarray:
+    item = UnifiedBatchItem(seq_id, prompt, None, 0, True)
+    return run(executor.unified_decode(UnifiedBatch([item])))[0]
+
+
+def test_update_params_serves_its_own_copy(model):
+    """`update_params(nnx.state(module))`, then the trainer's in-place `nnx.update` (new
+    values, even new shapes): the executor serves the weights it was given, like a twin
+    given a separate copy, and takes the next update."""
+    import jax
+    from flax import nnx
+
+    _, graphdef, params = model
+    module = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5, params))
+    executor, twin = make_executor(model), make_executor(model)
+    assert executor.update_params(nnx.state(module)) == 1
+    twin.update_params(jax.tree.map(lambda x: x * 0.5, params))
+    nnx.update(module, jax.tree.map(lambda x: x * 0.0, nnx.state(module)))
+    np.testing.assert_array_equal(
+        _next_logits(executor, "a", SYSTEM), _next_logits(twin, "a", SYSTEM)
+    )
+    nnx.update(module, jax.tree.map(lambda x: np.zeros((*x.shape, 2), x.dtype), nnx.state(module)))
+    np.testing.assert_array_equal(
+        _next_logits(executor, "b", [5, 6]), _next_logits(twin, "b", [5, 6])
+    )
+    assert executor.update_params(params) == 2
+
+
+def test_update_params_refuses_bad_calls_and_never_blocks_a_loop(model):
+    """Non-boolean `keep_cache`, NaN weights (named), a call after `shutdown()`: one
+    FerrumError each and the weights unchanged. From a coroutine the blocking call is
+    refused (it would stall the loop); `update_params_async` lets the loop run while the
+    calls queued before it finish."""
+    import threading
+
+    import jax
+
+    _, _, params = model
+    executor = make_executor(model)
+    with pytest.raises(FerrumError, match="keep_cache must be True or False"):
+        executor.update_params(params, keep_cache="false")
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0].set(np.nan) if "norm" in jax.tree_util.keystr(path) else x,
+        params,
+    )
+    with pytest.raises(FerrumError, match=r"norm.*NaN or infinity") as e:
+        executor.update_params(poisoned)
+    assert e.value.kind is ErrorKind.INVALID_PARAMETER
+    assert executor.params_version == 0
+
+    gate = threading.Event()
+
+    async def in_a_coroutine() -> int:
+        with pytest.raises(FerrumError, match="update_params_async"):
+            executor.update_params(params)
+        executor._worker.submit(gate.wait)  # a call still running on the worker
+        swap = asyncio.ensure_future(executor.update_params_async(params, keep_cache=True))
+        ticks = 0
+        while ticks < 5:  # the loop keeps running while the swap waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not swap.done()
+        gate.set()
+        return await swap
+
+    assert run(in_a_coroutine()) == 1
+    run(executor.shutdown())
+    with pytest.raises(FerrumError, match="shut down"):
+        executor.update_params(params)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_quantized_kv_prefix_hit_logits_equal_a_twin_without_prefix_caching(model, kv_dtype):
+    """Quantized KV pages with prefix caching: every prefill position of a prompt that
+    reused cached pages (those a hit skipped are computed when read) equals a twin's
+    without prefix caching, which computed them all in its step."""
+    executor = make_executor(model, kv_dtype=kv_dtype, enable_prefix_caching=True)
+    twin = make_executor(model, kv_dtype=kv_dtype)
+    prompt = [*SYSTEM, 9, 10]
+    for ex in (executor, twin):
+        run(ex.prefill(PrefillInput(np.asarray([SYSTEM[:33]]))))
+    got = run(executor.prefill(PrefillInput(np.asarray([prompt])))).logits.array
+    want = run(twin.prefill(PrefillInput(np.asarray([prompt])))).logits.array
+    assert executor.cache_metrics_snapshot()["tokens_reused"] == 2 * PAGE
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_lazy_prefill_logits_are_refused_after_a_weight_swap(model):
+    """Prefill logits other than the last position are computed when read; after
+    `update_params` that would use the new weights, so reading them is refused. The last
+    positions, computed in the step, stay readable and equal a twin's that kept its
+    weights."""
+    import jax
+
+    _, _, params = model
+    executor, twin = make_executor(model), make_executor(model)
+    prompt = PrefillInput(
+        np.asarray([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]]),
+        attention_mask=np.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+    )
+    out, same = run(executor.prefill(prompt)), run(twin.prefill(prompt))
+    executor.update_params(jax.tree.map(lambda x: x * 0.5, params), keep_cache=True)
+    with pytest.raises(FerrumError, match="params version 0") as e:
+        out.logits.view([0, 0, 0], [2, 2, out.logits.shape[2]])
+    assert e.value.kind is ErrorKind.UNSUPPORTED
+    with pytest.raises(FerrumError, match="params version 0"):
+        np.asarray(out.logits.array)
+    np.testing.assert_array_equal(
+        np.asarray(out.last_token_logits().array), np.asarray(same.last_token_logits().array)
+    )
+
+
+def test_prefix_caching_twin_soak_with_swaps_and_racing_releases(model):
+    """Randomized operations on an executor with prefix caching and int8 KV pages, and on
+    a twin without prefix caching:
+    chunked prompts over shared prefixes, decodes, releases, releases racing the calls
+    queued before them, weight swaps (keep_cache either way), prefills whose every
+    position is read. Every logit agrees with the twin (≤ 1e-5) and the page accounting of
+    both is exact throughout."""
+    import threading
+
+    import jax
+
+    _, _, params = model
+    rng = random.Random(25)
+    # int8 pages: what a hit reuses is quantized, so its logits show any stale page too.
+    sizes = {"max_kv_tokens": 16 * PAGE, "kv_dtype": "int8", "max_num_batched_tokens": 32}
+    executor = make_executor(model, enable_prefix_caching=True, **sizes)
+    twin = make_executor(model, **sizes)
+    both = (executor, twin)
+    seqs: dict[str, dict] = {}  # seq_id -> prompt, fed, tokens
+    names, raced, swaps = iter(range(10**6)), 0, 0
+
+    def prompt() -> list[int]:
+        tail = [rng.randrange(3, 256) for _ in range(rng.randrange(1, 12))]
+        return [*SYSTEM[: rng.choice([0, 16, 32, 40])], *tail]
+
+    def close(got, want) -> None:
+        for x, y in zip(got, want, strict=True):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+    async def on_both(call, *args):
+        """`call(ex, *args)` on each executor; FerrumErrors must agree, and come back."""
+        outs = []
+        for ex in both:
+            try:
+                outs.append(await call(ex, *args))
+            except FerrumError as e:
+                outs.append(e)
+        kinds = [o.kind if isinstance(o, FerrumError) else None for o in outs]
+        assert kinds[0] == kinds[1], outs
+        return outs
+
+    def release(sid: str) -> None:
+        seqs.pop(sid, None)
+        for ex in both:
+            ex.release_cache(sid)
+
+    async def queued_then_released(ex, batch, sid):
+        """`batch` queued behind a held worker, then `sid` released before it runs."""
+        gate = threading.Event()
+        ex._worker.submit(gate.wait)
+        call = asyncio.ensure_future(ex.unified_decode(batch))
+        await asyncio.sleep(0.005)
+        ex.release_cache(sid)
+        gate.set()
+        return await call
+
+    async def soak():
+        nonlocal raced, swaps
+        for _ in range(100):
+            op = rng.choice(["unified"] * 5 + ["release", "race", "swap", "prefill"])
+            if op == "unified":
+                if len(seqs) < 6 and rng.random() < 0.5:
+                    seqs[f"s{next(names)}"] = {"prompt": prompt(), "fed": 0, "tokens": []}
+                items, owners = [], []
+                for sid, s in rng.sample(list(seqs.items()), min(len(seqs), 2)):
+                    if s["fed"] < len(s["prompt"]):
+                        n = min(rng.randrange(1, 17), len(s["prompt"]) - s["fed"])
+                        final = s["fed"] + n == len(s["prompt"])
+                        q = s["prompt"][s["fed"] : s["fed"] + n]
+                        items.append(UnifiedBatchItem(sid, q, None, s["fed"], final))
+                        owners.append((sid, n))
+                    elif len(s["tokens"]) < NEW:
+                        at = s["fed"] + len(s["tokens"]) - 1
+                        items.append(UnifiedBatchItem(sid, [s["tokens"][-1]], None, at, True))
+                        owners.append((sid, 0))
+                if not items:
+                    continue
+                got, want = await on_both(JaxModelExecutor.unified_decode, UnifiedBatch(items))
+                if isinstance(got, FerrumError):
+                    assert got.kind is ErrorKind.RESOURCE_EXHAUSTED, got
+                    release(rng.choice([sid for sid, _ in owners]))
+                    continue
+                close(got, want)
+                for (sid, n), logits in zip(owners, want, strict=True):
+                    seqs[sid]["fed"] += n
+                    if logits is not None:
+                        seqs[sid]["tokens"].append(greedy(logits))
+            elif op == "release" and seqs:
+                release(rng.choice(list(seqs)))
+            elif op == "race":
+                raced += 1
+                live = [sid for sid, s in seqs.items() if s["tokens"] and len(s["tokens"]) < NEW]
+                if live and rng.random() < 0.5:  # a queued decode of a live sequence
+                    sid = rng.choice(live)
+                    s = seqs[sid]
+                    at = s["fed"] + len(s["tokens"]) - 1
+                    batch = UnifiedBatch([UnifiedBatchItem(sid, [s["tokens"][-1]], None, at, True)])
+                    outs = await on_both(queued_then_released, batch, sid)
+                    assert all(o.kind is ErrorKind.NOT_FOUND for o in outs), outs
+                else:  # a queued first chunk of a new sequence
+                    sid = f"r{next(names)}"
+                    batch = UnifiedBatch([UnifiedBatchItem(sid, prompt(), None, 0, False)])
+                    outs = await on_both(queued_then_released, batch, sid)
+                    assert all(o == [None] or o.kind is ErrorKind.RESOURCE_EXHAUSTED for o in outs)
+                seqs.pop(sid, None)
+                assert all(sid not in ex._live for ex in both)
+            elif op == "swap":
+                swaps += 1
+                new = jax.tree.map(lambda x: x * rng.choice([0.5, 0.9, 1.0]), params)
+                keep = rng.random() < 0.6
+                for ex in both:
+                    await ex.update_params_async(new, keep_cache=keep)
+                if not keep:
+                    seqs.clear()
+            elif op == "prefill":
+                outs = await on_both(JaxModelExecutor.prefill, PrefillInput(np.asarray([prompt()])))
+                if not isinstance(outs[0], FerrumError):
+                    close(*(np.asarray(o.logits.array)[0] for o in outs))
+                    for ex, o in zip(both, outs, strict=True):
+                        ex.release_cache(o.kv_cache.cache_id())
+            for ex in both:
+                check_pages(ex)
+
+    run(soak())
+    for sid in list(seqs):
+        release(sid)
+    for ex in both:
+        check_pages(ex)
+        assert ex.status().current_batch_size == 0
+        assert not ex._released_at and not ex._pending
+    metrics = executor.cache_metrics_snapshot()
+    assert metrics["pages_used"] == len(executor._prefix.cached_pages())
+    assert twin.cache_metrics_snapshot()["pages_used"] == 0
+    assert metrics["hits"] > 0 and raced > 5 and swaps > 5

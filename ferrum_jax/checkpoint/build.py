@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,6 +16,8 @@ from ferrum_jax.checkpoint.layout import (
     checkpoint_layout,
     params_from_checkpoint,
 )
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.finite import is_finite
 from ferrum_jax.models import quant
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.llama import abstract_model
@@ -23,6 +27,30 @@ Place = Callable[[tuple[str | int, ...], np.ndarray], jax.Array]
 
 Read = Callable[[CheckpointTensor], np.ndarray]
 """`read(tensor) -> host array` in HF layout (any float dtype)."""
+
+
+def check_allow_non_finite(value: object) -> bool:
+    """`allow_non_finite` as given, once checked to be a bool (a string `"false"` would be
+    truthy and load NaN weights)."""
+    if not isinstance(value, bool):
+        raise FerrumError.invalid_parameter(
+            f"allow_non_finite must be True or False, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def refuse_non_finite(array: Any, source: str | os.PathLike, name: str) -> None:
+    """One `FerrumError` naming checkpoint tensor `name` of `source` when `array` (a whole
+    tensor or a part of it) holds NaN or infinity.
+
+    Readers call it on each tensor as they read it, before quantization: int8/int4 would
+    turn the corruption into finite garbage that no logit shows.
+    """
+    if not is_finite(array):
+        raise FerrumError.model(
+            f"{os.fspath(source)}: tensor {name!r} holds NaN or infinity (a corrupted "
+            "checkpoint?); pass allow_non_finite=True to load it anyway"
+        )
 
 
 def load_for_mesh(

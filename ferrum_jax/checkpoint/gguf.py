@@ -25,7 +25,12 @@ import gguf
 import jax
 import numpy as np
 
-from ferrum_jax.checkpoint.build import Place, build_params
+from ferrum_jax.checkpoint.build import (
+    Place,
+    build_params,
+    check_allow_non_finite,
+    refuse_non_finite,
+)
 from ferrum_jax.checkpoint.hf_config import parse_config
 from ferrum_jax.checkpoint.layout import EXPERT_NAMES, CheckpointTensor, checkpoint_layout
 from ferrum_jax.dtypes import model_dtype
@@ -586,28 +591,38 @@ def _raw(f: BinaryIO, info: GGUFTensorInfo) -> np.ndarray:
     return raw.reshape(*info.shape[:-1], -1)
 
 
-def _dequantized(f: BinaryIO, info: GGUFTensorInfo, dtype: np.dtype = np.float32) -> np.ndarray:
+def _dequantized(
+    f: BinaryIO, info: GGUFTensorInfo, dtype: np.dtype = np.float32, *, finite: bool = True
+) -> np.ndarray:
     """Reads one tensor and dequantises it into `dtype`, a few MiB of rows at a time: a
-    bfloat16 load never holds a whole tensor in float32."""
+    bfloat16 load never holds a whole tensor in float32. With `finite`, each float32 chunk
+    is checked while it is still in cache (`refuse_non_finite`)."""
     rows = _raw(f, info).reshape(-1, info.nbytes // max(math.prod(info.shape[:-1]), 1))
     out = np.empty((rows.shape[0], info.shape[-1]), dtype)
     step = max(1, _CHUNK_BYTES // rows.shape[1])
     for start in range(0, rows.shape[0], step):
         # `dequantize` views F32/F16 rows as floats and decodes quant blocks.
         chunk = gguf.quants.dequantize(rows[start : start + step], info.ggml_type)
+        if finite:
+            refuse_non_finite(chunk, f.name, info.name)
         out[start : start + step] = chunk
     return out.reshape(info.shape)
 
 
-def _quantized_rows(f: BinaryIO, info: GGUFTensorInfo, fmt: WeightFormat) -> QArray:
+def _quantized_rows(
+    f: BinaryIO, info: GGUFTensorInfo, fmt: WeightFormat, *, finite: bool = True
+) -> QArray:
     """A `[rows, in]` tensor dequantised and quantized to `fmt` a few MiB of rows at a time
     (scales along each row: per row, or blocks of it): the embedding's float32 copy (113 MB
-    for SmolLM2) never exists whole, so an int8 load peaks near its final size."""
+    for SmolLM2) never exists whole, so an int8 load peaks near its final size. With
+    `finite`, each chunk is checked before it is quantized."""
     rows = _raw(f, info).reshape(info.shape[0], -1)
     step = max(1, _CHUNK_BYTES // rows.shape[1])
     values, scales = None, None
     for i in range(0, rows.shape[0], step):
         chunk = gguf.quants.dequantize(rows[i : i + step], info.ggml_type)
+        if finite:
+            refuse_non_finite(chunk, f.name, info.name)
         part = quantize_weight("embed", chunk, fmt)
         if values is None:
             values = np.empty(info.shape, part.qvalue.dtype)
@@ -616,11 +631,15 @@ def _quantized_rows(f: BinaryIO, info: GGUFTensorInfo, fmt: WeightFormat) -> QAr
     return QArray(values, scales, qtype=fmt.qtype)
 
 
-def q8_0_blocks(f: BinaryIO, info: GGUFTensorInfo) -> QArray:
+def q8_0_blocks(f: BinaryIO, info: GGUFTensorInfo, *, finite: bool = True) -> QArray:
     """A Q8_0 tensor as stored: int8 values `[..., in]` and their float16 block scales
-    `[..., in / 32]` (each block: a float16 scale, then 32 int8 values), no float copy."""
+    `[..., in / 32]` (each block: a float16 scale, then 32 int8 values), no float copy.
+    With `finite`, the scales are checked: a weight is NaN or infinite only through its
+    block's scale."""
     blocks = _raw(f, info).reshape(*info.shape[:-1], -1, 2 + _Q8_0_BLOCK)
     scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+    if finite:
+        refuse_non_finite(scale, f.name, info.name)
     values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(info.shape)
     return QArray(values, scale, qtype=np.dtype(np.int8))
 
@@ -649,14 +668,17 @@ def load_gguf(
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
     quantize: str | None = None,
+    allow_non_finite: bool = False,
 ) -> Model:
     """Loads a `.gguf` file: config from metadata, weights, tokenizer.
 
     Tensors are dequantised straight into `dtype`. With `quantize="int8"`, Q8_0 tensors keep
     their own int8 values and block scales (bit-exact); every other tensor is dequantised and
-    quantized again (`models.quant`), one tensor at a time.
+    quantized again (`models.quant`), one tensor at a time. A tensor holding NaN or infinity
+    is refused, by its GGUF name, unless `allow_non_finite`.
     """
     target = model_dtype(dtype)
+    finite = not check_allow_non_finite(allow_non_finite)
     path = pathlib.Path(path)
     if not path.is_file():
         raise FerrumError.not_found(f"{path}: no such file")
@@ -680,15 +702,15 @@ def load_gguf(
             info = by_hf[tensor.name]
             plus_one = config.norm_plus_one and tensor.name.endswith("norm.weight")
             if tensor.path in direct:
-                w = q8_0_blocks(f, info)
+                w = q8_0_blocks(f, info, finite=finite)
             elif tensor.name in by_rows:
-                w = _quantized_rows(f, info, fmt)
+                w = _quantized_rows(f, info, fmt, finite=finite)
             else:
                 w = experts.get(info.name)
                 if w is None:
                     experts.clear()
                     # Gemma's norms lose their 1 in float32, not in a bfloat16 target.
-                    w = _dequantized(f, info, np.float32 if plus_one else target)
+                    w = _dequantized(f, info, np.float32 if plus_one else target, finite=finite)
                     if w.ndim == 3:
                         experts[info.name] = w
                 if w.ndim == 3:

@@ -10,6 +10,11 @@ weights, `config.json`, tokenizer files, or one `.gguf`. Pickled weights (`.bin`
 The environment is read at every call (not when `huggingface_hub` was imported):
 `HF_HUB_CACHE` (else `HF_HOME/hub`, else `~/.cache/huggingface/hub`) and `HF_HUB_OFFLINE`
 (or `TRANSFORMERS_OFFLINE`).
+
+`revision` and `gguf_file` become file paths inside the cache (`refs/<revision>`,
+`snapshots/<commit>/<gguf_file>`), so both are checked as names first (git's ref-name rules,
+a relative file name), and every path the cache leads to (a `refs/` file holds a commit that
+becomes a directory name) must stay inside the repo's `snapshots/` folder.
 """
 
 from __future__ import annotations
@@ -71,15 +76,11 @@ def resolve(
     From the cache when the snapshot there holds a model; otherwise downloaded, unless
     offline. A miss offline is one `FerrumError.not_found` naming the path and the cache.
     """
+    check_revision(revision)
+    check_gguf_file(gguf_file)
     hub = _hub()
     cache = cache_dir()
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
-    if gguf_file is not None and (
-        pathlib.PurePosixPath(gguf_file).is_absolute() or ".." in gguf_file.split("/")
-    ):
-        raise FerrumError.invalid_parameter(
-            f"gguf_file must be a file name inside the repo, got {gguf_file!r}"
-        )
     try:
         snapshot = hub.snapshot_download(
             repo_id,
@@ -88,9 +89,10 @@ def resolve(
             local_files_only=True,
             allow_patterns=_patterns(gguf_file),
         )
-        found = _model_in(pathlib.Path(snapshot), gguf_file, where)
+        snapshot = _inside_cache(pathlib.Path(snapshot), cache, repo_id, where)
+        found = _model_in(snapshot, gguf_file, where)
         if found is not None:
-            return found
+            return _inside_cache(found, cache, repo_id, where)
         miss = f"the cached snapshot {snapshot} holds no model files"
     except (hub.errors.LocalEntryNotFoundError, hub.errors.IncompleteSnapshotError) as e:
         miss = f"not in the Hugging Face cache {cache}"
@@ -103,7 +105,84 @@ def resolve(
             f"{where}: no such file or directory, and {miss}; HF_HUB_OFFLINE is set, so "
             "nothing was downloaded"
         )
-    return _download(hub, repo_id, revision, gguf_file, cache, where, miss)
+    # The library falls back on the cache's refs/ when the network fails: check again.
+    found = _download(hub, repo_id, revision, gguf_file, cache, where, miss)
+    return _inside_cache(found, cache, repo_id, where)
+
+
+_REF_FORBIDDEN = frozenset(" ~^:?*[\\")
+"""Characters `git check-ref-format` refuses anywhere in a ref name (besides controls)."""
+
+
+def check_revision(revision: object) -> None:
+    """Refuses a `revision` that is not a branch, tag or commit name by git's ref-name rules
+    (`git check-ref-format`), before it becomes a path under `refs/` in the cache.
+
+    Slashes are allowed between components (`refs/pr/1`, `feature/x`); every component must
+    be non-empty, not start with `.` (so no `.` or `..`) and not end with `.lock`.
+    """
+    if revision is None:
+        return
+    if not isinstance(revision, str):
+        raise FerrumError.invalid_parameter(
+            f"revision must be a branch, tag or commit name (a string), got "
+            f"{type(revision).__name__} {revision!r}"
+        )
+    bad = (
+        not revision
+        or revision == "@"
+        or "@{" in revision
+        or revision.endswith(".")
+        or any(c in _REF_FORBIDDEN or ord(c) < 0x20 or ord(c) == 0x7F for c in revision)
+        or any(
+            not part or part.startswith(".") or part.endswith(".lock")
+            for part in revision.split("/")
+        )
+    )
+    if bad:
+        raise FerrumError.invalid_parameter(
+            f"revision {revision!r} is not a branch, tag or commit name (git ref-name rules: "
+            "no empty, '.'-prefixed or '..' components, no leading or trailing '/', no '\\', "
+            "spaces or control characters)"
+        )
+
+
+def check_gguf_file(gguf_file: object) -> None:
+    """Refuses a `gguf_file` that is not the relative name of a `.gguf` file inside the repo
+    (subfolders allowed), before it becomes a path under the snapshot."""
+    if gguf_file is None:
+        return
+    ok = (
+        isinstance(gguf_file, str)
+        and gguf_file.lower().endswith(".gguf")
+        and "\\" not in gguf_file
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in gguf_file)
+        and all(part and part not in (".", "..") for part in gguf_file.split("/"))
+    )
+    if not ok:
+        raise FerrumError.invalid_parameter(
+            f"gguf_file must be the name of a .gguf file inside the repo (e.g. "
+            f"'model-Q4_0.gguf' or 'sub/model.gguf'), got {gguf_file!r}"
+        )
+
+
+def _inside_cache(
+    path: pathlib.Path, cache: pathlib.Path, repo_id: str, where: str
+) -> pathlib.Path:
+    """`path` (as given) when it lies in `repo_id`'s `snapshots/` folder of the cache, else
+    one error.
+
+    Folders are resolved (a `refs/` file holding `../..` must not lead out), the last
+    component is not: a snapshot's files are the cache's own symlinks to its blobs.
+    """
+    snapshots = (cache / ("models--" + repo_id.replace("/", "--")) / "snapshots").resolve()
+    real = path.resolve() if path.is_dir() else path.parent.resolve() / path.name
+    if real == snapshots or not real.is_relative_to(snapshots):
+        raise FerrumError.invalid_parameter(
+            f"{where}: the Hugging Face cache points to {path}, outside {snapshots} (a "
+            "corrupted or hostile refs/ file?); refusing to load it"
+        )
+    return path
 
 
 def _hub() -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from ferrum_jax.checkpoint import hub
-from ferrum_jax.checkpoint.build import Place
+from ferrum_jax.checkpoint.build import Place, check_allow_non_finite
 from ferrum_jax.checkpoint.gguf import load_gguf
 from ferrum_jax.checkpoint.hf_config import CONFIG_FILE
 from ferrum_jax.checkpoint.orbax import ORBAX_MARKER, load_orbax
@@ -100,6 +100,7 @@ def load_model(
     revision: str | None = None,
     gguf_file: str | None = None,
     quantize: str | None = None,
+    allow_non_finite: bool = False,
 ) -> Model:
     """Loads an HF directory, a `.gguf` file, an orbax directory or a hub name `org/name`
     (default: SmolLM2-135M).
@@ -118,15 +119,20 @@ def load_model(
     weight, embedding included, quantized (`ferrum_jax.models.quant`), each tensor as it is
     read; GGUF Q8_0 tensors become int8 without requantizing. An orbax checkpoint saved
     quantized loads as saved.
+
+    A checkpoint tensor holding NaN or infinity is refused with one `FerrumError` naming it
+    (checked as it is read, before quantization); `allow_non_finite=True` loads it anyway.
     """
     model_dtype(dtype)
     quantization_format(quantize)
+    check_allow_non_finite(allow_non_finite)
     source, kind = model_format(path, revision=revision, gguf_file=gguf_file)
+    options = {"dtype": dtype, "allow_non_finite": allow_non_finite}
     if kind == "hf":
-        return load_hf(source, dtype=dtype, place=place, mesh=mesh, quantize=quantize)
+        return load_hf(source, place=place, mesh=mesh, quantize=quantize, **options)
     if kind == "gguf":
-        return load_gguf(source, dtype=dtype, place=place, mesh=mesh, quantize=quantize)
-    model = load_orbax(source, dtype=dtype)
+        return load_gguf(source, place=place, mesh=mesh, quantize=quantize, **options)
+    model = load_orbax(source, **options)
     if mesh is not None:
         return model.on_mesh(mesh).quantized(quantize)
     model = model.quantized(quantize)

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ferrum_jax.checkpoint.build import check_allow_non_finite, refuse_non_finite
 from ferrum_jax.checkpoint.hf_config import read_config, write_config
 from ferrum_jax.checkpoint.tokenizer_files import has_tokenizer, load_tokenizer, save_tokenizer
 from ferrum_jax.dtypes import model_dtype
@@ -62,7 +63,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> pat
     anything else (a file, a directory of other things) is never replaced, so a mistyped
     destination cannot delete someone's data.
     """
-    dst = pathlib.Path(dst)
+    dst = pathlib.Path(dst).absolute()  # orbax refuses relative paths
     if not (dst.exists() or dst.is_symlink()):
         for parent in dst.parents:
             if parent.exists():
@@ -221,14 +222,20 @@ def _saved_shapes(params: pathlib.Path) -> dict[tuple[str, ...], tuple[int, ...]
 
 
 def load_orbax(
-    path: str | os.PathLike, *, dtype: str = "float32", shardings: Shardings | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    shardings: Shardings | None = None,
+    allow_non_finite: bool = False,
 ) -> Model:
     """Loads a directory written by `save_orbax`, converting params to `dtype`.
 
     With `shardings`, each param is restored straight into its shards (no gathered copy).
+    A param holding NaN or infinity is refused, by its saved name, unless `allow_non_finite`.
     """
     target = model_dtype(dtype)
-    root = pathlib.Path(path)
+    finite = not check_allow_non_finite(allow_non_finite)
+    root = pathlib.Path(path).absolute()  # orbax refuses relative paths
     marker = read_marker(root)
     version = marker["version"]
     config = read_config(root)
@@ -243,9 +250,9 @@ def load_orbax(
         )
     graphdef, abstract = abstract_model(config, param_dtype=target, dtype=target)
     if version == 1:  # other param names and shapes: checked as they are fused
-        return _load_v1(root, config, graphdef, abstract, target, shardings)
+        return _load_v1(root, config, graphdef, abstract, target, shardings, finite)
     if marker.get("quantization") is not None:
-        return _load_quantized(root, config, graphdef, abstract, target, shardings)
+        return _load_quantized(root, config, graphdef, abstract, target, shardings, finite)
     expected = {
         tuple(str(k.key) for k in keys): tuple(leaf.shape)
         for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))
@@ -269,12 +276,22 @@ def load_orbax(
         raise FerrumError.invalid_format(f"{root / _PARAMS}: cannot restore params: {e}") from e
     finally:
         checkpointer.close()
+    if finite:
+        _refuse_non_finite(restored, root / _PARAMS)
     nnx.replace_by_pure_dict(abstract, restored)
     tokenizer = load_tokenizer(root) if has_tokenizer(root) else None
     return Model(config, graphdef, abstract, tokenizer=tokenizer, source=str(root), format="orbax")
 
 
-def _load_quantized(root, config, graphdef, abstract, target, shardings) -> Model:
+def _refuse_non_finite(tree: Any, source: pathlib.Path) -> None:
+    """`refuse_non_finite` on every leaf of restored params, named by its saved path
+    (`layers.0.attn.qkv_proj`, `....scale` for a quantized weight's scales)."""
+    for keys, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+        refuse_non_finite(leaf, source, name)
+
+
+def _load_quantized(root, config, graphdef, abstract, target, shardings, finite) -> Model:
     """A checkpoint saved quantized: values and scales restored bit for bit, in their saved
     dtypes (float params in `target`), each weight's values checked against the config."""
     if shardings is not None:
@@ -299,6 +316,8 @@ def _load_quantized(root, config, graphdef, abstract, target, shardings) -> Mode
         raise FerrumError.invalid_format(f"{root / _PARAMS}: cannot restore params: {e}") from e
     finally:
         checkpointer.close()
+    if finite:  # the saved values and scales: an int8/int4 weight is NaN only by its scale
+        _refuse_non_finite(restored, root / _PARAMS)
     restored = quant.from_saved(_int_keys(restored))
     expected = {p: v.get_value().shape for p, v in nnx.to_flat_state(abstract)}
     got = {
@@ -326,7 +345,7 @@ def _int_keys(tree):
     }
 
 
-def _load_v1(root, config, graphdef, abstract, target, shardings) -> Model:
+def _load_v1(root, config, graphdef, abstract, target, shardings, finite) -> Model:
     """A version-1 checkpoint (q/k/v and gate/up saved apart): restored whole, then fused
     into this version's params and placed."""
     checkpointer = ocp.StandardCheckpointer()
@@ -336,6 +355,8 @@ def _load_v1(root, config, graphdef, abstract, target, shardings) -> Model:
         raise FerrumError.invalid_format(f"{root / _PARAMS}: cannot restore params: {e}") from e
     finally:
         checkpointer.close()
+    if finite:
+        _refuse_non_finite(raw, root / _PARAMS)
     kv, g = config.num_kv_heads, config.num_heads // config.num_kv_heads
     for layer in raw["layers"].values():
         attn, mlp = layer["attn"], layer["mlp"]

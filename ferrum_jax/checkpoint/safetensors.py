@@ -27,7 +27,12 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ferrum_jax.checkpoint.build import Place, build_params
+from ferrum_jax.checkpoint.build import (
+    Place,
+    build_params,
+    check_allow_non_finite,
+    refuse_non_finite,
+)
 from ferrum_jax.checkpoint.hf_config import read_config
 from ferrum_jax.checkpoint.layout import CheckpointTensor, checkpoint_layout
 from ferrum_jax.checkpoint.tokenizer_files import has_tokenizer, load_tokenizer
@@ -195,11 +200,15 @@ def load_hf(
     place: Place | None = None,
     mesh: jax.sharding.Mesh | None = None,
     quantize: str | None = None,
+    allow_non_finite: bool = False,
 ) -> Model:
     """Loads an HF directory (`config.json` + safetensors, optional tokenizer files); linear
-    weights are quantized to `quantize` (`"int8"`, `"int4"`) tensor by tensor."""
+    weights are quantized to `quantize` (`"int8"`, `"int4"`) tensor by tensor.
+
+    A tensor holding NaN or infinity is refused, by name, unless `allow_non_finite`."""
     target = model_dtype(dtype)
     quantization_format(quantize)
+    check_allow_non_finite(allow_non_finite)
     root = pathlib.Path(path)
     if not root.is_dir():
         raise FerrumError.not_found(f"{root}: not a directory")
@@ -215,7 +224,10 @@ def load_hf(
 
         def read(tensor: CheckpointTensor) -> np.ndarray:
             entry = to_read[tensor.name]
-            return _read(files[entry.file], entry)
+            array = _read(files[entry.file], entry)
+            if not allow_non_finite:
+                refuse_non_finite(array, entry.file, entry.name)
+            return array
 
         graphdef, params = build_params(
             config,

@@ -18,6 +18,7 @@ from ferrum_jax.engine.batch import (
 )
 from ferrum_jax.engine.buckets import MIN_BUCKET, bucket, bucket_length, buckets
 from ferrum_jax.engine.generate import GenerateOutput, generate, generate_step
+from ferrum_jax.engine.greedy import MIN_PENALTY_BUCKET, GreedyRows, greedy_argmax, pack_greedy
 from ferrum_jax.engine.limits import check_context_length
 from ferrum_jax.engine.ragged import (
     MIN_TOKEN_BUCKET,
@@ -64,8 +65,10 @@ def compile_counts() -> dict[str, int]:
 
 __all__ = [
     "MIN_BUCKET",
+    "MIN_PENALTY_BUCKET",
     "MIN_TOKEN_BUCKET",
     "GenerateOutput",
+    "GreedyRows",
     "KVCache",
     "RaggedBatch",
     "RaggedItem",
@@ -86,8 +89,10 @@ __all__ = [
     "forward_step",
     "generate",
     "generate_step",
+    "greedy_argmax",
     "init_cache",
     "init_pages",
+    "pack_greedy",
     "pack_ragged",
     "pack_rows",
     "pack_tokens",

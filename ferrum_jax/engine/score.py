@@ -88,12 +88,26 @@ def score_step(
 
 def _ids(seq: Sequence[int], vocab: int, what: str) -> np.ndarray:
     # Emptiness first: an empty list reads as float64, which the id check would name instead.
-    ids = np.asarray(check_token_ids(seq, vocab, what)) if len(seq) else np.zeros((0,))
-    if ids.ndim != 1 or ids.size == 0:
+    try:
+        empty = len(seq) == 0
+    except TypeError:  # a scalar has no length; the shape check below names it
+        empty = False
+    if empty:
+        raise FerrumError.invalid_parameter(f"{what} is empty: it needs at least one token id")
+    ids = np.asarray(check_token_ids(seq, vocab, what))
+    if ids.ndim != 1:
         raise FerrumError.invalid_parameter(
-            f"{what} must be a non-empty 1-D sequence of token ids, got shape {ids.shape}"
+            f"{what} must be a 1-D sequence of token ids, got shape {ids.shape}"
         )
     return ids.astype(np.int32)
+
+
+def _count(value: object, name: str) -> int:
+    """`value` when it is an integer >= 1; bools and floats are refused (1.5 tokens, or
+    True read as 1, would otherwise pass a `< 1` check)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise FerrumError.invalid_parameter(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def score(
@@ -116,8 +130,7 @@ def score(
         raise FerrumError.invalid_parameter(
             f"{len(contexts)} contexts but {len(continuations)} continuations"
         )
-    if max_tokens < 1:
-        raise FerrumError.invalid_parameter(f"max_tokens must be >= 1, got {max_tokens}")
+    max_tokens = _count(max_tokens, "max_tokens")
     config, _ = graph_facts(graphdef)
     vocab, context = config.vocab_size, config.max_position_embeddings
     pairs = []
@@ -244,11 +257,14 @@ def rolling_loglikelihood(
     Texts longer than `max_length` (default: the model's context) are cut into the windows
     of `rolling_windows`, as lm-eval's `loglikelihood_rolling` does; every token is scored
     once, conditioned on up to `max_length` tokens before it (the first on `prefix_token`).
-    `token_logprobs` covers every token of the text. Windows of all texts share steps.
+    `token_logprobs` covers every token of the text (at least one: an empty text is
+    refused). Windows of all texts share steps.
     """
     config, _ = graph_facts(graphdef)
     max_length = config.max_position_embeddings if max_length is None else max_length
-    if not 1 <= max_length <= config.max_position_embeddings:
+    _count(max_length, "max_length")
+    _count(max_tokens, "max_tokens")  # before any window is cut, not at the first step
+    if max_length > config.max_position_embeddings:
         raise FerrumError.invalid_parameter(
             f"max_length must be in [1, {config.max_position_embeddings}] (the model's "
             f"context), got {max_length}"
@@ -256,9 +272,7 @@ def rolling_loglikelihood(
     check_token_ids([prefix_token], config.vocab_size, "prefix_token")
     contexts, continuations, owner = [], [], []
     for i, text in enumerate(texts):
-        ids = np.asarray(check_token_ids(text, config.vocab_size, f"text {i}"))
-        if ids.ndim != 1:
-            raise FerrumError.invalid_parameter(f"text {i} must be 1-D, got shape {ids.shape}")
+        ids = _ids(text, config.vocab_size, f"text {i}")
         for ctx, cont in rolling_windows(
             ids.tolist(), prefix_token=prefix_token, max_length=max_length, context_len=context_len
         ):
@@ -276,18 +290,11 @@ def rolling_loglikelihood(
     parts: list[list[Score]] = [[] for _ in texts]
     for i, s in zip(owner, scores, strict=True):
         parts[i].append(s)
-    out = []
-    for windows in parts:
-        logprobs = (
-            np.concatenate([w.token_logprobs for w in windows])
-            if windows
-            else np.zeros((0,), np.float32)
+    return [
+        Score(
+            logprob=float(sum(w.logprob for w in windows)),
+            is_greedy=all(w.is_greedy for w in windows),
+            token_logprobs=np.concatenate([w.token_logprobs for w in windows]),
         )
-        out.append(
-            Score(
-                logprob=float(sum(w.logprob for w in windows)),
-                is_greedy=all(w.is_greedy for w in windows),
-                token_logprobs=logprobs,
-            )
-        )
-    return out
+        for windows in parts
+    ]

@@ -80,7 +80,7 @@ from ferrum_jax import engine, progress, sharding
 from ferrum_jax.cache import init_pages
 from ferrum_jax.dtypes import model_dtype
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.executor import memory
+from ferrum_jax.executor import memory, reservation
 from ferrum_jax.executor import multihost as mh
 from ferrum_jax.executor.calls import Call
 from ferrum_jax.executor.handle import JaxKvCacheHandle
@@ -88,6 +88,7 @@ from ferrum_jax.executor.lazy_logits import LazyLogits, lm_head_step
 from ferrum_jax.executor.records import Row, Txn
 from ferrum_jax.executor.records import Sequence as Record
 from ferrum_jax.executor.stats import Stats, p95
+from ferrum_jax.finite import nonfinite_leaf
 from ferrum_jax.interfaces import (
     AttentionType,
     BatchModelExecutor,
@@ -101,6 +102,11 @@ from ferrum_jax.interfaces import (
     ExecutorState,
     ExecutorStatus,
     KvCacheHandle,
+    KvSlotAllocation,
+    KvSlotCapacitySnapshot,
+    KvSlotRequest,
+    KvSlotReservation,
+    LogitsReturnPolicy,
     MemoryRequirements,
     ModelInfo,
     ModelType,
@@ -111,6 +117,7 @@ from ferrum_jax.interfaces import (
     TensorLike,
     UnifiedBatch,
     UnifiedBatchItem,
+    kv_admission_exhausted,
 )
 from ferrum_jax.model import Model
 from ferrum_jax.models import attention, kv_quant, quant
@@ -162,6 +169,20 @@ class _Work:
     hidden: list[tuple[jax.Array, int, int]] = dataclasses.field(default_factory=list)
     """Per chunk `(step hidden [T, embed], first row, rows)`, for `"hidden"`: references,
     never sliced on the device (a slice per prompt length would compile per length)."""
+    greedy: LogitsReturnPolicy | None = None
+    """A `GreedyArgmax` policy for `"last"`: the step picks the token on the device."""
+    token: int | None = None
+    """The token `greedy` picked, in place of `logits` (None: no id was allowed)."""
+
+    def answer(self) -> np.ndarray | None:
+        """The final position's logits, or `[token_id]` as float32 when the device picked
+        it (Ferrum main reads any length-1 answer as a token id)."""
+        if self.token is not None:
+            return np.asarray([self.token], np.float32)
+        return self.logits
+
+
+_greedy_argmax = jax.jit(engine.greedy_argmax)
 
 
 _copy_pages = jax.jit(
@@ -293,11 +314,22 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             1 << (max_num_batched_tokens.bit_length() - 1),
             engine.bucket(max_batch_size * max_sequence_length),
         )
-        self._programs: dict[tuple[int, int], Any] = {}
+        self._programs: dict[tuple[int, int, int], Any] = {}
+        self._needs: dict[tuple[int, int, int], int] = {}
+        self._greedy_mask: tuple[tuple, jax.Array] | None = None
+        """The last step's stacked greedy masks on the device, by `mask_key`: a decode
+        batch that keeps its requests uploads them once."""
         self._allocator = PageAllocator(self._num_pages)
         self._prefix = PrefixCache(self._allocator, block_size) if enable_prefix_caching else None
         self._live: dict[str, Record] = {}
         self._released_by_update: set[str] = set()
+        # One clock for call issues and releases: a call commits nothing for a sequence
+        # released after the call was issued (a release wins over calls already queued).
+        self._clock = itertools.count()
+        self._pending: dict[int, None] = {}
+        """Issue times of the calls not finished yet, oldest first."""
+        self._released_at: dict[str, int] = {}
+        """Release times of sequences released while calls were pending, oldest first."""
         self._stats = Stats()
         self._last_operation: float | None = None
         self._failure = ""
@@ -351,11 +383,13 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         dtype: str = "float32",
         mesh: jax.sharding.Mesh | None = None,
         quantize: str | None = None,
+        allow_non_finite: bool = False,
         **options: Any,
     ) -> JaxModelExecutor:
         """Loads an HF directory, a `.gguf` file or an orbax directory (None: SmolLM2), with
-        linear weights quantized to `quantize` (`"int8"`, `"int4"`; `load_model`);
-        `options` are the constructor's keywords (`max_kv_tokens`, `kv_dtype`, ...)."""
+        linear weights quantized to `quantize` (`"int8"`, `"int4"`; `load_model`; weights
+        holding NaN or infinity are refused unless `allow_non_finite`); `options` are the
+        constructor's keywords (`max_kv_tokens`, `kv_dtype`, ...)."""
         from ferrum_jax.checkpoint import load_model
 
         model_dtype(dtype)
@@ -363,7 +397,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         kv_quant.check_kv_dtype(options.get("kv_dtype"))
         max_batch_size = _count("max_batch_size", max_batch_size)
         max_sequence_length = _count("max_sequence_length", max_sequence_length)
-        loaded = load_model(model, dtype=dtype, mesh=mesh, quantize=quantize)
+        loaded = load_model(
+            model, dtype=dtype, mesh=mesh, quantize=quantize, allow_non_finite=allow_non_finite
+        )
         if max_sequence_length > loaded.config.max_position_embeddings:
             raise FerrumError.config(
                 f"max_sequence_length {max_sequence_length} exceeds the model's "
@@ -631,6 +667,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
         for length in record.lengths:
             self._check_length(cache_id, length + 1)
+        self._greedy_policy(input)  # checked before any change; the step reads it again
         return record, ids
 
     def _drafts(self, draft_tokens: Any) -> np.ndarray:
@@ -730,11 +767,14 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _release_rows(self, rows: Sequence[Row]) -> None:
         """Gives the rows' pages back (full pages go to the prefix cache first, if enabled)."""
+        self._cache_full_pages(rows)
         for row in rows:
-            if self._prefix is not None:
-                self._prefix.insert(row.tokens, row.pages)
             self._allocator.release(row.pages)
             row.pages = []
+
+    def _cacheable(self, row: Row) -> bool:
+        """Whether the row's pages may meet the prefix cache: KV of the current weights only."""
+        return row.params_version == self.params_version
 
     def _borrow_prefix(self, row: Row, tokens: np.ndarray, final: bool = True) -> int:
         """Prefix-cache hit for a row about to take `tokens`: cached full pages that continue
@@ -743,7 +783,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         again; returns the tokens reused. Chunks need not be page-aligned: a chunk that ended
         inside a page borrows that page once a later chunk completes it in the cache. A
         `final` chunk keeps at least one token to compute (its logits are wanted)."""
-        if self._prefix is None:
+        if self._prefix is None or not self._cacheable(row):
             return 0
         full = [*row.tokens, *tokens.tolist()]
         limit = (len(full) - 1 if final else len(full)) // self.block_size
@@ -800,15 +840,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return self._programs[key]
 
     def _need(self, tokens: int, items: int, rows: int) -> int:
-        """Device bytes the step needs beyond its arguments, per device."""
-        analysis = self._program(tokens, items, rows).memory_analysis()
-        if analysis is None:
-            return 0
-        return (
-            analysis.temp_size_in_bytes
-            + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes
-        )
+        """Device bytes the step needs beyond its arguments, per device. Kept per program:
+        XLA's analysis costs tens of milliseconds, as much as a small step itself."""
+        key = (tokens, items, rows)
+        if key not in self._needs:
+            analysis = self._program(tokens, items, rows).memory_analysis()
+            self._needs[key] = (
+                0
+                if analysis is None
+                else analysis.temp_size_in_bytes
+                + analysis.output_size_in_bytes
+                - analysis.alias_size_in_bytes
+            )
+        return self._needs[key]
 
     def _fits(self, tokens: int, items: int, rows: int | None = None) -> bool:
         rows = items if rows is None else rows
@@ -857,13 +901,31 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     f"{memory.mib(self._step_budget or 0)} free for steps"
                 )
         for step, batch in zip(steps, batches, strict=True):
-            host, hidden = self._step(
-                (batch.tokens, batch.cu_q_lens, batch.kv_lens, batch.page_table, batch.logits_at)
+            arrays = (
+                batch.tokens,
+                batch.cu_q_lens,
+                batch.kv_lens,
+                batch.page_table,
+                batch.logits_at,
             )
+            # Followers run every device program in lockstep: device greedy is single-host,
+            # and full logits are always an accepted answer.
+            greedy = {
+                batch.logit_rows[i][0]: work.greedy
+                for i, (work, _, _) in enumerate(step)
+                if work.greedy is not None and batch.logit_rows[i]
+            }
+            if greedy and self._link is None:
+                needed = sum(map(len, batch.logit_rows))
+                host, hidden, tokens = self._greedy_step(arrays, greedy, needed)
+            else:
+                (host, hidden), tokens = self._step(arrays), {}
             self._stats.steps += 1
             for i, (work, _, n) in enumerate(step):
                 rows = batch.logit_rows[i]
-                if work.want == "all":
+                if rows and rows[0] in tokens:
+                    work.token = tokens[rows[0]]
+                elif work.want == "all":
                     part = host[rows]
                     if work.logits is not None:
                         part = np.concatenate([work.logits, part])
@@ -883,12 +945,43 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def _run_step(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, jax.Array | None]:
         """`_step` on this process's devices."""
+        logits, hidden = self._dispatch(arrays)
+        host = np.asarray(logits)  # one transfer; rows are picked on the host
+        self._stats.logits_bytes_to_host += host.nbytes
+        return host, hidden
+
+    def _dispatch(self, arrays: tuple[np.ndarray, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """The ragged step on this process's devices; logits `[R, vocab]` stay there."""
         tokens, _, kv_lens, _, logits_at = arrays
         program = self._program(len(tokens), len(kv_lens), len(logits_at))
         args = [self._put(x) for x in arrays]
         params = self._params
-        logits, hidden = self._donate(lambda pages: _unpack(program(params, pages, *args)))
-        return np.asarray(logits), hidden  # one transfer; rows are picked on the host
+        return self._donate(lambda pages: _unpack(program(params, pages, *args)))
+
+    def _greedy_step(
+        self, arrays: tuple[np.ndarray, ...], greedy: dict[int, LogitsReturnPolicy], needed: int
+    ) -> tuple[np.ndarray | None, jax.Array | None, dict[int, int]]:
+        """A single-host step whose logit rows `greedy` pick their token on the device
+        (`engine.greedy_argmax`): `(host logits or None, hidden, {row: token})`. Only the
+        `[R]` token ids travel to the host, plus the full logits when some of the `needed`
+        rows still want them (a full-logits row, or a greedy row whose mask allowed no id)."""
+        logits, hidden = self._dispatch(arrays)
+        rows = len(arrays[4])
+        policies = [LogitsReturnPolicy.FullLogits] * rows
+        for row, policy in greedy.items():
+            policies[row] = policy
+        packed = engine.pack_greedy(policies, logits.shape[-1], rows)
+        if self._greedy_mask is None or self._greedy_mask[0] != packed.mask_key:
+            self._greedy_mask = (packed.mask_key, self._put(packed.mask))
+        ids, allowed = _greedy_argmax(
+            logits, self._greedy_mask[1], self._put(packed.penalty), self._put(packed.penalty_ids)
+        )
+        ids, allowed = np.asarray(ids), np.asarray(allowed)
+        tokens = {row: int(ids[row]) for row in greedy if allowed[row]}
+        host = np.asarray(logits) if len(tokens) < needed else None
+        self._stats.logits_bytes_to_host += ids.nbytes + allowed.nbytes
+        self._stats.logits_bytes_to_host += 0 if host is None else host.nbytes
+        return host, hidden, tokens
 
     def _chunk(self, works: list[_Work], budget: int) -> list[list[tuple[_Work, int, int]]]:
         """`(work, offset, n)` chunks grouped into steps of at most `budget` tokens and
@@ -1057,11 +1150,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         if self._state is ExecutorState.SHUTDOWN:
             raise FerrumError.backend("executor is shut down; create a new one")
         call = Call()
+        with self._host:
+            issued = next(self._clock)
+            self._pending[issued] = None
         try:
             future = asyncio.get_running_loop().run_in_executor(
-                self._worker, self._execute, call, work, opening
+                self._worker, self._execute, call, work, opening, issued
             )
         except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            self._finished(issued)
             raise FerrumError.backend("executor is shut down; create a new one") from e
         try:
             return await future
@@ -1071,28 +1168,51 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     self._worker.submit(self._roll_back, call.txn)
             raise
 
-    def _execute(self, call: Call, work: Callable[[Txn], T], opening: bool) -> T:
-        if not call.begin():
-            raise FerrumError.cancelled("the call was cancelled before it ran")
-        if opening:
-            self._ensure_ready()
-        txn = Txn()
-        result = work(txn)
+    def _execute(self, call: Call, work: Callable[[Txn], T], opening: bool, issued: int) -> T:
+        try:
+            if not call.begin():
+                raise FerrumError.cancelled("the call was cancelled before it ran")
+            if opening:
+                self._ensure_ready()
+            txn = Txn(issued)
+            result = work(txn)
+            with self._host:
+                self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
+            if not call.finish(txn):
+                self._roll_back(txn)
+                raise FerrumError.cancelled(
+                    "the call was cancelled while it ran; it was rolled back"
+                )
+            return result
+        finally:
+            self._finished(issued)
+
+    def _finished(self, issued: int) -> None:
+        """Forgets a finished call, and the releases no pending call was issued before."""
         with self._host:
-            self._stats.peak_bytes = max(self._stats.peak_bytes, self._used_bytes())
-        if not call.finish(txn):
-            self._roll_back(txn)
-            raise FerrumError.cancelled("the call was cancelled while it ran; it was rolled back")
-        return result
+            del self._pending[issued]
+            oldest = next(iter(self._pending), None)
+            if self._released_at:
+                self._released_at = {
+                    cache_id: at
+                    for cache_id, at in self._released_at.items()
+                    if oldest is not None and at > oldest
+                }
 
     # -----------------------------------------------------------------------------------------
     # Commits (worker thread, under `_host`)
 
     def _commit(self, txn: Txn, record: Record) -> None:
-        """Marks `record` changed by this call (after its device work succeeded)."""
+        """Marks `record` changed by this call (after its device work succeeded); a sequence
+        released after the call was issued stays released, and what the call gave it is
+        given back."""
         record.version += 1
         record.last_access = time.monotonic()
         txn.committed(record)
+        if self._released_at.get(record.cache_id, -1) > txn.issued:
+            if self._live.get(record.cache_id) is record:
+                del self._live[record.cache_id]
+            self._release_rows(record.rows)
 
     def _new_record(self, txn: Txn, cache_id: str, rows: list[Row]) -> Record:
         txn.touch(cache_id, None)
@@ -1102,8 +1222,9 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         return record
 
     def _cache_full_pages(self, rows: Sequence[Row]) -> None:
-        if self._prefix is not None:
-            for row in rows:
+        for row in rows:
+            # A row released while its call ran holds no pages any more: nothing to cache.
+            if self._prefix is not None and self._cacheable(row) and row.pages:
                 self._prefix.insert(row.tokens, row.pages)
 
     # -----------------------------------------------------------------------------------------
@@ -1120,6 +1241,77 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
     def kv_capacity(self) -> int | None:
         """Tokens one sequence may hold (`max_sequence_length`)."""
         return self.max_sequence_length
+
+    def _allocatable(self) -> int:
+        """Pages an allocation may take now: free ones and cached ones it would evict."""
+        reclaimable = self._prefix.reclaimable() if self._prefix is not None else 0
+        return self._allocator.num_free + reclaimable
+
+    def kv_slot_capacity_snapshot(self) -> KvSlotCapacitySnapshot | None:
+        """The page pool (Ferrum main): `free_blocks` counts evictable prefix-cache pages, as
+        an allocation would reclaim them."""
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            return KvSlotCapacitySnapshot(self.block_size, self._num_pages, self._allocatable())
+
+    def reserve_kv_slots(self, requests: Sequence[KvSlotRequest]) -> KvSlotReservation | None:
+        """Makes each `cache_id` hold the pages of `target_len` tokens before the next forward
+        (Ferrum main); all or nothing.
+
+        Unknown ids become empty sequences holding their pages (a `unified_decode` item at
+        `pos_offset` 0 fills them); duplicate ids merge to the largest bounds; a repeat
+        allocates nothing. `admission_target_len` is only checked: the pages it needs beyond
+        the targets must be free too, or the whole call fails with the `resource_exhausted`
+        text Ferrum's engine parses (`kv_admission_exhausted`) and changes nothing. Host
+        bookkeeping only, so it never waits for device work.
+        """
+        merged = reservation.merge(requests)
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            plan = []
+            immediate = admission = new_rows = 0
+            for cache_id, (target, bound) in merged.items():
+                record = self._live.get(cache_id)
+                if record is not None and len(record.rows) != 1:
+                    raise FerrumError.invalid_parameter(
+                        f"sequence {cache_id!r} holds {len(record.rows)} rows; KV slots are "
+                        "reserved for single-row sequences"
+                    )
+                self._check_length(cache_id, target)
+                # A bound past the context cannot be reached: the sequence ends there first.
+                bound = min(bound, self.max_sequence_length)
+                row = (
+                    record.rows[0]
+                    if record is not None
+                    else Row([], [], params_version=self.params_version)
+                )
+                new_rows += record is None
+                pages = max(attention.pages_for(target, self.block_size) - len(row.pages), 0)
+                # A shared page the next token writes is copied at the step: count it here.
+                immediate += self._pages_needed(row, target) if target > len(row) else 0
+                admission += self._pages_needed(row, bound) if bound > len(row) else 0
+                plan.append((cache_id, record, row, pages))
+            free = self._allocatable()
+            if admission > free:
+                raise kv_admission_exhausted(admission, immediate, free)
+            self._check_rows_available(new_rows)
+            allocations = []
+            for cache_id, record, row, pages in plan:
+                before = len(row.pages)
+                row.pages.extend(self._allocator.allocate(pages))
+                if record is None:
+                    self._live[cache_id] = Record(cache_id, [row], time.monotonic())
+                    self._released_by_update.discard(cache_id)
+                allocations.append(KvSlotAllocation(cache_id, before, len(row.pages), pages))
+            return KvSlotReservation(
+                block_size=self.block_size,
+                total_blocks=self._num_pages,
+                free_blocks_before=free,
+                free_blocks_after=self._allocatable(),
+                allocations=allocations,
+            )
 
     async def prefill(self, input: PrefillInput) -> PrefillOutput:
         return (await self.batch_prefill([input]))[0]
@@ -1141,7 +1333,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for r in range(len(ids)):
                         tokens = ids[r, : lengths[r]]
                         if fresh:  # a new sequence, or one started over
-                            row = Row([], [])
+                            row = Row([], [], params_version=self.params_version)
                             reused = self._borrow_prefix(row, tokens)
                         else:
                             row, reused = record.rows[r], 0
@@ -1171,7 +1363,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         for input in inputs:
             ids, lengths, starts = self._prompt_rows(input)
             if input.kv_cache is None:
-                cache_id, record = f"{self._id}-{next(self._ids)}", None
+                cache_id, record = None, None  # named below, once every caller id is known
             else:
                 cache_id = self._key(input.kv_cache)
                 record = self._live.get(cache_id)
@@ -1181,13 +1373,19 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"cache handle {cache_id!r} appears twice in one batch_prefill"
                 )
-            seen.add(cache_id)
+            if cache_id is not None:
+                seen.add(cache_id)
             continuing = starts is not None and np.any(starts > 0)
             if continuing:
                 if record is None:
                     raise FerrumError.invalid_parameter(
-                        f"position_ids start at {starts.tolist()} for unknown sequence "
-                        f"{cache_id!r}: a new sequence starts at 0"
+                        f"position_ids start at {starts.tolist()} for "
+                        + (
+                            "a new sequence"
+                            if cache_id is None
+                            else f"unknown sequence {cache_id!r}"
+                        )
+                        + ": a new sequence starts at 0"
                     )
                 if len(record.rows) != len(ids) or starts.tolist() != record.lengths:
                     raise FerrumError.invalid_parameter(
@@ -1210,7 +1408,17 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
             plans.append((cache_id, record, ids, lengths, True))
         self._check_rows_available(new_rows)
         self._check_pages(pages)
-        return plans
+        return [(self._fresh_id(seen), *plan[1:]) if plan[0] is None else plan for plan in plans]
+
+    def _fresh_id(self, taken: set[str]) -> str:
+        """An id for a sequence the executor names. Callers choose their own ids (any
+        string, an id of ours included, since our handles show them), so one in use by a
+        live sequence or by this batch is skipped rather than taken over."""
+        while True:
+            cache_id = f"{self._id}-{next(self._ids)}"
+            if cache_id not in self._live and cache_id not in taken:
+                taken.add(cache_id)
+                return cache_id
 
     def _run_works(self, copies: list[tuple[int, int]], works: list[_Work]) -> Any:
         self._copy(copies)
@@ -1264,28 +1472,52 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                             [w.logits for w in mine],
                             [w.hidden for w in mine],
                             first,
-                            self._head,
-                            functools.partial(self._recompute, prompts),
+                            functools.partial(self._head, self.params_version),
+                            functools.partial(self._recompute, self.params_version, prompts),
                         ),
                         handle,
                     )
                 )
         return outputs
 
-    def _head(self, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
+    def _head(self, version: int, hidden: jax.Array, rows: np.ndarray) -> np.ndarray:
         """LM head on rows `rows` of a step's `hidden: [T, embed]`, the rows padded to a
-        power-of-two bucket (one program per (T, bucket))."""
+        power-of-two bucket (one program per (T, bucket)); the step ran under params
+        `version`."""
         self._single_host("reading prefill logits other than the last position")
+        params = self._weights_of(version)
         index = np.zeros((engine.bucket(len(rows)),), np.int32)
         index[: len(rows)] = rows
-        logits = lm_head_step(self._graphdef, self._params, hidden, jax.device_put(index))
+        logits = lm_head_step(self._graphdef, params, hidden, jax.device_put(index))
         return np.asarray(logits)[: len(rows)]
 
-    def _recompute(self, prompts: list[np.ndarray], row: int, upto: int) -> np.ndarray:
-        """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped."""
+    def _recompute(
+        self, version: int, prompts: list[np.ndarray], row: int, upto: int
+    ) -> np.ndarray:
+        """Logits of a prompt's first `upto` positions, which a prefix-cache hit skipped. A
+        quantized pool's attention read quantized keys and values: the forward quantizes
+        them alike (a float forward differs by up to 0.08)."""
         self._single_host("reading prefill logits other than the last position")
-        logits = engine.forward(self._graphdef, self._params, prompts[row][None, :upto])
+        params = self._weights_of(version)
+        impl = self._impl if self._kv_dtype is not None else "xla"
+        logits = engine.forward(
+            self._graphdef, params, prompts[row][None, :upto], attention_impl=impl
+        )
         return np.asarray(logits)[0]
+
+    def _weights_of(self, version: int) -> nnx.State:
+        """The params of `version`, which must still be served: prefill logits are never
+        finished with other weights than their step's, and keeping old weights alive for
+        them could double the memory of an RL loop."""
+        with self._host:
+            if version != self.params_version:
+                raise FerrumError.unsupported(
+                    f"these prefill logits were computed under params version {version}; the "
+                    f"executor now serves version {self.params_version} (update_params), "
+                    "and positions other than each row's last are computed when read: read "
+                    "them before swapping the weights"
+                )
+            return self._params
 
     async def decode(self, input: DecodeInput) -> DecodeOutput:
         return (await self.batch_decode([input]))[0]
@@ -1315,11 +1547,15 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 )
                 copies: list[tuple[int, int]] = []
                 works = []
-                for record, ids in checked:
+                for input, (record, ids) in zip(inputs, checked, strict=True):
                     txn.touch(record.cache_id, record)
+                    # One policy per input: it picks a token only for a single-row sequence.
+                    policy = self._greedy_policy(input) if len(record.rows) == 1 else None
                     for row, token in zip(record.rows, ids, strict=True):
                         self._grow(row, len(row) + 1, copies)
-                        works.append(_Work(row, np.asarray([token], np.int32), len(row)))
+                        works.append(
+                            _Work(row, np.asarray([token], np.int32), len(row), greedy=policy)
+                        )
             n = len(works)
             try:
                 self._device("decode", n, n, lambda: self._run_works(copies, works))
@@ -1335,7 +1571,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     for work in works[start : start + rows]:
                         work.row.tokens.extend(work.tokens.tolist())
                     self._commit(txn, record)
-                    logits = np.stack([w.logits for w in works[start : start + rows]])
+                    logits = np.stack([w.answer() for w in works[start : start + rows]])
                     outputs.append(DecodeOutput(JaxTensor(jax.device_put(logits)), input.kv_cache))
                     start += rows
             return outputs
@@ -1370,14 +1606,22 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 copies: list[tuple[int, int]] = []
                 works = []
                 borrowed = []
-                for item, record, tokens in plan:
+                for item, record, tokens, _ in plan:
                     txn.touch(item.seq_id, record)
-                    row = record.rows[0] if record is not None else Row([], [])
+                    policy = self._greedy_policy(item) if item.is_final_chunk else None
+                    row = (
+                        record.rows[0]
+                        if record is not None
+                        else Row([], [], params_version=self.params_version)
+                    )
                     reused = self._borrow_prefix(row, tokens, bool(item.is_final_chunk))
                     borrowed.append(reused)
                     self._grow(row, item.pos_offset + len(tokens), copies)
                     want = "last" if item.is_final_chunk else "none"
-                    works.append(_Work(row, tokens[reused:], item.pos_offset + reused, want))
+                    works.append(
+                        _Work(row, tokens[reused:], item.pos_offset + reused, want, greedy=policy)
+                    )
+                self._presize(plan, works)
             tokens = sum(len(w.tokens) for w in works)
             try:
                 self._device("decode", tokens, len(works), lambda: self._run_works(copies, works))
@@ -1385,32 +1629,46 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 with self._host:
                     self._release_fresh(plan, works)
                     kept = [
-                        (w, n) for w, n, (_, r, _) in zip(works, borrowed, plan, strict=True) if r
+                        (w, n)
+                        for w, n, (_, r, _, _) in zip(works, borrowed, plan, strict=True)
+                        if r
                     ]
                     for w, n in kept:
                         self._unborrow(w.row, n)
                     self._shrink([w for w, _ in kept])
                 raise
             with self._host:
-                for (item, record, tokens), w in zip(plan, works, strict=True):
+                for (item, record, tokens, _), w in zip(plan, works, strict=True):
                     w.row.tokens.extend(w.tokens.tolist())
-                    fresh = record is None
-                    if fresh:
+                    if record is None:
                         record = self._new_record(txn, item.seq_id, [w.row])
                     # A one-token item continuing a sequence is taken for a decode.
-                    prefill = len(tokens) > 1 or fresh
+                    prefill = len(tokens) > 1 or item.pos_offset == 0
                     if prefill:
                         self._stats.prefill_tokens_computed += len(w.tokens)
                     self._commit(txn, record)
                     if prefill:
                         self._cache_full_pages(record.rows)
-            return [w.logits for w in works]
+            return [w.answer() for w in works]
 
         return await self._run(work)
 
+    @staticmethod
+    def _greedy_policy(input: Any) -> LogitsReturnPolicy | None:
+        """An item's `GreedyArgmax` policy, None for `FullLogits`."""
+        policy = input.logits_policy
+        if not isinstance(policy, LogitsReturnPolicy):
+            raise FerrumError.invalid_parameter(
+                f"logits_policy must be a LogitsReturnPolicy, got {policy!r}"
+            )
+        return None if policy.requires_full_logits() else policy
+
     def _plan_unified(self, items: list[Any]) -> list[tuple]:
-        """Per item `(item, record or None, tokens)`; every check before any change."""
-        plan, seen, new_rows, pages = [], set(), 0, 0
+        """Per item `(item, record or None, tokens, capacity hint or None)`; every check
+        before any change. Pages that do not suffice for the items, or for their metadata's
+        `ferrum_kv_admission_target_len` bounds (checked, never allocated), fail the whole
+        batch with the text Ferrum's engine parses."""
+        plan, seen, new_rows, pages, admission = [], set(), 0, 0, 0
         for item in items:
             if not isinstance(item, UnifiedBatchItem):
                 raise FerrumError.invalid_parameter(f"expected a UnifiedBatchItem, got {item!r}")
@@ -1442,6 +1700,12 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"is_final_chunk of {item.seq_id!r} must be a bool, got {item.is_final_chunk!r}"
                 )
+            self._greedy_policy(item)  # checked before any change; the step reads it again
+            metadata = item.metadata if isinstance(item.metadata, dict) else None
+            target = int(offset) + len(tokens)
+            bound = reservation.metadata_length(metadata, reservation.ADMISSION_KEY, item.seq_id)
+            bound = min(max(bound or 0, target), self.max_sequence_length)
+            hint = reservation.metadata_length(metadata, reservation.CAPACITY_HINT_KEY, item.seq_id)
             record = self._live.get(item.seq_id)
             if record is None:
                 if offset != 0:
@@ -1451,6 +1715,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                     )
                 new_rows += 1
                 pages += attention.pages_for(len(tokens), self.block_size)
+                admission += attention.pages_for(bound, self.block_size)
             else:
                 if len(record.rows) != 1:
                     raise FerrumError.invalid_parameter(
@@ -1462,15 +1727,29 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                         f"pos_offset {offset} of {item.seq_id!r} differs from its length "
                         f"{len(record.rows[0])}"
                     )
-                pages += self._pages_needed(record.rows[0], offset + len(tokens))
-            self._check_length(item.seq_id, int(offset) + len(tokens))
-            plan.append((item, record, tokens))
+                pages += self._pages_needed(record.rows[0], target)
+                admission += self._pages_needed(record.rows[0], bound)
+            self._check_length(item.seq_id, target)
+            plan.append((item, record, tokens, hint if offset == 0 else None))
         self._check_rows_available(new_rows)
-        self._check_pages(pages)
+        if admission > (free := self._allocatable()):
+            raise kv_admission_exhausted(admission, pages, free)
         return plan
 
+    def _presize(self, plan: list[tuple], works: list[_Work]) -> None:
+        """New sequences take the pages of their `ferrum_kv_capacity_hint` up front, as the
+        reference does, where the pool has them beyond this batch's needs (else they grow
+        step by step): their decodes then never wait on the pool."""
+        for (_, _, _, hint), work in zip(plan, works, strict=True):
+            if hint is None:
+                continue
+            length = min(hint, self.max_sequence_length)
+            extra = attention.pages_for(length, self.block_size) - len(work.row.pages)
+            if extra > 0 and self._allocator.can_allocate(extra):
+                work.row.pages.extend(self._allocator.allocate(extra))
+
     def _release_fresh(self, plan: list[tuple], works: list[_Work]) -> None:
-        for (_, record, _), work in zip(plan, works, strict=True):
+        for (_, record, _, _), work in zip(plan, works, strict=True):
             if record is None:
                 self._allocator.release(work.row.pages)
                 work.row.pages = []
@@ -1648,10 +1927,48 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
         version (also in `info().metadata` and `cache_metrics_snapshot()`).
 
         `params` must match the current ones in tree structure, shapes, dtypes and
-        shardings. `keep_cache=False` releases every live sequence (their next use fails
-        with a clear error) and empties the prefix cache; `True` keeps their KV, computed by
-        the old weights: stale-KV semantics, for RL loops that accept it.
+        shardings, and be finite. The executor keeps its own copy, so a trainer may go on
+        updating its state in place (`nnx.update`) without reaching the served weights.
+        `keep_cache=False` releases every live sequence (their next use fails with a clear
+        error); `True` keeps their KV, computed by the old weights: stale-KV semantics, for
+        RL loops that accept it. Either way the prefix cache is emptied, and no page
+        computed under older weights is reused by another sequence.
+
+        Waits for the calls queued before it (a step never mixes two weights). Called from
+        a coroutine (an event loop running in this thread) that wait would stall the loop,
+        so it is refused there: `await update_params_async(...)` instead.
         """
+        keep = self._swap_options(keep_cache)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no event loop in this thread: waiting stalls nobody
+        else:
+            raise FerrumError.invalid_parameter(
+                "update_params blocks until the queued calls have run, which would stall "
+                "the event loop running in this thread: use `await "
+                "executor.update_params_async(params)` from a coroutine"
+            )
+        return self._submit_swap(self._own_params(params), keep).result()
+
+    async def update_params_async(self, params: nnx.State, *, keep_cache: bool = False) -> int:
+        """`update_params` for coroutines: the loop runs on while the queued calls finish
+        and the weights are checked and swapped. Cancelled before the swap starts, the
+        weights stay; once it started, it completes."""
+        keep = self._swap_options(keep_cache)
+        return await asyncio.wrap_future(self._submit_swap(self._own_params(params), keep))
+
+    def _swap_options(self, keep_cache: Any) -> bool:
+        if self._state is ExecutorState.SHUTDOWN:
+            raise FerrumError.backend("executor is shut down; create a new one")
+        if not isinstance(keep_cache, bool | np.bool_):
+            raise FerrumError.invalid_parameter(
+                f"update_params: keep_cache must be True or False, got {keep_cache!r}"
+            )
+        return bool(keep_cache)
+
+    def _own_params(self, params: nnx.State) -> nnx.State:
+        """A copy of `params` (same shardings) once they match the current weights."""
         old_leaves, old_tree = jax.tree.flatten(self._params)
         new_leaves, new_tree = jax.tree.flatten(params)
         if new_tree != old_tree:
@@ -1673,25 +1990,40 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 raise FerrumError.invalid_parameter(
                     f"update_params: {path} is sharded {b.sharding}, expected {a.sharding}"
                 )
+        # The caller's tree may hold the trainer's live variables: copy containers and arrays.
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
 
-        def swap() -> int:
-            with self._host:
-                self._params = params
-                self.model = self.model.with_params(params)
-                self.params_version += 1
-                if self._link is not None:
-                    self._link.send(mh.Op.PARAMS, aux=self.params_version)
-                if not keep_cache:
-                    for record in list(self._live.values()):
-                        self._release_rows(record.rows)
-                        self._released_by_update.add(record.cache_id)
-                    self._live.clear()
-                    if self._prefix is not None:
-                        self._prefix.clear()
-                return self.params_version
+    def _submit_swap(self, params: nnx.State, keep_cache: bool) -> concurrent.futures.Future:
+        """Queues the swap on the worker, after the calls already queued."""
+        try:
+            return self._worker.submit(self._swap, params, keep_cache)
+        except RuntimeError as e:  # the worker stopped under a concurrent shutdown()
+            raise FerrumError.backend("executor is shut down; create a new one") from e
 
-        # On the worker, after the calls already queued: a step never mixes two weights.
-        return self._worker.submit(swap).result()
+    def _swap(self, params: nnx.State, keep_cache: bool) -> int:
+        """Worker: checks the owned copy is finite, then serves it from the next step on."""
+        bad = nonfinite_leaf(params)
+        if bad is not None:
+            raise FerrumError.invalid_parameter(
+                f"update_params: {bad} holds NaN or infinity; the weights were not changed"
+            )
+        with self._host:
+            if self._state is ExecutorState.SHUTDOWN:
+                raise FerrumError.backend("executor is shut down; create a new one")
+            self._params = params
+            self.model = self.model.with_params(params)
+            self.params_version += 1
+            if self._link is not None:
+                self._link.send(mh.Op.PARAMS, aux=self.params_version)
+            if not keep_cache:
+                for record in list(self._live.values()):
+                    self._release_rows(record.rows)
+                    self._released_by_update.add(record.cache_id)
+                self._live.clear()
+            if self._prefix is not None:
+                # Pages of the old weights: a hit would serve their KV to a new sequence.
+                self._prefix.clear()
+            return self.params_version
 
     def optimal_batch_size(self) -> int:
         return self.max_batch_size
@@ -1798,6 +2130,7 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
                 "prefill_tokens_computed": self._stats.prefill_tokens_computed,
                 "prefill_tokens_reused": self._stats.prefill_tokens_reused,
                 "steps": self._stats.steps,
+                "logits_bytes_to_host": self._stats.logits_bytes_to_host,
                 "params_version": self.params_version,
             }
             if self._prefix is not None:
@@ -1893,11 +2226,18 @@ class JaxModelExecutor(BatchModelExecutor, SpeculativeExecutor):
 
     def release_cache(self, cache_id: str) -> None:
         """Frees the sequence's pages (full ones stay in the prefix cache, if enabled);
-        idempotent, unknown ids change nothing. Never waits for device work."""
+        idempotent, unknown ids change nothing. Never waits for device work. The release
+        wins over calls issued before it and still queued or running: what they create or
+        extend of this sequence is released as they finish."""
+        if not isinstance(cache_id, str):
+            return
         with self._host:
-            record = self._live.pop(cache_id, None) if isinstance(cache_id, str) else None
+            record = self._live.pop(cache_id, None)
             if record is not None and self._state is not ExecutorState.SHUTDOWN:
                 self._release_rows(record.rows)
+            if self._pending:  # a call already queued may create or extend it
+                self._released_at.pop(cache_id, None)
+                self._released_at[cache_id] = next(self._clock)
 
     def _pages_view(self, handle: JaxKvCacheHandle, layer: int, *, keys: bool) -> TensorLike:
         self._single_host("key_cache / value_cache")

@@ -21,9 +21,13 @@ class Row:
     """Page ids, one reference each; enough for `tokens` (possibly more after a rollback)."""
     shared: int = 0
     """Leading pages borrowed from the prefix cache: full, and never written by this row."""
+    params_version: int = -1
+    """The params version the row's first token was computed under. A row that outlives an
+    `update_params(keep_cache=True)` holds KV of older weights, so it neither borrows from
+    nor gives to the prefix cache again (-1: never)."""
 
     def copy(self) -> Row:
-        return Row(list(self.tokens), list(self.pages), self.shared)
+        return Row(list(self.tokens), list(self.pages), self.shared, self.params_version)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -53,7 +57,9 @@ class Txn:
     """The undo log of one call: each sequence it changes as it was before (None: the call
     created it) and the version the call's commit left."""
 
-    def __init__(self) -> None:
+    def __init__(self, issued: int) -> None:
+        self.issued = issued
+        """When the call was issued, on the executor's clock of calls and releases."""
         self.before: dict[str, Sequence | None] = {}
         self.after: dict[str, int] = {}
 

@@ -27,6 +27,8 @@ class Stats:
         """Prompt tokens that went through the model (prefix-cache hits are not computed)."""
         self.prefill_tokens_reused = 0
         """Prompt tokens not computed: their keys/values came from the prefix cache."""
+        self.logits_bytes_to_host = 0
+        """Bytes of step results copied to the host: full logits, or greedy token ids."""
 
     def record(self, kind: str, ms: float, tokens: int, rows: int) -> None:
         window = self.prefill_ms if kind == "prefill" else self.decode_ms
