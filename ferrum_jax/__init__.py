@@ -7,7 +7,9 @@ Two layers of public API:
   `init_cache`, `prefill`, `extend`, `decode`, `generate`, `forward` are jitted steps over a
   static KV cache; `SamplingParams` / `sample` are pure sampling; `score` and
   `rolling_loglikelihood` give continuation and whole-text log-probabilities (evaluation);
-- many requests at once: `generate_batch` (continuous batching through an executor) and
+- many requests at once: `generate_batch` (continuous batching through an executor; a
+  request's `constraint=Constraint.json_schema(...)` or `Constraint.regex(...)` holds its
+  answer to a grammar) and
   `generate_jsonl` (the same over a JSONL file, resumable; `ferrum-jax generate --input-file`);
 - the Ferrum `ModelExecutor` contract: `JaxModelExecutor`, `JaxExecutorFactory`,
   `JaxExecutorRegistry` and the interface types of `ferrum_jax.interfaces`; across the hosts of
@@ -115,6 +117,7 @@ from ferrum_jax.sampling import SamplingParams, row_keys, sample, sample_step, t
 from ferrum_jax.streaming import StreamedToken, stream_tokens
 from ferrum_jax.tensor import JaxTensor
 from ferrum_jax.text import IncrementalDetokenizer, Tokenizer
+from ferrum_jax.text.grammar import Constraint
 
 __version__ = "0.1.0"
 
@@ -127,6 +130,7 @@ __all__ = [
     "BlockTable",
     "CacheHandleStats",
     "ChatSession",
+    "Constraint",
     "DataType",
     "DecodeInput",
     "DecodeOutput",
