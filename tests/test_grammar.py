@@ -1,0 +1,85 @@
+"""Constrained decoding (`ferrum_jax.text.grammar`, `GenerationRequest.constraint`): the masks
+that reach the device are llguidance's, step by step, and bad grammars fail before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ferrum_jax import Constraint, FerrumError, JaxModelExecutor, load_model
+from ferrum_jax import batch_generation as batch_module
+from ferrum_jax.batch_generation import GenerationRequest, generate_batch
+from ferrum_jax.executor import executor as executor_module
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+    "required": ["a", "b"],
+}
+REGEX = r"[a-z]{2,5}-\d{1,3}"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_chat_model):
+    return load_model(tiny_chat_model)
+
+
+def test_device_masks_equal_library_masks(model, monkeypatch):
+    """One sequence at a time, so each step's device mask has one row to compare: the
+    prefill's and sampled rows' masks go into the jitted sampler, constrained greedy decode
+    rows' into the executor's on-device argmax."""
+    executor = JaxModelExecutor(model, max_batch_size=1, max_sequence_length=64)
+    recorded: list[tuple[str, np.ndarray]] = []
+    sample_rows, greedy_argmax = batch_module._sample_rows, executor_module._greedy_argmax
+
+    def recording_sample_rows(logits, sampling, keys, steps, mask=None):
+        recorded.append(("sampler", np.asarray(mask)[0]))
+        return sample_rows(logits, sampling, keys, steps, mask)
+
+    def recording_greedy_argmax(logits, mask, penalty, penalty_ids):
+        recorded.append(("argmax", np.asarray(mask)[0]))
+        return greedy_argmax(logits, mask, penalty, penalty_ids)
+
+    monkeypatch.setattr(batch_module, "_sample_rows", recording_sample_rows)
+    monkeypatch.setattr(executor_module, "_greedy_argmax", recording_greedy_argmax)
+    tokenizer, vocab = model.tokenizer, model.config.vocab_size
+    prompt = tokenizer.encode("Answer:")
+    paths = set()
+    for constraint in (Constraint.json_schema(SCHEMA), Constraint.regex(REGEX)):
+        for temperature in (0.0, 1.0):
+            recorded.clear()
+            request = GenerationRequest(
+                prompt, max_new_tokens=12, temperature=temperature, seed=3, constraint=constraint
+            )
+            (result,) = generate_batch(executor, [request])
+            assert len(recorded) == len(result.token_ids)
+            replay = constraint.matcher(tokenizer, vocab)
+            for step, (token, (path, mask)) in enumerate(
+                zip(result.token_ids, recorded, strict=True)
+            ):
+                paths.add((temperature > 0, step > 0, path))
+                np.testing.assert_array_equal(mask, replay.allowed(), err_msg=f"step {step}")
+                assert mask[token], step
+                replay.accept(token)
+    # Prefill on the sampler for both; decode on the device argmax when greedy.
+    assert paths == {
+        (False, False, "sampler"),
+        (False, True, "argmax"),
+        (True, False, "sampler"),
+        (True, True, "sampler"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Constraint.regex("a(b"), "invalid regex 'a(b': unclosed group"),
+        (lambda: Constraint.regex(""), "regex must be a non-empty string"),
+        (lambda: Constraint.json_schema("{bad"), "JSON schema is not valid JSON"),
+        (lambda: Constraint.json_schema({"type": "objectx"}), "invalid JSON schema"),
+        (lambda: Constraint.json_schema("[1]"), "a JSON schema must be a JSON object"),
+    ],
+)
+def test_bad_grammars_are_one_clear_error(build, message):
+    with pytest.raises(FerrumError, match=message.replace("(", r"\(")):
+        build()
