@@ -186,14 +186,12 @@ class _Row:
         self.tokens.append(token)
         if self.matcher is not None:
             self.matcher.accept(token)
-            if self.matcher.is_stopped():  # the grammar is complete and took EOS
-                self.finish = "stop"
-                return
         if token in self.stop_ids:
             self.finish = "stop"
             return
         self.answer.push(token)
-        if self.answer.matched is not None:
+        # A matcher stops on EOS, or after a token past which its grammar allows nothing.
+        if self.answer.matched is not None or (self.matcher and self.matcher.is_stopped()):
             self.finish = "stop"
         elif len(self.tokens) >= self.request.max_new_tokens:
             self.finish = "length"

@@ -3,12 +3,16 @@ that reach the device are llguidance's, step by step, and bad grammars fail befo
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from ferrum_jax import Constraint, FerrumError, JaxModelExecutor, load_model
 from ferrum_jax import batch_generation as batch_module
 from ferrum_jax.batch_generation import GenerationRequest, generate_batch
+from ferrum_jax.checkpoint import load as checkpoint_load
+from ferrum_jax.cli import main
 from ferrum_jax.executor import executor as executor_module
 
 SCHEMA = {
@@ -83,3 +87,63 @@ def test_device_masks_equal_library_masks(model, monkeypatch):
 def test_bad_grammars_are_one_clear_error(build, message):
     with pytest.raises(FerrumError, match=message.replace("(", r"\(")):
         build()
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", "--quiet", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--regex", "a(b"], "--regex: invalid regex 'a(b': unclosed group"),
+        (["--json-schema", "{root}/not-json.json"], "--json-schema: JSON schema is not valid JSON"),
+        (["--json-schema", "{root}/bad-type.json"], "--json-schema: invalid JSON schema"),
+        (["--json-schema", "{root}/missing.json"], "--json-schema {root}/missing.json"),
+        (["--regex", "x", "--json-schema", "{root}/bad-type.json"], "not allowed with argument"),
+    ],
+)
+def test_cli_bad_grammar_is_one_line_before_loading(capsys, monkeypatch, tmp_path, flags, words):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for reader in ("load_gguf", "load_hf", "load_orbax"):
+        monkeypatch.setattr(checkpoint_load, reader, fail)
+    (tmp_path / "not-json.json").write_text("{bad")
+    (tmp_path / "bad-type.json").write_text('{"type": "objectx"}')
+    flags = [f.replace("{root}", str(tmp_path)) for f in flags]
+    for mode in (["--prompt", "x"], ["--input-file", str(tmp_path / "in.jsonl")]):
+        if mode[0] == "--input-file":
+            (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+            mode = [*mode, "--output", str(tmp_path / "out.jsonl")]
+        code, out, err = run(capsys, *mode, *flags)
+        assert (code, out) == (2, "")
+        assert err.count("\n") == 1 and err.startswith("ferrum-jax: error: "), err
+        assert words.replace("{root}", str(tmp_path)) in err, err
+
+
+def test_jsonl_lines_with_bad_grammars_are_skipped_by_number(capsys, tmp_path, tiny_chat_model):
+    rows = [
+        {"id": 1, "prompt": "the sea", "regex": "(yes|no)"},
+        {"id": 2, "prompt": "the sea", "json_schema": {"type": "objectx"}},
+        {"id": 3, "prompt": "the sea", "regex": "a(b"},
+        {"id": 4, "prompt": "the sea", "json_schema": "not an object"},
+        {"id": 5, "prompt": "the sea", "regex": "x", "json_schema": {}},
+        {"id": 6, "prompt": "the sea", "json_schema": SCHEMA, "max_new_tokens": 6},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out.jsonl"
+    argv = ["--model", str(tiny_chat_model), "--input-file", str(tmp_path / "in.jsonl")]
+    code, out, err = run(capsys, *argv, "--output", str(output), "--max-new-tokens", "4")
+    assert code == 1 and out == ""
+    reported = [line for line in err.splitlines() if ": skipped: " in line]
+    assert [line.split("in.jsonl:")[1].split(":")[0] for line in reported] == ["2", "3", "4", "5"]
+    assert "invalid JSON schema" in reported[0]
+    assert "invalid regex 'a(b'" in reported[1]
+    assert "json_schema must be a JSON object, got str" in reported[2]
+    assert "at most one of json_schema and regex" in reported[3]
+    results = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert sorted(results) == [1, 6]
+    assert results[1]["text"] in ("yes", "no"), results[1]
