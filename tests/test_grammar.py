@@ -4,6 +4,7 @@ that reach the device are llguidance's, step by step, and bad grammars fail befo
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,89 @@ def test_jsonl_lines_with_bad_grammars_are_skipped_by_number(capsys, tmp_path, t
     results = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
     assert sorted(results) == [1, 6]
     assert results[1]["text"] in ("yes", "no"), results[1]
+
+
+SMOL_SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}, "bright": {"type": "boolean"}},
+        "required": ["colour", "bright"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "scores": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 100},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["scores"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "rain": {"type": "boolean"},
+            "level": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["city", "rain", "level"],
+        "additionalProperties": False,
+    },
+]
+SMOL_REGEXES = [r"\d{4}-\d{2}-\d{2}", r"(yes|no|maybe), [A-Z][a-z]{2,8}"]
+SMOL_PROMPTS = [
+    "Describe a person as JSON.",
+    "Reply in JSON about a colour.",
+    "Give some test scores as JSON.",
+    "Report the weather as JSON.",
+    "What is today's date?",
+    "Will it rain tomorrow? Answer and name a city.",
+]
+
+
+@pytest.mark.slow
+def test_embedded_model_outputs_always_validate():
+    """20 answers of the embedded SmolLM2 against 4 JSON schemas and 2 regexes, greedy and
+    sampled rows in one batch: every answer parses and matches."""
+    jsonschema = pytest.importorskip("jsonschema")
+    model = load_model()
+    tokenizer = model.tokenizer
+    constraints = [Constraint.json_schema(s) for s in SMOL_SCHEMAS]
+    constraints += [Constraint.regex(r) for r in SMOL_REGEXES]
+    requests = []
+    for i in range(20):
+        kind = i % 6
+        prompt = tokenizer.encode_chat([{"role": "user", "content": SMOL_PROMPTS[kind]}])
+        requests.append(
+            GenerationRequest(
+                prompt,
+                max_new_tokens=40,
+                temperature=0.0 if i % 2 == 0 else 0.9,
+                top_p=1.0 if i % 4 < 2 else 0.9,
+                seed=i,
+                constraint=constraints[kind],
+                key=kind,
+            )
+        )
+    executor = JaxModelExecutor(model, max_batch_size=20, max_sequence_length=128)
+    results = list(generate_batch(executor, requests))
+    assert len(results) == 20
+    for result in results:
+        assert result.finish_reason == "stop", result
+        if result.key < len(SMOL_SCHEMAS):
+            jsonschema.validate(json.loads(result.text), SMOL_SCHEMAS[result.key])
+        else:
+            assert re.fullmatch(SMOL_REGEXES[result.key - len(SMOL_SCHEMAS)], result.text), result
