@@ -190,7 +190,9 @@ SMOL_SCHEMAS = [
         "additionalProperties": False,
     },
 ]
-SMOL_REGEXES = [r"\d{4}-\d{2}-\d{2}", r"(yes|no|maybe), [A-Z][a-z]{2,8}"]
+# [0-9], not \d: llguidance's \d is Unicode's (as Python's `re` is), and SmolLM2 answers the
+# date with U+1FBF8 SEGMENTED DIGIT EIGHT, 26 tokens for 10 characters.
+SMOL_REGEXES = [r"[0-9]{4}-[0-9]{2}-[0-9]{2}", r"(yes|no|maybe), [A-Z][a-z]{2,8}"]
 SMOL_PROMPTS = [
     "Describe a person as JSON.",
     "Reply in JSON about a colour.",
