@@ -125,6 +125,15 @@ def test_cli_bad_grammar_is_one_line_before_loading(capsys, monkeypatch, tmp_pat
         assert words.replace("{root}", str(tmp_path)) in err, err
 
 
+def test_cli_one_prompt_matches_its_regex(capsys, tiny_chat_model):
+    argv = ["--model", str(tiny_chat_model), "--prompt", "the sea", "--max-new-tokens", "8"]
+    for sampling in ([], ["--temperature", "1", "--seed", "5"]):
+        code, out, _ = run(capsys, *argv, *sampling, "--regex", "(yes|no|maybe)", "--json")
+        report = json.loads(out)
+        assert code == 0 and report["text"] in ("yes", "no", "maybe"), report
+        assert report["finish_reason"] == "stop"
+
+
 def test_jsonl_lines_with_bad_grammars_are_skipped_by_number(capsys, tmp_path, tiny_chat_model):
     rows = [
         {"id": 1, "prompt": "the sea", "regex": "(yes|no)"},
