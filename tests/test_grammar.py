@@ -83,6 +83,9 @@ def test_device_masks_equal_library_masks(model, monkeypatch):
         (lambda: Constraint.json_schema("{bad"), "JSON schema is not valid JSON"),
         (lambda: Constraint.json_schema({"type": "objectx"}), "invalid JSON schema"),
         (lambda: Constraint.json_schema("[1]"), "a JSON schema must be a JSON object"),
+        (lambda: Constraint.json_schema({"x-guidance": 3}), "x-guidance must be a JSON object"),
+        (lambda: Constraint.json_schema({"type": {1, 2}}), "JSON schema is not JSON data"),
+        (lambda: Constraint.regex("a\ud800"), "is not valid Unicode"),
     ],
 )
 def test_bad_grammars_are_one_clear_error(build, message):

@@ -65,8 +65,17 @@ class Constraint:
             raise FerrumError.invalid_parameter(
                 f"a JSON schema must be a JSON object, got {type(schema).__name__}"
             )
-        schema = {**schema, "x-guidance": {**_JSON_LAYOUT, **schema.get("x-guidance", {})}}
-        source = json.dumps(schema, separators=(",", ":"))
+        options = schema.get("x-guidance", {})
+        if not isinstance(options, Mapping):
+            raise FerrumError.invalid_parameter(
+                f"x-guidance must be a JSON object, got {type(options).__name__}"
+            )
+        schema = {**schema, "x-guidance": {**_JSON_LAYOUT, **options}}
+        try:
+            source = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+            source.encode("utf-8")
+        except (TypeError, ValueError) as e:  # not JSON data, a lone surrogate
+            raise FerrumError.invalid_parameter(f"JSON schema is not JSON data: {e}") from None
         return cls._checked("json_schema", source, llguidance.LLMatcher.grammar_from_json_schema)
 
     @classmethod
@@ -76,6 +85,12 @@ class Constraint:
             raise FerrumError.invalid_parameter(
                 f"regex must be a non-empty string, got {pattern!r}"
             )
+        try:
+            pattern.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FerrumError.invalid_parameter(
+                f"regex {pattern!a} is not valid Unicode (a lone surrogate)"
+            ) from None
         return cls._checked("regex", pattern, llguidance.LLMatcher.grammar_from_regex)
 
     @classmethod
