@@ -37,8 +37,10 @@ import numpy as np
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.text.tokenizer import Tokenizer
 
-# The separators `json.dumps` writes, and no other whitespace: with llguidance's default
-# (any whitespace between items) SmolLM2 can spend its whole budget on newlines.
+# The separators `json.dumps` writes, and no other whitespace. With llguidance's default (any
+# whitespace between items), SmolLM2-135M on the 4 schemas of tests/test_grammar.py took 14-29
+# tokens instead of 12-21, and its greedy "scores" answer spent all 40 tokens on blank lines
+# inside the array (8 answers, greedy and sampled). A schema's own "x-guidance" overrides this.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
