@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import llguidance
+import llguidance.numpy as llg_numpy
 import numpy as np
 import pytest
 
@@ -49,6 +51,11 @@ def test_device_masks_equal_library_masks(model, monkeypatch):
     monkeypatch.setattr(executor_module, "_greedy_argmax", recording_greedy_argmax)
     tokenizer, vocab = model.tokenizer, model.config.vocab_size
     prompt = tokenizer.encode("Answer:")
+    library_vocabulary = llguidance.LLTokenizer(
+        tokenizer.backend.to_str(), eos_token=list(tokenizer.eos_token_ids)
+    )
+    bits = llg_numpy.allocate_token_bitmask(1, library_vocabulary.vocab_size)
+    ids = np.arange(vocab)
     paths = set()
     for constraint in (Constraint.json_schema(SCHEMA), Constraint.regex(REGEX)):
         for temperature in (0.0, 1.0):
@@ -58,14 +65,17 @@ def test_device_masks_equal_library_masks(model, monkeypatch):
             )
             (result,) = generate_batch(executor, [request])
             assert len(recorded) == len(result.token_ids)
-            replay = constraint.matcher(tokenizer, vocab)
+            # llguidance's own matcher and bitmask, decoded here independently of grammar.py.
+            replay = llguidance.LLMatcher(library_vocabulary, constraint.grammar)
             for step, (token, (path, mask)) in enumerate(
                 zip(result.token_ids, recorded, strict=True)
             ):
                 paths.add((temperature > 0, step > 0, path))
-                np.testing.assert_array_equal(mask, replay.allowed(), err_msg=f"step {step}")
+                llg_numpy.fill_next_token_bitmask(replay, bits, 0)
+                expected = (bits[0][ids >> 5] >> (ids & 31)) & 1 == 1
+                np.testing.assert_array_equal(mask, expected, err_msg=f"step {step}")
                 assert mask[token], step
-                replay.accept(token)
+                assert replay.consume_token(token), step
     # Prefill on the sampler for both; decode on the device argmax when greedy.
     assert paths == {
         (False, False, "sampler"),
