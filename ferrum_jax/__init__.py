@@ -124,6 +124,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; `_EXPORTS` is what runs
     from ferrum_jax.streaming import StreamedToken, stream_tokens
     from ferrum_jax.tensor import JaxTensor
     from ferrum_jax.text import IncrementalDetokenizer, Tokenizer
+    from ferrum_jax.text.grammar import Constraint
 
 __version__ = "0.1.0"
 
@@ -233,6 +234,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "ferrum_jax.streaming": ("StreamedToken", "stream_tokens"),
     "ferrum_jax.tensor": ("JaxTensor",),
     "ferrum_jax.text": ("IncrementalDetokenizer", "Tokenizer"),
+    "ferrum_jax.text.grammar": ("Constraint",),
 }
 """Module -> the public names it gives, imported on first use."""
 
@@ -247,6 +249,7 @@ __all__ = [
     "BlockTable",
     "CacheHandleStats",
     "ChatSession",
+    "Constraint",
     "DataType",
     "DecodeInput",
     "DecodeOutput",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ferrum_jax.sampling import SamplingParams
     from ferrum_jax.streaming import StreamedToken
     from ferrum_jax.text import Tokenizer
+    from ferrum_jax.text.grammar import Constraint
 
 MAX = "max"
 """`--max-new-tokens max`: fill the model's context."""
@@ -407,6 +408,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     chat_template_arg(gen)
     sampling_args(gen, per="after the prompt")
+    grammar = gen.add_mutually_exclusive_group()
+    grammar.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="the answer is JSON matching the JSON schema in FILE (every token is picked among "
+        "the ones the schema allows; batch mode: the default of each line's json_schema). "
+        "One prompt runs as a batch of one and prints its text when complete, not streamed; "
+        f"{_FILE_LIMIT}",
+    )
+    grammar.add_argument(
+        "--regex",
+        metavar="PATTERN",
+        help="the answer matches PATTERN whole (as --json-schema; batch mode: each line's "
+        "regex default)",
+    )
     gen.add_argument(
         "--json",
         action="store_true",
@@ -859,6 +875,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.input_file is not None or args.output is not None:
         return _generate_file(args)
+    constraint = _constraint(args)
     if args.system is not None and not args.chat:
         raise _arg_error("--system needs --chat (the system message is part of the chat template)")
     if args.system == "":
@@ -879,6 +896,8 @@ def _generate(args: argparse.Namespace) -> int:
     max_new = _token_budget(args.max_new_tokens, len(prompt_ids), _context(model_path), flag)
 
     model = _load(model_path, args.dtype, mesh, args.quantize)
+    if constraint is not None:
+        return _generate_constrained(args, model, prompt_ids, max_new, constraint)
     log.info(
         "prefilling %s (compiling, if this shape is new)",
         progress.plural(len(prompt_ids), "prompt token"),
@@ -935,6 +954,76 @@ def _speed_line(generated: int, timings: dict[str, float]) -> str:
     return line
 
 
+def _constraint(args: argparse.Namespace) -> Constraint | None:
+    """`--json-schema FILE` or `--regex PATTERN` checked (before any weights load)."""
+    from ferrum_jax.checkpoint.text_files import read_text_file
+    from ferrum_jax.text.grammar import Constraint
+
+    try:
+        if args.json_schema is not None:
+            return Constraint.json_schema(read_text_file(args.json_schema, "--json-schema"))
+        if args.regex is not None:
+            return Constraint.regex(args.regex)
+    except FerrumError as e:
+        flag = "--json-schema" if args.json_schema is not None else "--regex"
+        raise _arg_error(f"{flag}: {e.message}") from None
+    return None
+
+
+def _generate_constrained(
+    args: argparse.Namespace,
+    model: Model,
+    prompt_ids: list[int],
+    max_new: int,
+    constraint: Constraint,
+) -> int:
+    """One prompt under `--json-schema`/`--regex`: a batch of one through `generate_batch`,
+    whose steps mask the logits on the device; the text prints once complete."""
+    from ferrum_jax import sharding
+    from ferrum_jax.batch_generation import GenerationRequest, generate_batch
+    from ferrum_jax.engine import bucket
+    from ferrum_jax.executor import JaxModelExecutor
+
+    tokenizer = model.tokenizer
+    executor = JaxModelExecutor(
+        model,
+        max_batch_size=1,
+        # A power of two: prompts of similar length reuse compiled programs.
+        max_sequence_length=min(
+            bucket(len(prompt_ids) + max_new, minimum=64), model.config.max_position_embeddings
+        ),
+        attention_impl=args.attention,
+    )
+    request = GenerationRequest(
+        prompt_ids,
+        max_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=tokenizer.eos_token_ids or model.config.eos_token_ids,
+        constraint=constraint,
+    )
+    (result,) = generate_batch(executor, [request], tokenizer=tokenizer)
+    if not sharding.is_primary():
+        return 0
+    if args.json:
+        report = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": list(prompt_ids),
+            "finish_reason": result.finish_reason,
+        }
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    _write_stdout(result.text + "\n")
+    if result.finish_reason == "length":
+        _stopped(f"max-new-tokens {max_new} reached (the answer may not match)")
+    return 0
+
+
 def _generate_file(args: argparse.Namespace) -> int:
     """`generate --input-file --output`: every line of a JSONL file, continuous batching."""
     from ferrum_jax import jsonl_batch
@@ -954,6 +1043,7 @@ def _generate_file(args: argparse.Namespace) -> int:
                 f"{flag} does not go with --input-file (each line holds its prompt or messages)"
             )
     input_file, output = pathlib.Path(args.input_file), pathlib.Path(args.output)
+    constraint = _constraint(args)
     resume = jsonl_batch.read_done(output, input_file)
     args.attention = _attention_for(args)
     mesh = _mesh(args.mesh)
@@ -970,6 +1060,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         min_p=args.min_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        constraint=constraint,
     )
     batch = jsonl_batch.read_input(
         input_file,
