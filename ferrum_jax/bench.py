@@ -326,6 +326,7 @@ def run_bench(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             mesh=mesh,
             quantize=None if quantize == "none" else quantize,
+            allow_non_finite=getattr(args, "allow_non_finite", False),
         )
     config = loaded.runtime_config
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None

@@ -270,6 +270,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             default="none",
             help="store linear weights as int8 (per output channel) or int4 (blocks of 32)",
         )
+        p.add_argument(
+            "--allow-non-finite",
+            action="store_true",
+            help="load weights holding NaN or infinity (refused by default, naming the tensor: "
+            "int8/int4 would hide the corruption behind finite logits)",
+        )
 
     def model_args(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
         p.add_argument(
@@ -777,7 +783,13 @@ def _name(model: str | None) -> str:
     return pathlib.Path(model).name
 
 
-def _load(model: str | None, dtype: str, mesh: Mesh | None = None, quantize: str = "none") -> Model:
+def _load(
+    model: str | None,
+    dtype: str,
+    mesh: Mesh | None = None,
+    quantize: str = "none",
+    allow_non_finite: bool = False,
+) -> Model:
     """The one place the CLI loads weights: every check of the arguments runs before it."""
     from ferrum_jax.checkpoint import load_model
 
@@ -786,7 +798,11 @@ def _load(model: str | None, dtype: str, mesh: Mesh | None = None, quantize: str
     log.info("loading %s as %s%s", _name(model), dtype if quantize == "none" else quantize, where)
     with progress.waiting("loading"):  # an orbax restore has no tensor-by-tensor bar
         loaded = load_model(
-            model, dtype=dtype, mesh=mesh, quantize=None if quantize == "none" else quantize
+            model,
+            dtype=dtype,
+            mesh=mesh,
+            quantize=None if quantize == "none" else quantize,
+            allow_non_finite=allow_non_finite,
         )
     log.info("loaded in %.1f s", time.perf_counter() - start)
     return loaded
@@ -895,7 +911,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(text)
     max_new = _token_budget(args.max_new_tokens, len(prompt_ids), _context(model_path), flag)
 
-    model = _load(model_path, args.dtype, mesh, args.quantize)
+    model = _load(model_path, args.dtype, mesh, args.quantize, args.allow_non_finite)
     if constraint is not None:
         return _generate_constrained(args, model, prompt_ids, max_new, constraint)
     log.info(
@@ -1080,7 +1096,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         from ferrum_jax.engine import bucket
 
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in batch.requests)
-        model = _load(model_path, args.dtype, mesh, args.quantize)
+        model = _load(model_path, args.dtype, mesh, args.quantize, args.allow_non_finite)
         executor = JaxModelExecutor(
             model,
             max_batch_size=min(args.batch_size, len(batch.requests)),
@@ -1123,7 +1139,7 @@ def _chat(args: argparse.Namespace) -> int:
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=True, template=args.chat_template)
-    model = _load(model_path, args.dtype, mesh, args.quantize)
+    model = _load(model_path, args.dtype, mesh, args.quantize, args.allow_non_finite)
     session = ChatSession(
         model,
         tokenizer=tokenizer,
@@ -1178,7 +1194,9 @@ def _convert(args: argparse.Namespace) -> int:
             raise _arg_error(f"DST {args.dst} already exists; pass --force to replace it") from None
         raise _arg_error(f"DST {e.message}") from None
     start = time.perf_counter()
-    model = _load(source, args.dtype, quantize=args.quantize)
+    model = _load(
+        source, args.dtype, quantize=args.quantize, allow_non_finite=args.allow_non_finite
+    )
     log.info("saving orbax %s", args.dst)
     save_orbax(model, args.dst, overwrite=args.force)
     print(

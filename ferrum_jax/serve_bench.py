@@ -52,7 +52,12 @@ def request_mix(
 def run_serve_bench(args: argparse.Namespace) -> int:
     mesh = sharding.mesh_from_spec(args.mesh) if getattr(args, "mesh", None) else None
     with progress.waiting("loading"):
-        model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+        model = load_model(
+            args.model,
+            dtype=args.dtype,
+            mesh=mesh,
+            allow_non_finite=getattr(args, "allow_non_finite", False),
+        )
     prompts, outputs = args.serve_prompts, args.serve_outputs
     executor = JaxModelExecutor(
         model,
