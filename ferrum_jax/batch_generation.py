@@ -31,10 +31,16 @@ from ferrum_jax.engine.batch import check_token_ids
 from ferrum_jax.engine.buckets import bucket
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
-from ferrum_jax.interfaces import DecodeInput, PrefillInput
+from ferrum_jax.interfaces import (
+    DecodeInput,
+    LogitsReturnPolicy,
+    PrefillInput,
+    TokenSelectionMask,
+)
 from ferrum_jax.sampling import SamplingParams, check_seed, row_keys, sample, token_logprobs
 from ferrum_jax.tensor import as_jax_array
 from ferrum_jax.text.answer import AnswerText
+from ferrum_jax.text.grammar import Constraint
 from ferrum_jax.text.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -64,6 +70,10 @@ class GenerationRequest:
     """Tokens that end generation (kept in `token_ids`); None: the tokenizer's EOS ids."""
     key: Any = None
     """The caller's name for the request, returned with its result."""
+    constraint: Constraint | None = None
+    """The answer must match this JSON schema or regex (`Constraint.json_schema`,
+    `Constraint.regex`): every token is picked among the ones it allows, and once it is
+    complete only EOS is."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +127,10 @@ def check_request(request: GenerationRequest, *, vocab: int, max_sequence_length
         top_p=request.top_p,
         min_p=request.min_p,
     )
+    if request.constraint is not None and not isinstance(request.constraint, Constraint):
+        raise FerrumError.invalid_parameter(
+            f"constraint must be a Constraint, got {request.constraint!r}"
+        )
     if any(not isinstance(s, str) or not s for s in request.stop):
         raise FerrumError.invalid_parameter(
             f"stop strings must be non-empty strings, got {list(request.stop)!r}"
@@ -125,10 +139,17 @@ def check_request(request: GenerationRequest, *, vocab: int, max_sequence_length
 
 @jax.jit
 def _sample_rows(
-    logits: jax.Array, sampling: SamplingParams, keys: jax.Array, steps: jax.Array
+    logits: jax.Array,
+    sampling: SamplingParams,
+    keys: jax.Array,
+    steps: jax.Array,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Row `i` draws with `fold_in(keys[i], steps[i])`: each row at its own step, the keys
-    `sample_step` folds for a one-row stream."""
+    `sample_step` folds for a one-row stream. `mask` (`[rows, vocab]` bool, None: all
+    allowed) sends forbidden ids to -inf before any filter, greedy rows included."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
     step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
     token = sample(logits, sampling, step_keys)
     return token, token_logprobs(logits, token)
@@ -137,7 +158,9 @@ def _sample_rows(
 class _Row:
     """A running sequence: its request, cache handle and answer so far."""
 
-    def __init__(self, index: int, request: GenerationRequest, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, index: int, request: GenerationRequest, tokenizer: Tokenizer, vocab_size: int
+    ) -> None:
         self.index = index
         self.request = request
         self.handle: Any = None
@@ -148,17 +171,32 @@ class _Row:
         # The key `stream_tokens(seed=s)` starts from, as raw data so rows stack.
         self.key = np.asarray(jax.random.key_data(row_keys(request.seed, 1))[0])
         self.finish: str | None = None
+        constraint = request.constraint
+        self.matcher = None if constraint is None else constraint.matcher(tokenizer, vocab_size)
+        self.mask = None if self.matcher is None else self.matcher.allowed()
+        """The ids the constraint allows next, `[vocab]` bool; None: unconstrained."""
+
+    def policy(self) -> LogitsReturnPolicy:
+        """A constrained greedy row's token is picked on the device, under its mask."""
+        if self.mask is None or self.request.temperature > 0:
+            return LogitsReturnPolicy.FullLogits
+        return LogitsReturnPolicy.GreedyArgmax(token_mask=TokenSelectionMask.new(self.mask))
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
+        if self.matcher is not None:
+            self.matcher.accept(token)
         if token in self.stop_ids:
             self.finish = "stop"
             return
         self.answer.push(token)
-        if self.answer.matched is not None:
+        # A matcher stops on EOS, or after a token past which its grammar allows nothing.
+        if self.answer.matched is not None or (self.matcher and self.matcher.is_stopped()):
             self.finish = "stop"
         elif len(self.tokens) >= self.request.max_new_tokens:
             self.finish = "length"
+        if self.finish is None and self.matcher is not None:
+            self.mask = self.matcher.allowed()
 
     def result(self) -> GenerationResult:
         self.answer.finish()
@@ -218,7 +256,7 @@ def generate_batch(
             check_request(request, vocab=vocab, max_sequence_length=executor.max_sequence_length)
         except FerrumError as e:
             raise type(e)(e.kind, f"request {i}: {e.message}") from None
-        pending.append(_Row(i, request, tokenizer))
+        pending.append(_Row(i, request, tokenizer, vocab))
     return _run(executor, pending, prefill_tokens, on_tokens)
 
 
@@ -234,7 +272,11 @@ def _run(
         while pending or running:
             if running:
                 inputs = [
-                    DecodeInput(np.asarray([[row.tokens[-1]]], np.int32), row.handle)
+                    DecodeInput(
+                        np.asarray([[row.tokens[-1]]], np.int32),
+                        row.handle,
+                        logits_policy=row.policy(),
+                    )
                     for row in running
                 ]
                 outputs = loop.run(executor.batch_decode(inputs))
@@ -279,24 +321,35 @@ def _admit(pending: collections.deque[_Row], free: int, budget: int) -> list[_Ro
 def _step(
     rows: list[_Row], logits: list[jax.Array], on_tokens: Callable[[int], None] | None
 ) -> None:
-    """Samples one token for each row from its `[1, vocab]` logits.
+    """Picks one token for each row from its `[1, vocab]` logits, or takes the `[token_id]`
+    the device already picked (a constrained greedy row's `GreedyArgmax`).
 
-    The logits come to the host (one `[rows, vocab]` copy per step, nothing on CPU): greedy
-    rows take their argmax there, without a program per batch shape; sampled rows run the
-    jitted sampler, padded to a power of two of rows (one program per bucket).
+    Unconstrained greedy rows take their argmax on the host (one `[rows, vocab]` copy, no
+    program per batch shape); sampled and constrained rows run the jitted sampler on the
+    logits where they are, under their masks, padded to a power of two of rows.
     """
-    host = np.concatenate([np.asarray(jax.device_get(x), np.float32) for x in logits])
-    tokens = np.argmax(host, axis=-1)
-    sampled = [i for i, row in enumerate(rows) if row.request.temperature > 0]
-    if sampled:
-        tokens[sampled] = _sample(host[sampled], [rows[i] for i in sampled])
+    tokens = np.zeros(len(rows), np.int64)
+    on_host: list[int] = []
+    on_device: list[int] = []
+    for i, (row, x) in enumerate(zip(rows, logits, strict=True)):
+        if x.size == 1:
+            tokens[i] = int(np.asarray(jax.device_get(x)).reshape(-1)[0])
+        elif row.request.temperature > 0 or row.mask is not None:
+            on_device.append(i)
+        else:
+            on_host.append(i)
+    if on_host:
+        host = np.concatenate([np.asarray(jax.device_get(logits[i]), np.float32) for i in on_host])
+        tokens[on_host] = np.argmax(host, axis=-1)
+    if on_device:
+        tokens[on_device] = _sample([logits[i] for i in on_device], [rows[i] for i in on_device])
     for row, token in zip(rows, tokens.tolist(), strict=True):
         row.add(int(token))
     if on_tokens is not None:
         on_tokens(len(rows))
 
 
-def _sample(logits: np.ndarray, rows: list[_Row]) -> np.ndarray:
+def _sample(logits: list[jax.Array], rows: list[_Row]) -> np.ndarray:
     n = len(rows)
     padded = bucket(n)
     every = [*rows, *[rows[0]] * (padded - n)]  # padding rows repeat row 0
@@ -310,6 +363,12 @@ def _sample(logits: np.ndarray, rows: list[_Row]) -> np.ndarray:
     )
     keys = jax.random.wrap_key_data(jnp.asarray(np.stack([row.key for row in every])))
     steps = jnp.asarray([len(row.tokens) for row in every], jnp.int32)
-    stacked = np.concatenate([logits, np.repeat(logits[:1], padded - n, axis=0)])
-    tokens, _ = _sample_rows(jnp.asarray(stacked), sampling, keys, steps)
+    stacked = jnp.concatenate([*logits, *[logits[0]] * (padded - n)]).astype(jnp.float32)
+    mask = None
+    if any(row.mask is not None for row in rows):
+        vocab = stacked.shape[-1]
+        mask = np.stack(
+            [np.ones(vocab, np.bool_) if row.mask is None else row.mask for row in every]
+        )
+    tokens, _ = _sample_rows(stacked, sampling, keys, steps, mask)
     return np.asarray(jax.device_get(tokens))[:n]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ferrum_jax import engine, sharding
+from ferrum_jax import engine, progress, sharding
 from ferrum_jax.cache import init_cache
 from ferrum_jax.checkpoint import hf_state_dict, load_model
 from ferrum_jax.errors import FerrumError
@@ -320,9 +320,14 @@ def run_bench(args: argparse.Namespace) -> int:
     """
     mesh = sharding.mesh_from_spec(args.mesh) if getattr(args, "mesh", None) else None
     quantize = getattr(args, "quantize", "none")
-    loaded = load_model(
-        args.model, dtype=args.dtype, mesh=mesh, quantize=None if quantize == "none" else quantize
-    )
+    with progress.waiting("loading"):
+        loaded = load_model(
+            args.model,
+            dtype=args.dtype,
+            mesh=mesh,
+            quantize=None if quantize == "none" else quantize,
+            allow_non_finite=getattr(args, "allow_non_finite", False),
+        )
     config = loaded.runtime_config
     hf = _hf_model(loaded, args.dtype) if args.compare == "hf" else None
     contexts = getattr(args, "max_context", None) or [None]
@@ -342,22 +347,27 @@ def run_bench(args: argparse.Namespace) -> int:
             hf_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
             agree = None
             for max_context in contexts:
-                ours = _Ours(loaded, batch, prompt_len, args.new_tokens, max_context, attention)
-                ours.set_prompts(prompts)
-                ours.e2e()
-                ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
-                for _ in range(args.repeat):
-                    # Interleaved A/B: a slow patch of the machine hits both sides alike. HF's
-                    # cache grows as it goes, so it is measured once per prompt length.
-                    our_tokens = _measure(ours, ours_results)
-                    if theirs is not None and max_context == contexts[0]:
-                        their_tokens = _measure(theirs, hf_results)
-                        agree = float(np.mean(our_tokens == their_tokens))
-                row = _row(loaded, before, batch, prompt_len, args.new_tokens, ours, ours_results)
-                row["max_context"] = ours.cache_len
-                if theirs is not None:
-                    _add_hf(row, hf_results, batch, prompt_len, args.new_tokens, agree)
-                row.update(_peak_memory())
+                # Compiling and the runs of one row take 30 s and more on a small CPU: the
+                # stage says it is still measuring (a line every 5 s off a terminal).
+                with progress.waiting(f"measuring batch {batch}, prompt {prompt_len}"):
+                    ours = _Ours(loaded, batch, prompt_len, args.new_tokens, max_context, attention)
+                    ours.set_prompts(prompts)
+                    ours.e2e()
+                    ours_results: dict[str, list[float]] = {"prefill": [], "ttft": [], "e2e": []}
+                    for _ in range(args.repeat):
+                        # Interleaved A/B: a slow patch of the machine hits both sides alike. HF's
+                        # cache grows as it goes, so it is measured once per prompt length.
+                        our_tokens = _measure(ours, ours_results)
+                        if theirs is not None and max_context == contexts[0]:
+                            their_tokens = _measure(theirs, hf_results)
+                            agree = float(np.mean(our_tokens == their_tokens))
+                    row = _row(
+                        loaded, before, batch, prompt_len, args.new_tokens, ours, ours_results
+                    )
+                    row["max_context"] = ours.cache_len
+                    if theirs is not None:
+                        _add_hf(row, hf_results, batch, prompt_len, args.new_tokens, agree)
+                    row.update(_peak_memory())
                 rows.append(row)
                 _log(_format_row(row))
     after = probe_machine()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from ferrum_jax.errors import FerrumError
 from ferrum_jax.model import Model
 from ferrum_jax.models.attention import resolve_implementation
 from ferrum_jax.sampling import SamplingParams, row_keys
-from ferrum_jax.streaming import StreamedToken, cache_length, continue_stream
+from ferrum_jax.streaming import StreamedToken, cache_length, clock, continue_stream
 from ferrum_jax.text.tokenizer import Tokenizer
 
 
@@ -84,7 +83,7 @@ class ChatSession:
         ids = self.prompt_ids(text)
         engine.check_context_length(len(ids), max_new_tokens, self.context, prompt="conversation")
         self.messages.append({"role": "user", "content": text})
-        start = time.perf_counter()
+        start = clock()
         logits = self._prefill(ids, max_new_tokens)
         # Each turn draws from its own keys: the same step of two turns must not share one.
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(self._keys, self._turns)

@@ -24,15 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import ferrum_jax
 from ferrum_jax import progress
-from ferrum_jax.checkpoint.text_files import TEXT_FILE_LIMIT, check_output, read_text_file
-from ferrum_jax.dtypes import DTYPE_NAMES, model_dtype
+from ferrum_jax.choices import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZATION_NAMES, TEXT_FILE_LIMIT
 from ferrum_jax.errors import ErrorKind, FerrumError
-from ferrum_jax.models import kv_quant
-from ferrum_jax.models.kv_quant import KV_DTYPES
-from ferrum_jax.models.quant import QUANTIZATIONS
-from ferrum_jax.sampling import check_seed, check_top_k
 
-if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument errors stay fast
+# Everything that imports JAX is imported inside the function that needs it: the parser is
+# built from `choices` alone, so `--version` and `--help` answer in 0.15-0.17 s instead of
+# 3.4-4.3 s (a busy 2-core AMD EPYC), and tests/test_startup.py checks that they never
+# import JAX.
+if TYPE_CHECKING:
     from jax.sharding import Mesh
 
     from ferrum_jax.model import Model
@@ -40,6 +39,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `--help` and argument err
     from ferrum_jax.sampling import SamplingParams
     from ferrum_jax.streaming import StreamedToken
     from ferrum_jax.text import Tokenizer
+    from ferrum_jax.text.grammar import Constraint
 
 MAX = "max"
 """`--max-new-tokens max`: fill the model's context."""
@@ -166,11 +166,16 @@ def _by_sampling_rule(check: Callable[[int], int], text: str) -> int:
         raise argparse.ArgumentTypeError(e.message.split(" ", 1)[1]) from None
 
 
+# `sampling` imports JAX: only a flag given on the command line loads it.
 def _top_k(text: str) -> int:
+    from ferrum_jax.sampling import check_top_k
+
     return _by_sampling_rule(check_top_k, text)
 
 
 def _seed(text: str) -> int:
+    from ferrum_jax.sampling import check_seed
+
     return _by_sampling_rule(check_seed, text)
 
 
@@ -261,9 +266,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     def quantize_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--quantize",
-            choices=("none", *QUANTIZATIONS),
+            choices=("none", *QUANTIZATION_NAMES),
             default="none",
             help="store linear weights as int8 (per output channel) or int4 (blocks of 32)",
+        )
+        p.add_argument(
+            "--allow-non-finite",
+            action="store_true",
+            help="load weights holding NaN or infinity (refused by default, naming the tensor: "
+            "int8/int4 would hide the corruption behind finite logits)",
         )
 
     def model_args(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
@@ -286,7 +297,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         quantize_arg(p)
         p.add_argument(
             "--kv-dtype",
-            choices=("auto", *KV_DTYPES),
+            choices=("auto", *KV_DTYPE_NAMES),
             default="auto",
             help="KV cache dtype: auto (the compute dtype), or quantized with a scale per "
             "token and head (runs the xla attention)",
@@ -403,6 +414,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     chat_template_arg(gen)
     sampling_args(gen, per="after the prompt")
+    grammar = gen.add_mutually_exclusive_group()
+    grammar.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="the answer is JSON matching the JSON schema in FILE (every token is picked among "
+        "the ones the schema allows; batch mode: the default of each line's json_schema). "
+        "One prompt runs as a batch of one and prints its text when complete, not streamed; "
+        f"{_FILE_LIMIT}",
+    )
+    grammar.add_argument(
+        "--regex",
+        metavar="PATTERN",
+        help="the answer matches PATTERN whole (as --json-schema; batch mode: each line's "
+        "regex default)",
+    )
     gen.add_argument(
         "--json",
         action="store_true",
@@ -594,6 +620,8 @@ def _check_utf8(text: str, flag: str) -> None:
 
 
 def _read_prompt_file(path: pathlib.Path) -> str:
+    from ferrum_jax.checkpoint.text_files import read_text_file
+
     return read_text_file(path, "--prompt-file")
 
 
@@ -618,6 +646,8 @@ def _mesh(spec: str | None) -> Mesh | None:
 def _attention_for(args: argparse.Namespace) -> str:
     """`--attention` (checked by `_attention`) with `--kv-dtype`: quantized KV pages run the
     xla implementation (the kernels read float pages only)."""
+    from ferrum_jax.models import kv_quant
+
     impl = _attention(args.attention)
     kv_dtype = None if args.kv_dtype == "auto" else args.kv_dtype
     if kv_dtype is not None and impl != "xla":
@@ -711,6 +741,8 @@ def _family_line(config: ModelConfig) -> str:
 
 
 def _read_chat_template(path: pathlib.Path) -> str:
+    from ferrum_jax.checkpoint.text_files import read_text_file
+
     # Universal newlines, as Python reads text: a template saved with CRLF renders no \r.
     text = read_text_file(path, "--chat-template").replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
@@ -751,16 +783,27 @@ def _name(model: str | None) -> str:
     return pathlib.Path(model).name
 
 
-def _load(model: str | None, dtype: str, mesh: Mesh | None = None, quantize: str = "none") -> Model:
+def _load(
+    model: str | None,
+    dtype: str,
+    mesh: Mesh | None = None,
+    quantize: str = "none",
+    allow_non_finite: bool = False,
+) -> Model:
     """The one place the CLI loads weights: every check of the arguments runs before it."""
     from ferrum_jax.checkpoint import load_model
 
     start = time.perf_counter()
     where = "" if mesh is None else f" on a {dict(mesh.shape)} mesh"
     log.info("loading %s as %s%s", _name(model), dtype if quantize == "none" else quantize, where)
-    loaded = load_model(
-        model, dtype=dtype, mesh=mesh, quantize=None if quantize == "none" else quantize
-    )
+    with progress.waiting("loading"):  # an orbax restore has no tensor-by-tensor bar
+        loaded = load_model(
+            model,
+            dtype=dtype,
+            mesh=mesh,
+            quantize=None if quantize == "none" else quantize,
+            allow_non_finite=allow_non_finite,
+        )
     log.info("loaded in %.1f s", time.perf_counter() - start)
     return loaded
 
@@ -818,6 +861,16 @@ def _answer(
     return _Answer("".join(parts), token_ids, finish)
 
 
+def _first_waited(tokens: Iterator[StreamedToken], desc: str) -> Iterator[StreamedToken]:
+    """`tokens`, shown as the stage `desc` until the first one comes: a new prompt shape
+    compiles its prefill first (5-10 s on a 2-core CPU)."""
+    with progress.waiting(desc):
+        first = next(tokens, None)
+    if first is not None:
+        yield first
+        yield from tokens
+
+
 def _write_stdout(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -838,6 +891,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.input_file is not None or args.output is not None:
         return _generate_file(args)
+    constraint = _constraint(args)
     if args.system is not None and not args.chat:
         raise _arg_error("--system needs --chat (the system message is part of the chat template)")
     if args.system == "":
@@ -857,8 +911,13 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(text)
     max_new = _token_budget(args.max_new_tokens, len(prompt_ids), _context(model_path), flag)
 
-    model = _load(model_path, args.dtype, mesh, args.quantize)
-    log.info("prefilling %d prompt tokens (compiling, if this shape is new)", len(prompt_ids))
+    model = _load(model_path, args.dtype, mesh, args.quantize, args.allow_non_finite)
+    if constraint is not None:
+        return _generate_constrained(args, model, prompt_ids, max_new, constraint)
+    log.info(
+        "prefilling %s (compiling, if this shape is new)",
+        progress.plural(len(prompt_ids), "prompt token"),
+    )
     timings: dict[str, float] = {}
     primary = sharding.is_primary()
     tokens = stream_tokens(
@@ -872,18 +931,20 @@ def _generate(args: argparse.Namespace) -> int:
         attention_impl=args.attention,
     )
     stream = _write_stdout if primary and not args.json else None
-    answer = _answer(tokens, tokenizer, args.stop, stream)
-    generated, decode_s = len(answer.token_ids), timings.get("decode_s", 0.0)
+    answer = _answer(_first_waited(tokens, "prefill"), tokenizer, args.stop, stream)
+    generated = len(answer.token_ids)
+    # Tokens/s of the decode steps alone: the first step compiles the decode program.
+    running_s = timings.get("decode_s", 0.0) - timings.get("decode_compile_s", 0.0)
     report = {
         "text": answer.text,
         "token_ids": answer.token_ids,
         "prompt_token_ids": list(prompt_ids),
         "finish_reason": answer.finish_reason,
         "timings": {
-            "prefill_s": timings.get("prefill_s", 0.0),
-            "decode_s": decode_s,
-            "decode_tok_s": (generated - 1) / decode_s if decode_s and generated > 1 else 0.0,
-        },
+            key: timings.get(key, 0.0)
+            for key in ("prefill_s", "compile_s", "decode_s", "decode_compile_s")
+        }
+        | {"decode_tok_s": (generated - 1) / running_s if running_s > 0 and generated > 1 else 0.0},
     }
     if not primary:
         return 0
@@ -891,14 +952,91 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(report, ensure_ascii=False))
         return 0
     _write_stdout("\n")
-    log.info(
-        "%d tokens: first after %.2f s, then %.1f tokens/s",
-        generated,
-        report["timings"]["prefill_s"],
-        report["timings"]["decode_tok_s"],
-    )
+    log.info("%s", _speed_line(generated, report["timings"]))
     if answer.finish_reason == "length":
         _stopped(f"max-new-tokens {max_new} reached")
+    return 0
+
+
+def _speed_line(generated: int, timings: dict[str, float]) -> str:
+    """`12 tokens: first token after 6.78 s (compile 5.91 s), then 14.2 tokens/s (decode
+    compile 1.10 s excluded)`: compiling is said apart, never counted as decoding."""
+    line = f"{progress.plural(generated, 'token')}: first token after {timings['prefill_s']:.2f} s"
+    line += f" (compile {timings['compile_s']:.2f} s)"
+    if generated > 1:
+        line += f", then {timings['decode_tok_s']:.1f} tokens/s"
+        if timings["decode_compile_s"] >= 0.005:  # shown as 0.00 s otherwise
+            line += f" (decode compile {timings['decode_compile_s']:.2f} s excluded)"
+    return line
+
+
+def _constraint(args: argparse.Namespace) -> Constraint | None:
+    """`--json-schema FILE` or `--regex PATTERN` checked (before any weights load)."""
+    from ferrum_jax.checkpoint.text_files import read_text_file
+    from ferrum_jax.text.grammar import Constraint
+
+    try:
+        if args.json_schema is not None:
+            return Constraint.json_schema(read_text_file(args.json_schema, "--json-schema"))
+        if args.regex is not None:
+            return Constraint.regex(args.regex)
+    except FerrumError as e:
+        flag = "--json-schema" if args.json_schema is not None else "--regex"
+        raise _arg_error(f"{flag}: {e.message}") from None
+    return None
+
+
+def _generate_constrained(
+    args: argparse.Namespace,
+    model: Model,
+    prompt_ids: list[int],
+    max_new: int,
+    constraint: Constraint,
+) -> int:
+    """One prompt under `--json-schema`/`--regex`: a batch of one through `generate_batch`,
+    whose steps mask the logits on the device; the text prints once complete."""
+    from ferrum_jax import sharding
+    from ferrum_jax.batch_generation import GenerationRequest, generate_batch
+    from ferrum_jax.engine import bucket
+    from ferrum_jax.executor import JaxModelExecutor
+
+    tokenizer = model.tokenizer
+    executor = JaxModelExecutor(
+        model,
+        max_batch_size=1,
+        # A power of two: prompts of similar length reuse compiled programs.
+        max_sequence_length=min(
+            bucket(len(prompt_ids) + max_new, minimum=64), model.config.max_position_embeddings
+        ),
+        attention_impl=args.attention,
+    )
+    request = GenerationRequest(
+        prompt_ids,
+        max_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=tokenizer.eos_token_ids or model.config.eos_token_ids,
+        constraint=constraint,
+    )
+    (result,) = generate_batch(executor, [request], tokenizer=tokenizer)
+    if not sharding.is_primary():
+        return 0
+    if args.json:
+        report = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": list(prompt_ids),
+            "finish_reason": result.finish_reason,
+        }
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    _write_stdout(result.text + "\n")
+    if result.finish_reason == "length":
+        _stopped(f"max-new-tokens {max_new} reached (the answer may not match)")
     return 0
 
 
@@ -921,6 +1059,7 @@ def _generate_file(args: argparse.Namespace) -> int:
                 f"{flag} does not go with --input-file (each line holds its prompt or messages)"
             )
     input_file, output = pathlib.Path(args.input_file), pathlib.Path(args.output)
+    constraint = _constraint(args)
     resume = jsonl_batch.read_done(output, input_file)
     args.attention = _attention_for(args)
     mesh = _mesh(args.mesh)
@@ -937,6 +1076,7 @@ def _generate_file(args: argparse.Namespace) -> int:
         min_p=args.min_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        constraint=constraint,
     )
     batch = jsonl_batch.read_input(
         input_file,
@@ -951,12 +1091,12 @@ def _generate_file(args: argparse.Namespace) -> int:
             f"ferrum-jax: {args.input_file}:{error.line}: skipped: {error.message}", file=sys.stderr
         )
     if batch.skipped:
-        log.info("%d line(s) already in %s: skipped", batch.skipped, args.output)
+        log.info("%s already in %s: skipped", progress.plural(batch.skipped, "line"), args.output)
     if batch.requests:
         from ferrum_jax.engine import bucket
 
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in batch.requests)
-        model = _load(model_path, args.dtype, mesh, args.quantize)
+        model = _load(model_path, args.dtype, mesh, args.quantize, args.allow_non_finite)
         executor = JaxModelExecutor(
             model,
             max_batch_size=min(args.batch_size, len(batch.requests)),
@@ -964,11 +1104,16 @@ def _generate_file(args: argparse.Namespace) -> int:
             max_sequence_length=min(bucket(longest, minimum=64), config.max_position_embeddings),
             attention_impl=args.attention,
         )
-        log.info("generating %d line(s), %d at a time", len(batch.requests), args.batch_size)
+        log.info(
+            "generating %s, %d at a time",
+            progress.plural(len(batch.requests), "line"),
+            executor.max_batch_size,
+        )
         jsonl_batch.run(executor, batch.requests, output, tokenizer=tokenizer, resume=resume)
     if batch.errors:
         print(
-            f"ferrum-jax: {len(batch.errors)} line(s) of {args.input_file} skipped (see above)",
+            f"ferrum-jax: {progress.plural(len(batch.errors), 'line')} of {args.input_file} "
+            "skipped (see above)",
             file=sys.stderr,
         )
         return 1
@@ -994,7 +1139,7 @@ def _chat(args: argparse.Namespace) -> int:
     mesh = _mesh(args.mesh)
     model_path = _hub_model(args)
     tokenizer = _tokenizer(model_path, chat=True, template=args.chat_template)
-    model = _load(model_path, args.dtype, mesh, args.quantize)
+    model = _load(model_path, args.dtype, mesh, args.quantize, args.allow_non_finite)
     session = ChatSession(
         model,
         tokenizer=tokenizer,
@@ -1024,9 +1169,8 @@ def _chat(args: argparse.Namespace) -> int:
             )
         wanted = room if args.max_new_tokens == MAX else args.max_new_tokens
         budget = min(wanted, room)
-        answer = _answer(
-            session.send(text, max_new_tokens=budget), tokenizer, args.stop, _write_stdout
-        )
+        tokens = _first_waited(session.send(text, max_new_tokens=budget), "answering")
+        answer = _answer(tokens, tokenizer, args.stop, _write_stdout)
         session.add_answer(answer.text)
         _write_stdout("\n")
         if answer.finish_reason == "length":
@@ -1050,7 +1194,9 @@ def _convert(args: argparse.Namespace) -> int:
             raise _arg_error(f"DST {args.dst} already exists; pass --force to replace it") from None
         raise _arg_error(f"DST {e.message}") from None
     start = time.perf_counter()
-    model = _load(source, args.dtype, quantize=args.quantize)
+    model = _load(
+        source, args.dtype, quantize=args.quantize, allow_non_finite=args.allow_non_finite
+    )
     log.info("saving orbax %s", args.dst)
     save_orbax(model, args.dst, overwrite=args.force)
     print(
@@ -1074,7 +1220,8 @@ def _info(args: argparse.Namespace) -> int:
     import jax
 
     from ferrum_jax.checkpoint import describe_model
-    from ferrum_jax.models import attention, quant
+    from ferrum_jax.dtypes import model_dtype
+    from ferrum_jax.models import attention, kv_quant, quant
 
     described = describe_model(_hub_model(args))
     config = described.config
@@ -1160,6 +1307,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from ferrum_jax.bench import run_bench
+    from ferrum_jax.checkpoint.text_files import check_output
     from ferrum_jax.engine import MIN_BUCKET, bucket, check_context_length
 
     # Before the benchmark runs: a report path that cannot be written would lose its result.

@@ -3,7 +3,9 @@
 Input: one JSON object per line, `{"id": ..., "prompt": "..."}` or `{"id": ...,
 "messages": [...]}` (the chat template applies), with optional `max_new_tokens`,
 `temperature`, `top_k`, `top_p`, `min_p`, `seed` and `stop` (a string or a list) overriding
-the command's flags. Output: one line per finished request, `{"id", "text", "token_ids",
+the command's flags, and at most one of `json_schema` (an object) and `regex` (a string) that
+the answer must match (`GenerationRequest.constraint`; the command's `--json-schema` or
+`--regex` otherwise). Output: one line per finished request, `{"id", "text", "token_ids",
 "finish_reason"}`, written and flushed as each finishes (not in input order).
 
 The run is resumable: ids already in the output are skipped, and a last line cut short by
@@ -50,6 +52,7 @@ from ferrum_jax.engine.limits import check_context_length
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.executor import JaxModelExecutor
 from ferrum_jax.sampling import check_seed, check_top_k
+from ferrum_jax.text.grammar import Constraint
 from ferrum_jax.text.tokenizer import Tokenizer
 
 MAX = "max"
@@ -57,7 +60,7 @@ MAX = "max"
 
 _FIELDS = frozenset(
     {"id", "prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "min_p"}
-    | {"seed", "stop"}
+    | {"seed", "stop", "json_schema", "regex"}
 )
 
 
@@ -72,6 +75,7 @@ class LineDefaults:
     min_p: float = 0.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +339,25 @@ def _request(
         seed=check_seed(record.get("seed", defaults.seed)),
         stop=_stops(record["stop"]) if "stop" in record else defaults.stop,
         key=line_id,
+        constraint=_constraint(record, defaults.constraint),
     )
+
+
+def _constraint(record: dict[str, Any], default: Constraint | None) -> Constraint | None:
+    """The line's `json_schema` or `regex`, checked (a bad one skips the line), else
+    `default`."""
+    if "json_schema" in record and "regex" in record:
+        raise FerrumError.invalid_parameter("give at most one of json_schema and regex")
+    if "json_schema" in record:
+        schema = record["json_schema"]
+        if not isinstance(schema, dict):
+            raise FerrumError.invalid_parameter(
+                f"json_schema must be a JSON object, got {type(schema).__name__}"
+            )
+        return Constraint.json_schema(schema)
+    if "regex" in record:
+        return Constraint.regex(record["regex"])
+    return default
 
 
 def run(
@@ -387,9 +409,9 @@ def run(
     bar.close()
     elapsed = time.perf_counter() - start
     progress.logger.info(
-        "%d sequences, %d tokens in %.1f s (%.1f tokens/s)",
-        finished,
-        tokens,
+        "%s, %s in %.1f s (%.1f tokens/s)",
+        progress.plural(finished, "sequence"),
+        progress.plural(tokens, "token"),
         elapsed,
         tokens / elapsed if elapsed > 0 else 0.0,
     )

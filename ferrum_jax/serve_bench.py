@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ferrum_jax import sharding
+from ferrum_jax import progress, sharding
 from ferrum_jax.checkpoint import load_model
 from ferrum_jax.engine_loop import Request, run_split, run_unified, summary
 from ferrum_jax.executor import JaxModelExecutor
@@ -51,7 +51,13 @@ def request_mix(
 
 def run_serve_bench(args: argparse.Namespace) -> int:
     mesh = sharding.mesh_from_spec(args.mesh) if getattr(args, "mesh", None) else None
-    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+    with progress.waiting("loading"):
+        model = load_model(
+            args.model,
+            dtype=args.dtype,
+            mesh=mesh,
+            allow_non_finite=getattr(args, "allow_non_finite", False),
+        )
     prompts, outputs = args.serve_prompts, args.serve_outputs
     executor = JaxModelExecutor(
         model,
@@ -87,7 +93,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     for name, loop in runs.items():
         print(f"serve: {name} path", file=sys.stderr)
         start = time.perf_counter()
-        results = asyncio.run(loop(executor, requests))
+        with progress.waiting(f"serve: {name} path"):
+            results = asyncio.run(loop(executor, requests))
         report[name] = summary(results, time.perf_counter() - start)
         tokens[name] = {k: r.tokens for k, r in results.items()}
         print(f"serve: {name}: {_line(report[name])}", file=sys.stderr)

@@ -541,6 +541,19 @@ def test_allow_non_finite_loads_as_saved(tmp_path):
     )
 
 
+def test_the_cli_refuses_non_finite_weights_unless_allowed(tmp_path, capsys):
+    """`--allow-non-finite` is the CLI's opt-out (generate, chat, info, bench, convert)."""
+    from ferrum_jax.cli import main
+
+    hf = write_hf(tmp_path / "m", poisoned(EMBED))
+    assert main(["convert", str(hf), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or infinity" in err and "embed" in err, err
+    assert not (tmp_path / "out").exists()
+    argv = ["convert", str(hf), str(tmp_path / "out"), "--quiet", "--allow-non-finite"]
+    assert main(argv) == 0, capsys.readouterr().err
+
+
 def test_the_executor_refuses_non_finite_weights_unless_allowed(tmp_path):
     """`JaxModelExecutor.from_pretrained` (and the factory through it) loads as load_model."""
     from ferrum_jax.executor import JaxModelExecutor

@@ -7,8 +7,10 @@ import io
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -529,6 +531,50 @@ def test_progress_lines_quiet_and_the_stopped_notice(capsys, tiny_chat_model):
     assert quiet_err == "[stopped: max-new-tokens 3 reached]\n"
     _, _, json_err = run_cli(capsys, *argv, "--quiet", "--json")
     assert json_err == ""  # --json carries finish_reason instead
+
+
+def test_generate_reports_compile_time_apart_from_decoding(capsys, tiny_chat_model):
+    """The decode tokens/s leaves out compiling: the issue's cold run said "first after
+    6.78 s, then 1.2 tokens/s" with the decode step's compile counted as decoding."""
+    import jax
+
+    jax.clear_caches()  # this process compiles the tiny model's programs afresh
+    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "5"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0
+    speed = next(line for line in err.splitlines() if "first token after" in line)
+    assert re.fullmatch(
+        r"ferrum-jax: 5 tokens: first token after \d+\.\d\d s \(compile \d+\.\d\d s\), "
+        r"then \d+\.\d tokens/s( \(decode compile \d+\.\d\d s excluded\))?",
+        speed,
+    ), speed
+    jax.clear_caches()
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    timings = json.loads(out)["timings"]
+    assert 0 < timings["compile_s"] <= timings["prefill_s"]
+    assert 0 < timings["decode_compile_s"] < timings["decode_s"]  # the first decode step compiles
+    running = timings["decode_s"] - timings["decode_compile_s"]
+    assert timings["decode_tok_s"] == pytest.approx(4 / running)
+
+
+def test_the_wait_for_a_first_token_prints_a_line_off_a_terminal(
+    capsys, monkeypatch, tiny_chat_model
+):
+    from ferrum_jax import progress, streaming
+
+    stream = streaming.stream_tokens
+
+    def slow_first_token(*args, **kwargs):
+        time.sleep(0.3)  # stands for compiling the prefill: 5-10 s on a 2-core CPU
+        yield from stream(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "stream_tokens", slow_first_token)
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.1)
+    argv = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "2"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0
+    assert re.search(r"^ferrum-jax: prefill: \d+ s$", err, re.MULTILINE), err
+    assert "prefill:" not in run_cli(capsys, *argv, "--quiet")[2]
 
 
 def test_stop_token_ends_generation_with_real_timings(capsys):

@@ -206,7 +206,7 @@ def test_bad_lines_are_reported_by_number_and_skipped(capsys, tmp_path, tiny_cha
     assert "'\\ud800' is not valid Unicode" in reported[6]
     assert "top_k must be an integer in [0, 2147483647]" in reported[7]
     assert err.splitlines()[-1].endswith(
-        "8 line(s) of " + str(tmp_path / "in.jsonl") + " skipped (see above)"
+        "8 lines of " + str(tmp_path / "in.jsonl") + " skipped (see above)"
     )
     assert sorted(r["id"] for r in read(output)) == [1, 8]  # the good lines still ran
 

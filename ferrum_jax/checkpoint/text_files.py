@@ -14,11 +14,8 @@ import pathlib
 import stat
 from typing import BinaryIO
 
+from ferrum_jax.choices import TEXT_FILE_LIMIT
 from ferrum_jax.errors import FerrumError
-
-TEXT_FILE_LIMIT = 64 * 2**20
-"""Most bytes read from a prompt file, chat template or JSONL input file, and from one line
-of a JSONL results file (64 MiB)."""
 
 
 def _refuse(flag: str, path: str | os.PathLike[str], problem: str) -> FerrumError:
