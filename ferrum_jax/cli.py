@@ -270,6 +270,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             default="none",
             help="store linear weights as int8 (per output channel) or int4 (blocks of 32)",
         )
+
+    def non_finite_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--allow-non-finite",
             action="store_true",
@@ -277,7 +279,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "int8/int4 would hide the corruption behind finite logits)",
         )
 
-    def model_args(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
+    def model_args(p: argparse.ArgumentParser, *, mesh: bool = True, loads: bool = True) -> None:
         p.add_argument(
             "--model",
             metavar="PATH",
@@ -295,6 +297,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "--dtype", choices=DTYPE_NAMES, default="float32", help="parameter and compute dtype"
         )
         quantize_arg(p)
+        if loads:  # `info` reads shapes and config only
+            non_finite_arg(p)
         p.add_argument(
             "--kv-dtype",
             choices=("auto", *KV_DTYPE_NAMES),
@@ -452,6 +456,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved params"
     )
     quantize_arg(convert)
+    non_finite_arg(convert)
     convert.add_argument(
         "--force",
         action="store_true",
@@ -468,7 +473,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     subparsers["eval"] = command_eval
 
     info = command("info", "describe a model from its metadata (no weights are read)")
-    model_args(info, mesh=False)
+    model_args(info, mesh=False, loads=False)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     common(info)
 

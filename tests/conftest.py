@@ -249,3 +249,15 @@ def count_compiles():
         yield names
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading weights fails the test: every argument error must come before it."""
+    from ferrum_jax.checkpoint import load as checkpoint_load
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for reader in ("load_gguf", "load_hf", "load_orbax"):
+        monkeypatch.setattr(checkpoint_load, reader, fail)

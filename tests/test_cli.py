@@ -19,7 +19,6 @@ from conftest import TINY_CONTEXT, require_reference
 import ferrum_jax
 from ferrum_jax import cli
 from ferrum_jax.checkpoint import default_model_path, read_tokenizer
-from ferrum_jax.checkpoint import load as checkpoint_load
 from ferrum_jax.cli import main
 
 PROMPTS = [
@@ -96,17 +95,6 @@ def test_info_reports_the_model(capsys):
     assert info["layers"] == 30 and info["kv_heads"] == 3 and info["vocab_size"] == 49152
     assert info["parameter_bytes"] == info["parameters"] * 4
     assert info["devices"]
-
-
-@pytest.fixture
-def no_load(monkeypatch):
-    """Loading weights fails the test: every argument error must come before it."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    for reader in ("load_gguf", "load_hf", "load_orbax"):
-        monkeypatch.setattr(checkpoint_load, reader, fail)
 
 
 @pytest.fixture(scope="module")

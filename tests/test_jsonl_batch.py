@@ -326,17 +326,6 @@ def test_hostile_lines_are_skipped_and_the_rest_runs_and_resumes(tmp_path, model
     assert sorted(r["id"] for r in read(tmp_path / "out.jsonl")) == ["a", "b", "c"]
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    from ferrum_jax.checkpoint import load as checkpoint_load
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    for reader in ("load_gguf", "load_hf", "load_orbax"):
-        monkeypatch.setattr(checkpoint_load, reader, fail)
-
-
 NOT_RESULTS = pytest.mark.parametrize(
     ("output", "words"),
     [
