@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ferrum_jax.checkpoint.gguf import read_tokenizer_fields
-from ferrum_jax.text.tokenizer import Tokenizer
+from ferrum_jax.text.tokenizer import Tokenizer, bytes_to_unicode
 
 SCHEMA = {
     "type": "object",
@@ -117,7 +117,7 @@ def _hf(tok: Tokenizer):  # transformers' wrapper, which xgrammar reads the voca
 def bench_outlines(tok: Tokenizer, ids: list[int], regex: str) -> tuple[float, list[float]]:
     import outlines_core
 
-    byte_of = {c: b for b, c in _byte_chars().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     eos = tok.eos_token_ids[0]
     vocab: dict[bytes, list[int]] = {}
     for i in range(tok.vocab_size):
@@ -142,18 +142,6 @@ def bench_outlines(tok: Tokenizer, ids: list[int], regex: str) -> tuple[float, l
             break
         guide.advance(t)
     return compile_s, steps
-
-
-def _byte_chars() -> dict[int, str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def report(name: str, compile_s: float, steps: list[float]) -> None:

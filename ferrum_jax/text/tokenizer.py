@@ -71,7 +71,7 @@ _USER_DEFINED = 4
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map that byte-level vocabularies are spelled in."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += range(ord("®"), ord("ÿ") + 1)
@@ -235,7 +235,7 @@ class Tokenizer:
                 f"GGUF has {len(tokens)} tokens but {len(types)} tokenizer.ggml.token_type entries"
             )
 
-        spelling = _bytes_to_unicode()
+        spelling = bytes_to_unicode()
         alphabet = frozenset(spelling.values())
         spelled: list[str] = []  # each id's vocabulary key
         added: list[AddedToken] = []
