@@ -34,7 +34,7 @@ def cpu() -> str:
 
 async def run(rows: int, steps: int, model: fj.Model) -> dict[str, float]:
     executor = fj.JaxModelExecutor(
-        model, max_batch_size=16, max_sequence_length=PROMPT + 2 * steps + 8
+        model, max_batch_size=2 * rows, max_sequence_length=PROMPT + 2 * steps + 8
     )
     rng = np.random.default_rng(0)
     greedy = fj.LogitsReturnPolicy.GreedyArgmax()
