@@ -222,8 +222,8 @@ MUTATIONS = (
         (
             (
                 EXECUTOR,
-                "        if not call.finish(txn):\n            self._roll_back(txn)\n",
-                "        if not call.finish(txn):\n",
+                "            if not call.finish(txn):\n                self._roll_back(txn)\n",
+                "            if not call.finish(txn):\n",
             ),
         ),
         (
