@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
@@ -229,7 +230,6 @@ SMOL_PROMPTS = [
 def test_embedded_model_outputs_always_validate():
     """20 answers of the embedded SmolLM2 against 4 JSON schemas and 2 regexes, greedy and
     sampled rows in one batch: every answer parses and matches."""
-    jsonschema = pytest.importorskip("jsonschema")
     model = load_model()
     tokenizer = model.tokenizer
     constraints = [Constraint.json_schema(s) for s in SMOL_SCHEMAS]
