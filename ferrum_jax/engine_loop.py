@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ferrum_jax.errors import ErrorKind, FerrumError
+from ferrum_jax.executor.reservation import ADMISSION_KEY
 from ferrum_jax.interfaces import (
     BlockTable,
     CacheHandleStats,
@@ -43,8 +44,6 @@ from ferrum_jax.interfaces import (
     UnifiedBatch,
     UnifiedBatchItem,
 )
-
-ADMISSION_KEY = "ferrum_kv_admission_target_len"
 
 
 @dataclasses.dataclass(frozen=True)

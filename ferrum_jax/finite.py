@@ -6,7 +6,6 @@ logit reveals.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -24,17 +23,9 @@ def is_finite(x: Any) -> bool:
     return bool(np.isfinite(np.asarray(x)).all())
 
 
-def first_nonfinite(named: Iterable[tuple[str, Any]]) -> str | None:
-    """The name of the first array that is not finite, or None."""
-    for name, x in named:
-        if not is_finite(x):
-            return name
-    return None
-
-
 def nonfinite_leaf(tree: Any) -> str | None:
     """The path (`jax.tree_util.keystr`) of the first non-finite leaf of a pytree, or None."""
-    return first_nonfinite(
-        (jax.tree_util.keystr(path), leaf)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not is_finite(leaf):
+            return jax.tree_util.keystr(path)
+    return None
